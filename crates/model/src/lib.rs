@@ -1,0 +1,21 @@
+//! weft-model: LLaVA-NeXT-Interleave (SigLIP -> projector -> Qwen2) in candle, exact to
+//! transformers' `LlavaForConditionalGeneration`, with caller-owned KV caches, ragged batched
+//! forward passes, image preprocessing and prompt rendering.
+
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod layers;
+pub mod llava;
+pub mod preprocess;
+pub mod prompt;
+pub mod qwen2;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use config::LlavaConfig;
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use llava::{LlavaModel, LoadOptions};
+pub use qwen2::SeqInput;

@@ -1,0 +1,141 @@
+//! `LlavaForConditionalGeneration`: vision tower -> projector -> image features merged into the
+//! `<image>` slots of the prompt -> Qwen2.
+
+use crate::config::LlavaConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::Linear;
+use crate::qwen2::{Qwen2, SeqInput};
+use crate::vision::VisionTower;
+use crate::weights::{NameLayout, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// The two-layer MLP that maps vision features into the language model's embedding space.
+struct Projector {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Projector {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // projector_hidden_act "gelu" is the exact (erf) GELU.
+        self.linear_2.forward(&self.linear_1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of weights and activations (f32 exact; f16 halves memory).
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu }
+    }
+}
+
+/// A loaded llava-interleave model.
+pub struct LlavaModel {
+    vision: VisionTower,
+    projector: Projector,
+    lm: Qwen2,
+    config: LlavaConfig,
+    layout: NameLayout,
+}
+
+impl LlavaModel {
+    /// Loads `config.json` and the safetensors weights of `dir`.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::file(dir, "not a directory"));
+        }
+        let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+        if !matches!(options.dtype, DType::F32 | DType::F16) {
+            return Err(ModelError::Input(format!("unsupported dtype {:?}", options.dtype)));
+        }
+        let weights = Weights::open(dir, options.dtype, &options.device)?;
+        let layout = weights.layout.clone();
+        let vision = VisionTower::load(&weights.scope(layout.vision_tower), &config.vision)?;
+        let proj = weights.scope(layout.projector);
+        let in_dim = config.vision.hidden_size * config.vision_feature_layers.len();
+        let hidden = config.text.hidden_size;
+        let projector = Projector {
+            linear_1: Linear::load(&proj.pp("linear_1"), in_dim, hidden, config.projector_bias)?,
+            linear_2: Linear::load(&proj.pp("linear_2"), hidden, hidden, config.projector_bias)?,
+        };
+        let lm = Qwen2::load(&weights.scope(layout.language_model), &weights.scope(layout.lm_head), &config.text)?;
+        Ok(LlavaModel { vision, projector, lm, config, layout })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &NameLayout {
+        &self.layout
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.lm.embed(&[0]).map(|t| t.dtype()).unwrap_or(DType::F32)
+    }
+
+    /// Encodes preprocessed images (`[n, 3, S, S]`, f32) into projected features,
+    /// `[n, tokens_per_image, hidden]`, ready for the `<image>` slots.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        let dtype = self.dtype();
+        let features = self.vision.features(&pixels.to_dtype(dtype)?, &self.config.vision_feature_layers)?;
+        let features = match self.config.select_strategy {
+            crate::config::SelectStrategy::Full => features,
+            crate::config::SelectStrategy::Default => {
+                let p = features.dim(1)?;
+                features.narrow(1, 1, p - 1)?
+            }
+        };
+        self.projector.forward(&features)
+    }
+
+    /// Embeddings of `ids` with the image-token positions filled, in order, by the rows of
+    /// `image_rows` (`[k, hidden]`, where k is the number of image tokens in `ids`).
+    pub fn embed(&self, ids: &[u32], image_rows: Option<&Tensor>) -> Result<Tensor> {
+        let image_id = self.config.image_token_id;
+        let slots = ids.iter().filter(|&&id| id == image_id).count();
+        let supplied = image_rows.map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+        if slots != supplied {
+            return Err(ModelError::Input(format!(
+                "the tokens hold {slots} image positions but {supplied} image feature rows were given"
+            )));
+        }
+        if slots == 0 {
+            return self.lm.embed(ids);
+        }
+        let rows = image_rows.expect("checked above").to_dtype(self.dtype())?;
+        // Alternate runs of text tokens (embedded) and image tokens (taken from the features).
+        let mut pieces = Vec::new();
+        let (mut i, mut used) = (0, 0);
+        while i < ids.len() {
+            let is_image = ids[i] == image_id;
+            let run = ids[i..].iter().take_while(|&&id| (id == image_id) == is_image).count();
+            if is_image {
+                pieces.push(rows.narrow(0, used, run)?);
+                used += run;
+            } else {
+                pieces.push(self.lm.embed(&ids[i..i + run])?);
+            }
+            i += run;
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.lm.new_cache()
+    }
+
+    /// One ragged forward pass of the language model; see [`Qwen2::forward`].
+    pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
+        self.lm.forward(seqs)
+    }
+}

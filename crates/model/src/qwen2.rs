@@ -1,0 +1,294 @@
+//! The Qwen2 language model over input embeddings, with caller-owned KV caches and one forward
+//! pass for many sequences of different lengths (a ragged batch).
+
+use crate::config::TextConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::{softmax_f32, Linear, RmsNorm};
+use crate::weights::Scope;
+use candle_core::{DType, Device, Tensor};
+
+/// Queries are processed in blocks of this many rows, so a long prompt never materialises its
+/// full `T x T` score matrix.
+const QUERY_BLOCK: usize = 512;
+
+/// One sequence's share of a forward pass.
+pub struct SeqInput<'a> {
+    /// Embeddings of the new tokens, `[t, hidden]`; their positions continue from `cache.len()`.
+    pub embeds: Tensor,
+    pub cache: &'a mut KvCache,
+    /// Whether to return logits for this sequence's last new token (false for non-final
+    /// prefill chunks, whose logits nobody reads).
+    pub want_logits: bool,
+}
+
+/// Rotary embedding tables, computed in f32 for every position of the context.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &TextConfig, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)) as f32)
+            .collect();
+        let positions = cfg.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let t = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
+        let freqs = t.broadcast_mul(&inv_freq)?;
+        Ok(Rotary { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+
+    /// Rotates `x`: `[heads, t, head_dim]` whose rows sit at `positions`.
+    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        let xf = x.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
+        Ok(candle_nn::rotary_emb::rope(&xf, &cos, &sin)?.squeeze(0)?.to_dtype(dtype)?)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(scope: &Scope, cfg: &TextConfig) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Attention {
+            q: Linear::load(&scope.pp("q_proj"), h, cfg.num_attention_heads * hd, true)?,
+            k: Linear::load(&scope.pp("k_proj"), h, cfg.num_key_value_heads * hd, true)?,
+            v: Linear::load(&scope.pp("v_proj"), h, cfg.num_key_value_heads * hd, true)?,
+            o: Linear::load(&scope.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `x`: `[T, hidden]` for all sequences; `spans[i]` is sequence i's `(start, len)` in `x`.
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        spans: &[(usize, usize)],
+        positions: &Tensor,
+        rotary: &Rotary,
+        seqs: &mut [SeqInput],
+    ) -> Result<Tensor> {
+        let total = x.dim(0)?;
+        let hd = self.head_dim;
+        let heads_first = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((total, n, hd))?.transpose(0, 1)?.contiguous()?) };
+        let q = rotary.apply(&heads_first(self.q.forward(x)?, self.heads)?, positions)?;
+        let k = rotary.apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, positions)?;
+        let v = heads_first(self.v.forward(x)?, self.kv_heads)?;
+        let mut outputs = Vec::with_capacity(seqs.len());
+        for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
+            let past = seq.cache.len();
+            let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
+            let out = causal_attention(&q.narrow(1, start, len)?, &keys, &values, past, self.kv_heads)?;
+            outputs.push(out);
+        }
+        // [heads, T, hd] -> [T, heads * hd]
+        let ctx = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((total, self.heads * hd))?;
+        self.o.forward(&ctx)
+    }
+}
+
+/// Attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over `keys`/`values`
+/// (`[kv_heads, past + t, hd]`). Query heads that share a KV head are folded into one batch
+/// row, so grouped-query attention never copies the cache.
+fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, kv_heads: usize) -> Result<Tensor> {
+    let (heads, t, hd) = q.dims3()?;
+    let group = heads / kv_heads;
+    let kv_len = keys.dim(1)?;
+    let scale = (hd as f64).powf(-0.5);
+    let keys_t = keys.t()?;
+    let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+    for block_start in (0..t).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(t - block_start);
+        let qb = q.narrow(1, block_start, rows)?.reshape((kv_heads, group * rows, hd))?;
+        let scores = (qb.matmul(&keys_t)? * scale)?;
+        let scores = match causal_mask(rows, kv_len, past + block_start, q.device())? {
+            // Row r of each group is query r, so the [rows, kv_len] mask repeats per group.
+            Some(mask) => scores
+                .reshape((kv_heads, group, rows, kv_len))?
+                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                .reshape((kv_heads, group * rows, kv_len))?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores)?;
+        blocks.push(probs.matmul(values)?.reshape((heads, rows, hd))?);
+    }
+    Ok(Tensor::cat(&blocks, 1)?)
+}
+
+/// `[rows, kv_len]` additive mask for queries at absolute positions `first..first + rows`;
+/// `None` when every query may see every key (a single decode token).
+fn causal_mask(rows: usize, kv_len: usize, first: usize, device: &Device) -> Result<Option<Tensor>> {
+    if first + rows >= kv_len && rows == 1 {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..kv_len).map(move |c| if c <= first + r { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (rows, kv_len), device)?))
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(scope: &Scope, cfg: &TextConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate: Linear::load(&scope.pp("gate_proj"), h, i, false)?,
+            up: Linear::load(&scope.pp("up_proj"), h, i, false)?,
+            down: Linear::load(&scope.pp("down_proj"), i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        self.down.forward(&gated)
+    }
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The Qwen2 decoder and its output head.
+pub struct Qwen2 {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cfg: TextConfig,
+}
+
+impl Qwen2 {
+    /// `model` holds the decoder (`embed_tokens`, `layers`, `norm`); `lm_head` the output head,
+    /// absent in checkpoints with tied embeddings.
+    pub fn load(model: &Scope, lm_head: &Scope, cfg: &TextConfig) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let embed_tokens = model.pp("embed_tokens").get("weight", &[cfg.vocab_size, h])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = model.pp(format!("layers.{i}"));
+                Ok(DecoderLayer {
+                    input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, eps)?,
+                    attn: Attention::load(&l.pp("self_attn"), cfg)?,
+                    post_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), h, eps)?,
+                    mlp: Mlp::load(&l.pp("mlp"), cfg)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let norm = RmsNorm::load(&model.pp("norm"), h, eps)?;
+        let lm_head = if lm_head.contains("weight") {
+            Linear::load(lm_head, h, cfg.vocab_size, false)?
+        } else {
+            Linear::from_weight(embed_tokens.clone())
+        };
+        let rotary = Rotary::new(cfg, embed_tokens.device())?;
+        Ok(Qwen2 { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    /// Token embeddings, `[ids.len(), hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        }
+        let ids = Tensor::new(ids, self.embed_tokens.device())?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?)
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let dtype = self.embed_tokens.dtype();
+        KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, self.embed_tokens.device())
+    }
+
+    /// Runs every sequence's new tokens through the decoder in one pass and returns the logits
+    /// (`[k, vocab]`, f32) of the last new token of each sequence with `want_logits`, in order.
+    /// Each cache grows by its sequence's new tokens.
+    pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::new();
+        let mut start = 0;
+        for seq in seqs.iter() {
+            let t = seq.embeds.dim(0)?;
+            let past = seq.cache.len();
+            if t == 0 {
+                return Err(ModelError::Input("a sequence in the batch has no new tokens".into()));
+            }
+            if past + t > self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "{} tokens exceed the model's context of {}",
+                    past + t,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            spans.push((start, t));
+            positions.extend((past..past + t).map(|p| p as u32));
+            start += t;
+        }
+        let positions = Tensor::new(positions, self.embed_tokens.device())?;
+        let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.clone()).collect();
+        let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.embed_tokens.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = layer.attn.forward(i, &layer.input_norm.forward(&x)?, &spans, &positions, &self.rotary, seqs)?;
+            let h = (x + attn)?;
+            x = (&h + layer.mlp.forward(&layer.post_norm.forward(&h)?)?)?;
+        }
+        let last_rows: Vec<u32> = seqs
+            .iter()
+            .zip(&spans)
+            .filter(|(s, _)| s.want_logits)
+            .map(|(_, &(start, len))| (start + len - 1) as u32)
+            .collect();
+        if last_rows.is_empty() {
+            return Ok(None);
+        }
+        let rows = Tensor::new(last_rows, x.device())?;
+        let last = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        Ok(Some(self.lm_head.forward(&last)?.to_dtype(DType::F32)?.contiguous()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causal_mask;
+    use candle_core::Device;
+
+    #[test]
+    fn mask_lets_each_query_see_its_past_only() {
+        let m = causal_mask(2, 4, 2, &Device::Cpu).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0, 0.0]);
+        assert!(causal_mask(1, 5, 4, &Device::Cpu).unwrap().is_none());
+    }
+}

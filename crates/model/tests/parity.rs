@@ -1,0 +1,249 @@
+//! Parity with transformers on the committed tiny checkpoints (hub layout in bf16 with tied
+//! embeddings; transformers-5 layout in f32 with GQA and a separate lm_head): prompt token ids,
+//! preprocessed pixels, greedy tokens and logprobs, alone and in a ragged batch.
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use weft_model::preprocess::ImageProcessor;
+use weft_model::prompt::{render_builtin, Message, Part};
+use weft_model::tokenizer::PromptTokenizer;
+use weft_model::{KvCache, LlavaModel, LoadOptions, SeqInput};
+
+/// Steps whose reference top-2 margin is below this are too close to call.
+const TIE_MARGIN: f64 = 1e-3;
+const LOGPROB_TOLERANCE: f64 = 1e-3;
+
+/// Largest logprob difference seen, in units of 1e-9, reported at the end of each test.
+static WORST_LOGPROB_DIFF: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+struct Fixture {
+    dir: PathBuf,
+    model: LlavaModel,
+    tokenizer: PromptTokenizer,
+    processor: ImageProcessor,
+    cases: Vec<Value>,
+}
+
+fn load(name: &str) -> Fixture {
+    let dir = fixtures().join(name);
+    let model = LlavaModel::load(&dir, &LoadOptions::default()).unwrap();
+    let cfg = model.config();
+    let tokenizer = PromptTokenizer::from_dir(&dir, cfg.image_token_id, cfg.tokens_per_image()).unwrap();
+    let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let cases = reference["cases"].as_array().unwrap().clone();
+    Fixture { dir, model, tokenizer, processor, cases }
+}
+
+fn messages(case: &Value) -> Vec<Message> {
+    case["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message {
+            role: m["role"].as_str().unwrap().to_string(),
+            parts: m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["type"].as_str().unwrap() {
+                    "text" => Part::Text(p["text"].as_str().unwrap().to_string()),
+                    _ => Part::Image,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The case's images as the model sees them (GIF frames sampled like the reference).
+fn images(case: &Value) -> Vec<DynamicImage> {
+    let names: Vec<&str> = case["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let dir = fixtures().join("images");
+    match case["video_frames"].as_u64() {
+        Some(n) => {
+            let bytes = std::fs::read(dir.join(names[0])).unwrap();
+            let (indices, frames) = weft_media::video::sample_gif(&bytes, n as usize).unwrap();
+            let expected: Vec<usize> =
+                case["frame_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(indices, expected, "frame indices");
+            frames
+        }
+        None => names.iter().map(|n| image::open(dir.join(n)).unwrap()).collect(),
+    }
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Prompt embeddings for a case: vision features merged into the `<image>` slots.
+fn prompt_embeddings(f: &Fixture, case: &Value, ids: &[u32]) -> Tensor {
+    let imgs = images(case);
+    if imgs.is_empty() {
+        return f.model.embed(ids, None).unwrap();
+    }
+    let pixels = f.processor.batch(&imgs, &Device::Cpu).unwrap();
+    let features = f.model.encode_images(&pixels).unwrap();
+    let (n, t, h) = features.dims3().unwrap();
+    f.model.embed(ids, Some(&features.reshape((n * t, h)).unwrap())).unwrap()
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits.iter().map(|&x| x as f64 - max - sum.ln()).collect()
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Compares one step's logits with the reference; returns false once margins get too small to
+/// compare the greedy choice (logprobs are still compared).
+fn check_step(fixture: &str, case: &Value, step: usize, logits: &[f32]) -> bool {
+    let name = case["name"].as_str().unwrap();
+    let reference = &case["steps"][step];
+    let logprobs = log_softmax(logits);
+    for (id, want) in reference["top_ids"].as_array().unwrap().iter().zip(reference["top_logprobs"].as_array().unwrap()) {
+        let (id, want) = (id.as_u64().unwrap() as usize, want.as_f64().unwrap());
+        let diff = (logprobs[id] - want).abs();
+        WORST_LOGPROB_DIFF.fetch_max((diff * 1e9) as u64, std::sync::atomic::Ordering::Relaxed);
+        assert!(diff < LOGPROB_TOLERANCE, "{fixture}/{name} step {step}: logprob of {id} is {} vs {want}", logprobs[id]);
+    }
+    if reference["margin"].as_f64().unwrap() < TIE_MARGIN {
+        return false;
+    }
+    let want = case["greedy_ids"][step].as_u64().unwrap() as u32;
+    assert_eq!(argmax(logits), want, "{fixture}/{name} step {step}: greedy token");
+    true
+}
+
+fn check_prompt_and_pixels(f: &Fixture, fixture: &str) {
+    for case in &f.cases {
+        let name = case["name"].as_str().unwrap();
+        let prompt = render_builtin(&messages(case), true);
+        assert_eq!(prompt, case["prompt"].as_str().unwrap(), "{fixture}/{name}: rendered prompt");
+        let encoded = f.tokenizer.encode_prompt(&prompt).unwrap();
+        assert_eq!(encoded.ids, ids_of(&case["prompt_ids"]), "{fixture}/{name}: prompt token ids");
+        let imgs = images(case);
+        assert_eq!(encoded.num_images, imgs.len());
+        for (img, file) in imgs.iter().zip(case["pixel_files"].as_array().unwrap()) {
+            let reference = image::open(f.dir.join("reference_pixels").join(file.as_str().unwrap())).unwrap().to_rgb8();
+            let ours = f.processor.pixel_values(img);
+            let plane = reference.width() as usize * reference.height() as usize;
+            let mut worst = 0.0f32;
+            for (i, px) in reference.pixels().enumerate() {
+                for c in 0..3 {
+                    let level = (ours[c * plane + i] * 0.5 + 0.5) * 255.0;
+                    worst = worst.max((level - px.0[c] as f32).abs());
+                }
+            }
+            assert!(worst <= 1.0 + 1e-3, "{fixture}/{name}: pixels differ by {worst} levels from transformers");
+        }
+    }
+}
+
+fn check_generation_alone(f: &Fixture, fixture: &str) {
+    for case in &f.cases {
+        let ids = ids_of(&case["prompt_ids"]);
+        let greedy = ids_of(&case["greedy_ids"]);
+        let mut cache = f.model.new_cache();
+        let mut embeds = prompt_embeddings(f, case, &ids);
+        let mut comparing = true;
+        for step in 0..greedy.len() {
+            let logits = forward_one(&f.model, embeds, &mut cache);
+            if comparing {
+                comparing = check_step(fixture, case, step, &logits);
+            }
+            // Teacher forcing keeps later steps comparable even after a near-tie.
+            embeds = f.model.embed(&greedy[step..step + 1], None).unwrap();
+        }
+        assert_eq!(cache.len(), ids.len() + greedy.len() - 1);
+    }
+}
+
+fn forward_one(model: &LlavaModel, embeds: Tensor, cache: &mut KvCache) -> Vec<f32> {
+    let logits = model.forward(&mut [SeqInput { embeds, cache, want_logits: true }]).unwrap().unwrap();
+    logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// All cases prefilled together in one ragged call, the prompts split into two chunks, then
+/// decoded together: the answers must not change.
+fn check_generation_batched(f: &Fixture, fixture: &str) {
+    let cases: Vec<&Value> = f.cases.iter().collect();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["prompt_ids"])).collect();
+    let greedy: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["greedy_ids"])).collect();
+    let embeds: Vec<Tensor> = cases.iter().zip(&prompts).map(|(c, ids)| prompt_embeddings(f, c, ids)).collect();
+    let mut caches: Vec<KvCache> = cases.iter().map(|_| f.model.new_cache()).collect();
+    // First chunk: the first half of each prompt, no logits wanted.
+    let mut seqs: Vec<SeqInput> = caches
+        .iter_mut()
+        .zip(&embeds)
+        .map(|(cache, e)| {
+            let half = e.dim(0).unwrap() / 2;
+            SeqInput { embeds: e.narrow(0, 0, half).unwrap(), cache, want_logits: false }
+        })
+        .collect();
+    assert!(f.model.forward(&mut seqs).unwrap().is_none());
+    let mut inputs: Vec<Tensor> = embeds
+        .iter()
+        .map(|e| {
+            let (t, half) = (e.dim(0).unwrap(), e.dim(0).unwrap() / 2);
+            e.narrow(0, half, t - half).unwrap()
+        })
+        .collect();
+    let mut comparing = vec![true; cases.len()];
+    for step in 0..greedy[0].len() {
+        let mut seqs: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(inputs)
+            .map(|(cache, embeds)| SeqInput { embeds, cache, want_logits: true })
+            .collect();
+        let logits = f.model.forward(&mut seqs).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            if comparing[i] {
+                comparing[i] = check_step(&format!("{fixture} (batched)"), case, step, &logits[i]);
+            }
+        }
+        inputs = greedy.iter().map(|g| f.model.embed(&g[step..step + 1], None).unwrap()).collect();
+    }
+}
+
+#[test]
+fn hub_layout_bf16_tied() {
+    let f = load("tiny-hub");
+    assert_eq!(f.model.layout().kind, weft_model::weights::LayoutKind::Hub);
+    assert_eq!(f.model.layout().vision_tower, "vision_tower.vision_model");
+    check_prompt_and_pixels(&f, "tiny-hub");
+    check_generation_alone(&f, "tiny-hub");
+    check_generation_batched(&f, "tiny-hub");
+    report();
+}
+
+fn report() {
+    let worst = WORST_LOGPROB_DIFF.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9;
+    eprintln!("largest logprob difference from transformers so far: {worst:.2e}");
+}
+
+#[test]
+fn transformers5_layout_f32_gqa() {
+    let f = load("tiny-v5");
+    assert_eq!(f.model.layout().kind, weft_model::weights::LayoutKind::Transformers5);
+    assert_ne!(f.model.config().text.num_key_value_heads, f.model.config().text.num_attention_heads);
+    check_prompt_and_pixels(&f, "tiny-v5");
+    check_generation_alone(&f, "tiny-v5");
+    check_generation_batched(&f, "tiny-v5");
+    report();
+}
