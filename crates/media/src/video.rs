@@ -31,10 +31,7 @@ pub fn sample_indices(total: usize, n: usize) -> Vec<usize> {
 /// `n` of them sampled with [`sample_indices`]. Returns the indices and the frames.
 pub fn sample_gif(bytes: &[u8], n: usize) -> Result<(Vec<usize>, Vec<DynamicImage>), VideoError> {
     let decoder = GifDecoder::new(Cursor::new(bytes)).map_err(|e| VideoError::Decode(e.to_string()))?;
-    let frames: Vec<_> = decoder
-        .into_frames()
-        .collect_frames()
-        .map_err(|e| VideoError::Decode(e.to_string()))?;
+    let frames: Vec<_> = decoder.into_frames().collect_frames().map_err(|e| VideoError::Decode(e.to_string()))?;
     if frames.is_empty() {
         return Err(VideoError::Empty);
     }

@@ -77,11 +77,7 @@ impl LlavaConfig {
     /// Number of encoder layers that must run to produce every selected hidden state.
     pub fn vision_layers_needed(&self) -> usize {
         let total = self.vision.num_hidden_layers as i64;
-        self.vision_feature_layers
-            .iter()
-            .map(|&l| if l < 0 { total + 1 + l } else { l } as usize)
-            .max()
-            .unwrap_or(0)
+        self.vision_feature_layers.iter().map(|&l| if l < 0 { total + 1 + l } else { l } as usize).max().unwrap_or(0)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -115,7 +111,9 @@ impl LlavaConfig {
         };
         let vision_feature_layers = match root.get("vision_feature_layer") {
             None => vec![-2],
-            Some(Value::Number(n)) => vec![n.as_i64().ok_or_else(|| top.invalid("vision_feature_layer", "not an integer"))?],
+            Some(Value::Number(n)) => {
+                vec![n.as_i64().ok_or_else(|| top.invalid("vision_feature_layer", "not an integer"))?]
+            }
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| v.as_i64().ok_or_else(|| top.invalid("vision_feature_layer", "list holds a non-integer")))
@@ -144,7 +142,9 @@ impl LlavaConfig {
 fn parse_text(f: &Fields) -> Result<TextConfig> {
     let model_type = f.str("model_type", Some("qwen2"))?;
     if model_type != "qwen2" {
-        return Err(f.invalid("model_type", format!("only \"qwen2\" language models are supported, got {model_type:?}")));
+        return Err(
+            f.invalid("model_type", format!("only \"qwen2\" language models are supported, got {model_type:?}"))
+        );
     }
     let hidden_size = f.uint("hidden_size", Some(4096))?;
     let num_attention_heads = f.uint("num_attention_heads", Some(32))?;
@@ -152,10 +152,10 @@ fn parse_text(f: &Fields) -> Result<TextConfig> {
         Some(Value::Null) | None => num_attention_heads,
         Some(_) => f.uint("num_key_value_heads", None)?,
     };
-    if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+    if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
         return Err(f.invalid("num_attention_heads", "must divide hidden_size"));
     }
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+    if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(f.invalid("num_key_value_heads", "must divide num_attention_heads"));
     }
     let head_dim = match f.value.get("head_dim") {
@@ -164,10 +164,16 @@ fn parse_text(f: &Fields) -> Result<TextConfig> {
     };
     let rope_theta = match f.value.get("rope_parameters") {
         Some(Value::Object(params)) => {
-            let sub = Fields { value: f.value.get("rope_parameters").unwrap(), prefix: format!("{}rope_parameters.", f.prefix) };
+            let sub = Fields {
+                value: f.value.get("rope_parameters").unwrap(),
+                prefix: format!("{}rope_parameters.", f.prefix),
+            };
             if let Some(kind) = params.get("rope_type").and_then(Value::as_str) {
                 if kind != "default" {
-                    return Err(sub.invalid("rope_type", format!("only \"default\" rotary embeddings are supported, got {kind:?}")));
+                    return Err(sub.invalid(
+                        "rope_type",
+                        format!("only \"default\" rotary embeddings are supported, got {kind:?}"),
+                    ));
                 }
             }
             sub.float("rope_theta", Some(10000.0))?
@@ -222,7 +228,7 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
         patch_size: f.uint("patch_size", Some(16))?,
         layer_norm_eps: f.float("layer_norm_eps", Some(1e-6))?,
     };
-    if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(f.invalid("num_attention_heads", "must divide hidden_size"));
     }
     if cfg.patch_size == 0 || cfg.patch_size > cfg.image_size {
@@ -294,10 +300,9 @@ impl<'a> Fields<'a> {
 
     fn str(&self, key: &str, default: Option<&str>) -> Result<String> {
         match (self.get(key), default) {
-            (Some(v), _) => v
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| self.invalid(key, format!("expected a string, got {v}"))),
+            (Some(v), _) => {
+                v.as_str().map(str::to_string).ok_or_else(|| self.invalid(key, format!("expected a string, got {v}")))
+            }
             (None, Some(d)) => Ok(d.to_string()),
             (None, None) => Err(self.invalid(key, "missing")),
         }

@@ -10,22 +10,13 @@ pub enum ModelError {
     File { path: PathBuf, message: String },
     /// A config field is missing, has the wrong type, or an unsupported value.
     #[error("{file}: field `{field}`: {message}")]
-    Config {
-        file: &'static str,
-        field: String,
-        message: String,
-    },
+    Config { file: &'static str, field: String, message: String },
     /// A weight tensor is absent from every safetensors file.
     #[error("weight `{name}` not found in the checkpoint")]
     MissingTensor { name: String },
     /// A weight tensor has a different shape than the config implies.
     #[error("weight `{name}` in {file}: expected shape {expected:?}, found {found:?}")]
-    TensorShape {
-        name: String,
-        file: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    TensorShape { name: String, file: String, expected: Vec<usize>, found: Vec<usize> },
     /// Prompt rendering or tokenization failed.
     #[error("prompt: {0}")]
     Prompt(String),
@@ -41,9 +32,6 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
     pub(crate) fn file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        ModelError::File {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        ModelError::File { path: path.into(), message: message.to_string() }
     }
 }

@@ -77,7 +77,8 @@ impl ImageProcessor {
         };
         if let Some(code) = v.get("resample").filter(|x| !x.is_null()) {
             let code = code.as_u64().ok_or_else(|| bad("resample", "expected an integer"))?;
-            p.filter = Filter::from_pil(code).ok_or_else(|| bad("resample", "only 2 (bilinear) and 3 (bicubic) are supported"))?;
+            p.filter = Filter::from_pil(code)
+                .ok_or_else(|| bad("resample", "only 2 (bilinear) and 3 (bicubic) are supported"))?;
         }
         if let Some(f) = v.get("rescale_factor").and_then(Value::as_f64) {
             p.rescale_factor = f as f32;
@@ -181,9 +182,7 @@ fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
         let center = (xx as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let raw: Vec<f64> = (xmin..xmax)
-            .map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale))
-            .collect();
+        let raw: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale)).collect();
         let total: f64 = raw.iter().sum();
         let fixed = raw
             .iter()

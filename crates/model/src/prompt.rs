@@ -15,7 +15,9 @@ pub enum Part {
     Text(String),
     Image,
     /// A video of this many sampled frames: one image slot per frame.
-    Video { frames: usize },
+    Video {
+        frames: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +157,7 @@ pub fn checkpoint_template(dir: &Path) -> Result<Option<String>> {
 /// How prompts are rendered: the built-in renderer, or a user-supplied Jinja template.
 pub enum PromptRenderer {
     BuiltIn,
-    Jinja(ChatTemplate),
+    Jinja(Box<ChatTemplate>),
 }
 
 impl PromptRenderer {

@@ -31,9 +31,8 @@ struct Rotary {
 impl Rotary {
     fn new(cfg: &TextConfig, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)) as f32)
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / (cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)) as f32).collect();
         let positions = cfg.max_position_embeddings;
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let t = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
@@ -87,7 +86,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let total = x.dim(0)?;
         let hd = self.head_dim;
-        let heads_first = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((total, n, hd))?.transpose(0, 1)?.contiguous()?) };
+        let heads_first =
+            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((total, n, hd))?.transpose(0, 1)?.contiguous()?) };
         let q = rotary.apply(&heads_first(self.q.forward(x)?, self.heads)?, positions)?;
         let k = rotary.apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, positions)?;
         let v = heads_first(self.v.forward(x)?, self.kv_heads)?;
@@ -217,7 +217,10 @@ impl Qwen2 {
     /// Token embeddings, `[ids.len(), hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
         }
         let ids = Tensor::new(ids, self.embed_tokens.device())?;
         Ok(self.embed_tokens.index_select(&ids, 0)?)
@@ -226,7 +229,13 @@ impl Qwen2 {
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         let dtype = self.embed_tokens.dtype();
-        KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, self.embed_tokens.device())
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            dtype,
+            self.embed_tokens.device(),
+        )
     }
 
     /// Runs every sequence's new tokens through the decoder in one pass and returns the logits

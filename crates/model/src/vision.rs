@@ -33,7 +33,8 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, p, d) = x.dims3()?;
         let hd = d / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
+        let split =
+            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;

@@ -30,18 +30,16 @@ pub struct NameLayout {
 
 impl NameLayout {
     fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
-        let probe = |candidates: &[&'static str], leaf: &str| candidates.iter().copied().find(|p| has(&format!("{p}.{leaf}")));
+        let probe =
+            |candidates: &[&'static str], leaf: &str| candidates.iter().copied().find(|p| has(&format!("{p}.{leaf}")));
         let language_model = probe(&["model.language_model", "language_model.model"], "embed_tokens.weight")?;
         let vision_tower = probe(
             &["model.vision_tower.vision_model", "model.vision_tower", "vision_tower.vision_model", "vision_tower"],
             "embeddings.patch_embedding.weight",
         )?;
         let projector = probe(&["model.multi_modal_projector", "multi_modal_projector"], "linear_1.weight")?;
-        let lm_head = probe(&["lm_head", "language_model.lm_head"], "weight").unwrap_or(if language_model.starts_with("model.") {
-            "lm_head"
-        } else {
-            "language_model.lm_head"
-        });
+        let lm_head = probe(&["lm_head", "language_model.lm_head"], "weight")
+            .unwrap_or(if language_model.starts_with("model.") { "lm_head" } else { "language_model.lm_head" });
         let kind = if language_model.starts_with("model.") { LayoutKind::Transformers5 } else { LayoutKind::Hub };
         Some(NameLayout { kind, language_model, lm_head, vision_tower, projector })
     }
@@ -66,11 +64,8 @@ impl Weights {
     /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
-        let file_names: Vec<String> = if index_path.exists() {
-            shard_names(&index_path)?
-        } else {
-            vec!["model.safetensors".to_string()]
-        };
+        let file_names: Vec<String> =
+            if index_path.exists() { shard_names(&index_path)? } else { vec!["model.safetensors".to_string()] };
         let mut files = Vec::with_capacity(file_names.len());
         let mut index = HashMap::new();
         for name in file_names {
@@ -132,9 +127,8 @@ impl Weights {
                 found: view.shape().to_vec(),
             });
         }
-        let tensor = st
-            .load(name, &store.device)
-            .map_err(|e| ModelError::file(file_name, format!("tensor `{name}`: {e}")))?;
+        let tensor =
+            st.load(name, &store.device).map_err(|e| ModelError::file(file_name, format!("tensor `{name}`: {e}")))?;
         Ok(tensor.to_dtype(dtype)?)
     }
 }

@@ -116,11 +116,16 @@ fn check_step(fixture: &str, case: &Value, step: usize, logits: &[f32]) -> bool 
     let name = case["name"].as_str().unwrap();
     let reference = &case["steps"][step];
     let logprobs = log_softmax(logits);
-    for (id, want) in reference["top_ids"].as_array().unwrap().iter().zip(reference["top_logprobs"].as_array().unwrap()) {
+    for (id, want) in reference["top_ids"].as_array().unwrap().iter().zip(reference["top_logprobs"].as_array().unwrap())
+    {
         let (id, want) = (id.as_u64().unwrap() as usize, want.as_f64().unwrap());
         let diff = (logprobs[id] - want).abs();
         WORST_LOGPROB_DIFF.fetch_max((diff * 1e9) as u64, std::sync::atomic::Ordering::Relaxed);
-        assert!(diff < LOGPROB_TOLERANCE, "{fixture}/{name} step {step}: logprob of {id} is {} vs {want}", logprobs[id]);
+        assert!(
+            diff < LOGPROB_TOLERANCE,
+            "{fixture}/{name} step {step}: logprob of {id} is {} vs {want}",
+            logprobs[id]
+        );
     }
     if reference["margin"].as_f64().unwrap() < TIE_MARGIN {
         return false;

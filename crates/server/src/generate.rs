@@ -1,0 +1,176 @@
+//! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+use weft_model::preprocess::ImageProcessor;
+use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
+use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
+use weft_model::{LlavaModel, LoadOptions, SeqInput};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// An image to show the model (repeat for several; they come before the text, in order).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// A video (animated GIF) to sample frames from, placed after the images.
+    #[arg(long)]
+    video: Option<PathBuf>,
+    /// Frames to sample from --video.
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// The user's question.
+    #[arg(long)]
+    prompt: String,
+    /// An optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Weights and activations: f32 (exact) or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Render the prompt with this Hugging Face Jinja chat template instead of the built-in one.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        other => bail!("--dtype: unsupported value {other:?} (expected f32 or f16)"),
+    };
+    let device = Device::Cpu;
+    let started = Instant::now();
+    let model = LlavaModel::load(&args.model, &LoadOptions { dtype, device: device.clone() })?;
+    let cfg = model.config();
+    let tokenizer = PromptTokenizer::from_dir(&args.model, cfg.image_token_id, cfg.tokens_per_image())?;
+    let processor = ImageProcessor::from_dir(&args.model, cfg.vision.image_size)?;
+    let stops = stop_token_ids(&args.model, &tokenizer)?;
+    let renderer = match &args.chat_template {
+        Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
+        None => PromptRenderer::BuiltIn,
+    };
+    eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
+
+    // Images, then video frames, then the question: the checkpoint template's own order.
+    let mut pictures = Vec::new();
+    for path in &args.images {
+        pictures.push(image::open(path).with_context(|| format!("--image {}", path.display()))?);
+    }
+    let mut parts: Vec<Part> = args.images.iter().map(|_| Part::Image).collect();
+    if let Some(path) = &args.video {
+        let bytes = std::fs::read(path).with_context(|| format!("--video {}", path.display()))?;
+        let (indices, frames) = weft_media::video::sample_gif(&bytes, args.frames)
+            .with_context(|| format!("--video {}", path.display()))?;
+        eprintln!("video frames used: {indices:?}");
+        parts.push(Part::Video { frames: frames.len() });
+        pictures.extend(frames);
+    }
+    parts.push(Part::Text(args.prompt.clone()));
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::text("system", system));
+    }
+    messages.push(Message { role: "user".into(), parts });
+    let prompt = renderer.render(&messages, true)?;
+    let encoded = tokenizer.encode_prompt(&prompt)?;
+    if encoded.num_images != pictures.len() {
+        bail!("the prompt holds {} <image> slots but {} images were given", encoded.num_images, pictures.len());
+    }
+    let image_tokens = encoded.num_images * tokenizer.tokens_per_image();
+
+    let t0 = Instant::now();
+    let image_rows = if pictures.is_empty() {
+        None
+    } else {
+        let features = model.encode_images(&processor.batch(&pictures, &device)?)?;
+        let (n, t, h) = features.dims3()?;
+        Some(features.reshape((n * t, h))?)
+    };
+    let vision_s = t0.elapsed().as_secs_f64();
+    let mut cache = model.new_cache();
+    let mut embeds = model.embed(&encoded.ids, image_rows.as_ref())?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut first_token_at = None;
+    let mut stdout = std::io::stdout();
+    while generated.len() < args.max_tokens {
+        let logits = model
+            .forward(&mut [SeqInput { embeds, cache: &mut cache, want_logits: true }])?
+            .context("the model returned no logits")?;
+        let next = sample(&logits.squeeze(0)?, args.temperature, &mut rng)?;
+        first_token_at.get_or_insert_with(Instant::now);
+        if !args.ignore_eos && stops.contains(&next) {
+            break;
+        }
+        generated.push(next);
+        // Print only complete characters: hold back while the text ends in a partial UTF-8 sequence.
+        let text = tokenizer.decode(&generated, true)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            print!("{}", &text[printed..]);
+            stdout.flush().ok();
+            printed = text.len();
+        }
+        embeds = model.embed(&[next], None)?;
+    }
+    let text = tokenizer.decode(&generated, true)?;
+    if text.len() > printed {
+        print!("{}", &text[printed..]);
+    }
+    println!();
+    let ttft = first_token_at.map(|t| (t - t0).as_secs_f64()).unwrap_or(0.0);
+    let decode_s = first_token_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+    let decode_tokens = generated.len().saturating_sub(1);
+    eprintln!(
+        "prompt tokens: {} ({} text, {} image in {} images) | vision encode {:.3}s | time to first token {:.3}s | \
+         {} tokens, decode {:.2} tok/s",
+        encoded.ids.len(),
+        encoded.ids.len() - image_tokens,
+        image_tokens,
+        encoded.num_images,
+        vision_s,
+        ttft,
+        generated.len(),
+        if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
+    );
+    Ok(())
+}
+
+/// Greedy at temperature 0, otherwise a draw from the softmax at that temperature.
+fn sample(logits: &Tensor, temperature: f64, rng: &mut StdRng) -> Result<u32> {
+    let logits: Vec<f32> = logits.to_vec1()?;
+    if temperature <= 0.0 {
+        let best = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+        return Ok(best as u32);
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits.iter().map(|&x| ((x - max) as f64 / temperature).exp()).collect();
+    let mut target = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        target -= w;
+        if target <= 0.0 {
+            return Ok(i as u32);
+        }
+    }
+    Ok((weights.len() - 1) as u32)
+}
