@@ -1,0 +1,22 @@
+//! weft-engine: many concurrent generation requests turned into batched forward passes, with
+//! tokens streamed back. One thread owns all mutable state; the server holds an [`EngineHandle`].
+
+pub mod config;
+pub mod detokenize;
+mod engine;
+mod handle;
+pub mod prefix_cache;
+pub mod request;
+pub mod sampling;
+pub mod scheduler;
+mod sequence;
+pub mod stats;
+pub mod stop;
+pub mod vision_cache;
+
+pub use config::EngineConfig;
+pub use engine::Engine;
+pub use handle::{EngineHandle, EventStream};
+pub use request::{EngineError, Event, FinishReason, GenerateRequest, ImageInput, SubmitError, Timing, Usage};
+pub use sampling::{SamplingParams, TokenLogprobs};
+pub use stats::StatsSnapshot;

@@ -1,0 +1,123 @@
+//! What goes into the engine (a generation request) and what comes out (a stream of events).
+
+use crate::sampling::{SamplingParams, TokenLogprobs};
+use candle_core::Tensor;
+
+/// One preprocessed image or video frame, identified by a hash of its decoded pixels.
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    /// `[3, size, size]`, f32, normalised.
+    pub pixels: Tensor,
+    pub hash: u64,
+}
+
+/// A prompt ready to run: token ids with every image slot expanded, and its images in order.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub images: Vec<ImageInput>,
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most (per choice).
+    pub max_tokens: usize,
+    /// Independent choices sharing the prompt's KV.
+    pub n: usize,
+    /// Strings that end generation; never sent.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt_ids,
+            images: Vec::new(),
+            sampling: SamplingParams::default(),
+            max_tokens,
+            n: 1,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the end of the context.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+    /// Prompt tokens that are image slots.
+    pub image_tokens: usize,
+}
+
+/// Latencies of one choice, in seconds from submission.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timing {
+    pub queue_s: f64,
+    pub first_token_s: f64,
+    pub total_s: f64,
+    /// Gaps between consecutive tokens.
+    pub inter_token_s: Vec<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        /// Which choice (0..n).
+        index: usize,
+        id: u32,
+        /// New text; may be empty while a character or a possible stop string is incomplete.
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    Finished {
+        index: usize,
+        reason: FinishReason,
+        /// Text held back until the end (the tail of a possible stop string that was not one).
+        text: String,
+        usage: Usage,
+        timing: Timing,
+    },
+    Error(EngineError),
+}
+
+/// A failure inside the engine, sent to every request it affects.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model error: {0}")]
+    Model(String),
+}
+
+/// Why a request was refused at submission.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prompt has {tokens} tokens, more than the {limit} this server can hold ({why})")]
+    PromptTooLong { tokens: usize, limit: usize, why: &'static str },
+    #[error("the server is overloaded: {waiting} requests are already waiting")]
+    Overloaded { waiting: usize },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}

@@ -1,0 +1,262 @@
+//! Turning one row of logits into the next token: penalties, bias, temperature, top-k, top-p,
+//! min-p, seeded draws, and logprobs. Pure functions plus a per-sequence RNG.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+/// Sampling settings of one request (OpenAI's and vLLM's names and meanings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// Drop tokens whose probability is below `min_p` times the top one; 0 disables.
+    pub min_p: f32,
+    /// Subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the generated tokens.
+    pub frequency_penalty: f32,
+    /// Hugging Face style, over prompt and generated tokens; 1 disables.
+    pub repetition_penalty: f32,
+    pub logit_bias: HashMap<u32, f32>,
+    /// Same seed and same request give the same output.
+    pub seed: Option<u64>,
+    /// Alternatives to report with each token's logprob; `None` reports no logprobs.
+    pub top_logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: HashMap::new(),
+            seed: None,
+            top_logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a request may ask for per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The logprob of the chosen token and of the best alternatives (from the model's raw
+/// distribution, before penalties and temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One sequence's sampler: its parameters and its random stream.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// `stream` separates the choices of one request (n > 1) that share a seed.
+    pub fn new(params: SamplingParams, stream: u64) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random).wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        Sampler { params, rng: StdRng::seed_from_u64(seed) }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `prompt` and `generated` feed the penalties.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> (u32, Option<TokenLogprobs>) {
+        let mut scores = logits.to_vec();
+        apply_penalties(&mut scores, &self.params, prompt, generated);
+        for (&id, &bias) in &self.params.logit_bias {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s += bias;
+            }
+        }
+        let token = if self.params.temperature <= 0.0 {
+            argmax(&scores)
+        } else {
+            let candidates = filtered_candidates(&scores, &self.params);
+            let draw: f64 = self.rng.random();
+            pick(&candidates, draw)
+        };
+        let logprobs = self.params.top_logprobs.map(|k| logprobs_of(logits, token, k.min(MAX_TOP_LOGPROBS)));
+        (token, logprobs)
+    }
+}
+
+pub fn argmax(scores: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Repetition penalty (HF: divide positive, multiply negative logits of seen tokens), then
+/// OpenAI's presence and frequency penalties over the generated tokens.
+pub fn apply_penalties(scores: &mut [f32], p: &SamplingParams, prompt: &[u32], generated: &[u32]) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; scores.len()];
+        for &id in prompt.iter().chain(generated) {
+            if let Some(flag) = seen.get_mut(id as usize) {
+                *flag = true;
+            }
+        }
+        for (s, _) in scores.iter_mut().zip(&seen).filter(|(_, &seen)| seen) {
+            *s = if *s > 0.0 { *s / p.repetition_penalty } else { *s * p.repetition_penalty };
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &id in generated {
+            *counts.entry(id).or_default() += 1;
+        }
+        for (id, count) in counts {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+    }
+}
+
+/// Tokens that survive temperature, top-k, top-p and min-p, with their probabilities,
+/// most likely first.
+pub fn filtered_candidates(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+    let t = p.temperature.max(1e-5) as f64;
+    let mut order: Vec<u32> = (0..scores.len() as u32).filter(|&i| scores[i as usize].is_finite()).collect();
+    if order.is_empty() {
+        return vec![(argmax(scores), 1.0)];
+    }
+    let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]);
+    if p.top_k > 0 && p.top_k < order.len() {
+        order.select_nth_unstable_by(p.top_k - 1, by_score);
+        order.truncate(p.top_k);
+    }
+    order.sort_unstable_by(by_score);
+    let max = scores[order[0] as usize] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((scores[i as usize] as f64 - max) / t).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    let mut keep = probs.len();
+    if p.min_p > 0.0 {
+        let floor = probs[0] * p.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+    }
+    if p.top_p < 1.0 {
+        let mut mass = 0.0;
+        let mut n = 0;
+        for &x in &probs[..keep] {
+            n += 1;
+            mass += x;
+            if mass >= p.top_p as f64 {
+                break;
+            }
+        }
+        keep = n.max(1);
+    }
+    let kept: f64 = probs[..keep].iter().sum();
+    order.into_iter().zip(probs).take(keep).map(|(id, x)| (id, x / kept)).collect()
+}
+
+/// Inverse-CDF draw: `draw` in [0, 1).
+pub fn pick(candidates: &[(u32, f64)], draw: f64) -> u32 {
+    let mut acc = 0.0;
+    for &(id, prob) in candidates {
+        acc += prob;
+        if draw < acc {
+            return id;
+        }
+    }
+    candidates.last().map(|c| c.0).unwrap_or(0)
+}
+
+/// Log-softmax of the raw logits at `token`, plus the `k` most likely tokens.
+pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_total = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lp = |i: u32| (logits[i as usize] as f64 - log_total) as f32;
+    let mut top: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if k > 0 && k < top.len() {
+        top.select_nth_unstable_by(k - 1, by_logit);
+    }
+    top.truncate(k);
+    top.sort_unstable_by(by_logit);
+    TokenLogprobs { logprob: lp(token), top: top.into_iter().map(|i| (i, lp(i))).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, seed: Some(7), ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_maximum_after_bias() {
+        let mut s = Sampler::new(params(0.0), 0);
+        assert_eq!(s.sample(&[1.0, 3.0, 2.0], &[], &[]).0, 1);
+        let mut p = params(0.0);
+        p.logit_bias.insert(2, 5.0);
+        assert_eq!(Sampler::new(p, 0).sample(&[1.0, 3.0, 2.0], &[], &[]).0, 2);
+    }
+
+    #[test]
+    fn same_seed_same_draws_and_streams_differ() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draws = |stream| {
+            let mut s = Sampler::new(params(1.0), stream);
+            (0..20).map(|_| s.sample(&logits, &[], &[]).0).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(0), draws(0));
+        assert_ne!(draws(0), draws(1));
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_cut_the_tail() {
+        let scores = [0.0f32, 1.0, 2.0, 3.0];
+        let p = SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() };
+        let c = filtered_candidates(&scores, &p);
+        assert_eq!(c.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 2]);
+        assert!((c.iter().map(|c| c.1).sum::<f64>() - 1.0).abs() < 1e-9);
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        assert_eq!(filtered_candidates(&scores, &p).len(), 1);
+        let p = SamplingParams { temperature: 1.0, min_p: 0.3, ..Default::default() };
+        // p(2)/p(3) = e^-1 = 0.37 >= 0.3, p(1)/p(3) = e^-2 < 0.3
+        assert_eq!(filtered_candidates(&scores, &p).len(), 2);
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let mut s = vec![4.0, -4.0, 4.0];
+        apply_penalties(&mut s, &p, &[0, 1], &[]);
+        assert_eq!(s, vec![2.0, -8.0, 4.0]);
+        let p = SamplingParams { presence_penalty: 1.0, frequency_penalty: 0.5, ..Default::default() };
+        let mut s = vec![0.0; 3];
+        apply_penalties(&mut s, &p, &[2], &[0, 0, 1]);
+        assert_eq!(s, vec![-2.0, -1.5, 0.0]);
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_sorted() {
+        let l = logprobs_of(&[0.0, (2.0f32).ln(), 0.0], 1, 2);
+        assert!((l.logprob - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(l.top[0].0, 1);
+        assert_eq!(l.top.len(), 2);
+    }
+}

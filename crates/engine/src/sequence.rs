@@ -1,0 +1,147 @@
+//! One choice of one request as it moves through the engine: its tokens, its KV cache, its
+//! sampler, its detokenizer and stop matcher, and its timings.
+
+use crate::detokenize::{Decode, IncrementalDecoder};
+use crate::request::{Event, FinishReason, GenerateRequest};
+use crate::sampling::Sampler;
+use crate::stop::StopMatcher;
+use std::time::Instant;
+use weft_model::KvCache;
+
+pub(crate) struct Sequence {
+    pub id: u64,
+    pub req_id: u64,
+    /// Which choice of the request (0..n).
+    pub choice: usize,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    /// `None` while waiting (or preempted) and while lent to a forward pass.
+    pub cache: Option<KvCache>,
+    computed: usize,
+    /// Prompt tokens reused from the prefix cache at first admission.
+    pub reused: usize,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    pub admitted_at: Option<Instant>,
+    pub first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    pub inter_token: Vec<f64>,
+}
+
+/// What sampling one token produced.
+pub(crate) enum Emitted {
+    Token(Event),
+    /// The sequence is done: maybe a last token event, the reason, and held-back text.
+    Finished(Option<Event>, FinishReason, String),
+}
+
+impl Sequence {
+    pub fn new(id: u64, req_id: u64, choice: usize, spec: &GenerateRequest) -> Self {
+        Sequence {
+            id,
+            req_id,
+            choice,
+            tokens: spec.prompt_ids.clone(),
+            cache: None,
+            computed: 0,
+            reused: 0,
+            prompt_len: spec.prompt_ids.len(),
+            max_tokens: spec.max_tokens,
+            sampler: Sampler::new(spec.sampling.clone(), choice as u64),
+            decoder: IncrementalDecoder::new(),
+            stop: StopMatcher::new(spec.stop.clone()),
+            admitted_at: None,
+            first_token_at: None,
+            last_token_at: None,
+            inter_token: Vec::new(),
+        }
+    }
+
+    /// Another choice of the same request, starting from a copy of this one's prompt KV.
+    pub fn sibling(&self, id: u64, choice: usize, cache: KvCache, spec: &GenerateRequest) -> Self {
+        let mut s = Sequence::new(id, self.req_id, choice, spec);
+        s.admitted_at = self.admitted_at;
+        s.reused = self.reused;
+        s.restore_cache(cache);
+        s
+    }
+
+    /// Tokens in the KV cache.
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+
+    /// Tokens still to feed.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    pub fn generated(&self, prompt_len: usize) -> usize {
+        self.tokens.len() - prompt_len
+    }
+
+    /// Starts (or restarts, after preemption) with `cache` holding `reused` tokens.
+    pub fn admit(&mut self, cache: KvCache, reused: usize) {
+        if self.admitted_at.is_none() {
+            self.reused = reused;
+            self.admitted_at = Some(Instant::now());
+        }
+        self.computed = cache.len();
+        self.cache = Some(cache);
+    }
+
+    /// Takes back the cache after a forward pass, which grew it.
+    pub fn restore_cache(&mut self, cache: KvCache) {
+        self.computed = cache.len();
+        self.cache = Some(cache);
+    }
+
+    /// Samples the next token from `logits` and decides whether the sequence goes on.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        spec: &GenerateRequest,
+        eos_ids: &[u32],
+        context: usize,
+        tokenizer: &impl Decode,
+    ) -> Emitted {
+        let (token, logprobs) = self.sampler.sample(logits, prompt, &self.tokens[self.prompt_len..]);
+        let now = Instant::now();
+        if let Some(last) = self.last_token_at {
+            self.inter_token.push((now - last).as_secs_f64());
+        }
+        self.first_token_at.get_or_insert(now);
+        self.last_token_at = Some(now);
+        self.tokens.push(token);
+        let is_stop_token = spec.stop_token_ids.contains(&token) || (!spec.ignore_eos && eos_ids.contains(&token));
+        if is_stop_token {
+            let tail = self.release_tail(tokenizer);
+            return Emitted::Finished(None, FinishReason::Stop, tail);
+        }
+        let delta = self.decoder.push(token, tokenizer);
+        let step = self.stop.push(&delta);
+        let event = Event::Token { index: self.choice, id: token, text: step.emit, logprobs };
+        if step.stopped {
+            return Emitted::Finished(Some(event), FinishReason::Stop, String::new());
+        }
+        if self.generated(self.prompt_len) >= self.max_tokens || self.tokens.len() >= context {
+            let tail = self.release_tail(tokenizer);
+            return Emitted::Finished(Some(event), FinishReason::Length, tail);
+        }
+        Emitted::Token(event)
+    }
+
+    /// Text still held by the detokenizer and the stop matcher when generation ends.
+    fn release_tail(&mut self, tokenizer: &impl Decode) -> String {
+        let rest = self.decoder.flush(tokenizer);
+        let step = self.stop.push(&rest);
+        if step.stopped {
+            return step.emit;
+        }
+        step.emit + &self.stop.finish()
+    }
+}

@@ -1,0 +1,73 @@
+//! Engine gauges and counters, shared with the server's metrics as plain atomics.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_used_tokens: AtomicUsize,
+    pub kv_capacity_tokens: AtomicUsize,
+    pub prefix_cache_tokens: AtomicUsize,
+    pub vision_cache_hits: AtomicU64,
+    pub vision_cache_misses: AtomicU64,
+    pub images_encoded: AtomicU64,
+    /// Microseconds spent in the vision tower.
+    pub vision_encode_us: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    pub generation_tokens_total: AtomicU64,
+    pub cached_tokens_total: AtomicU64,
+    pub preemptions_total: AtomicU64,
+    pub steps_total: AtomicU64,
+}
+
+/// A consistent-enough copy of [`EngineStats`] for reporting.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatsSnapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_used_tokens: usize,
+    pub kv_capacity_tokens: usize,
+    pub prefix_cache_tokens: usize,
+    pub vision_cache_hits: u64,
+    pub vision_cache_misses: u64,
+    pub images_encoded: u64,
+    pub vision_encode_seconds: f64,
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    pub cached_tokens_total: u64,
+    pub preemptions_total: u64,
+    pub steps_total: u64,
+}
+
+impl StatsSnapshot {
+    /// Fraction of the KV budget held by running sequences.
+    pub fn kv_usage(&self) -> f64 {
+        if self.kv_capacity_tokens == 0 {
+            0.0
+        } else {
+            self.kv_used_tokens as f64 / self.kv_capacity_tokens as f64
+        }
+    }
+}
+
+impl EngineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            running: self.running.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            kv_used_tokens: self.kv_used_tokens.load(Relaxed),
+            kv_capacity_tokens: self.kv_capacity_tokens.load(Relaxed),
+            prefix_cache_tokens: self.prefix_cache_tokens.load(Relaxed),
+            vision_cache_hits: self.vision_cache_hits.load(Relaxed),
+            vision_cache_misses: self.vision_cache_misses.load(Relaxed),
+            images_encoded: self.images_encoded.load(Relaxed),
+            vision_encode_seconds: self.vision_encode_us.load(Relaxed) as f64 * 1e-6,
+            prompt_tokens_total: self.prompt_tokens_total.load(Relaxed),
+            generation_tokens_total: self.generation_tokens_total.load(Relaxed),
+            cached_tokens_total: self.cached_tokens_total.load(Relaxed),
+            preemptions_total: self.preemptions_total.load(Relaxed),
+            steps_total: self.steps_total.load(Relaxed),
+        }
+    }
+}
