@@ -1,8 +1,18 @@
 //! The `weft` binary: command-line entry point.
 
+mod chat;
+mod completions;
+mod config;
+mod error;
 mod generate;
+mod prepare;
+mod routes;
+mod serve;
+mod state;
+mod wire;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use utoipa::OpenApi;
 
 #[derive(Parser)]
 #[command(
@@ -10,26 +20,43 @@ use clap::{Parser, Subcommand};
     version,
     about = "Serve LLaVA-NeXT-Interleave: images, video and 3D views interleaved with text"
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(Box<config::ServeArgs>),
     /// Run one prompt through the model and print the answer as it is generated.
     Generate(generate::GenerateArgs),
+    /// Print the OpenAPI specification (YAML).
+    Openapi,
 }
 
 fn main() {
+    let matches = Cli::command().get_matches();
+    let default_level = if matches.subcommand_name() == Some("serve") { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| default_level.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let result = Cli::from_arg_matches(&matches).map_err(anyhow::Error::from).and_then(|cli| match cli.command {
         Command::Generate(args) => generate::run(args),
-    };
+        Command::Openapi => {
+            print!("{}", routes::ApiDoc::openapi().to_yaml().expect("the spec serializes"));
+            Ok(())
+        }
+        Command::Serve(_) => {
+            let sub = matches.subcommand_matches("serve").expect("serve");
+            config::ServeArgs::from_matches(sub).and_then(|args| {
+                tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::run(args))
+            })
+        }
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

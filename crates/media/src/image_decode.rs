@@ -1,0 +1,90 @@
+//! Image bytes -> decoded image, with the format taken from the bytes' magic (never from a
+//! declared type) and the pixel count checked from the header before any pixel is decoded.
+
+use image::{DynamicImage, ImageFormat, ImageReader};
+use std::io::Cursor;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    #[error("unsupported or unrecognised image format (PNG, JPEG, WebP, GIF and BMP are accepted)")]
+    UnknownFormat,
+    #[error("declared type {declared} does not match the bytes, which are {actual}")]
+    TypeMismatch { declared: String, actual: String },
+    #[error("the image is {width}x{height} = {pixels} pixels, more than the limit of {limit}")]
+    TooManyPixels { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error("the image cannot be decoded: {0}")]
+    Decode(String),
+}
+
+const ACCEPTED: [ImageFormat; 5] =
+    [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp];
+
+/// Decodes `bytes`; `declared` is a media type such as `image/png` (checked when given).
+pub fn decode(bytes: &[u8], declared: Option<&str>, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
+    if !ACCEPTED.contains(&format) {
+        return Err(ImageError::UnknownFormat);
+    }
+    if let Some(declared) = declared.filter(|d| !d.is_empty() && *d != "application/octet-stream") {
+        let actual = format.to_mime_type();
+        let same = declared == actual || (declared == "image/jpg" && format == ImageFormat::Jpeg);
+        if !same {
+            return Err(ImageError::TypeMismatch { declared: declared.to_string(), actual: actual.to_string() });
+        }
+    }
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let (width, height) = reader.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageError::TooManyPixels { width, height, pixels, limit: max_pixels });
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.no_limits();
+    reader.decode().map_err(|e| ImageError::Decode(e.to_string()))
+}
+
+/// A content hash of decoded pixels (FNV-1a over the geometry, layout and samples), so that the
+/// same picture sent twice, in any encoding that decodes identically, is recognised.
+pub fn pixel_hash(image: &DynamicImage) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(&image.width().to_le_bytes());
+    feed(&image.height().to_le_bytes());
+    feed(format!("{:?}", image.color()).as_bytes());
+    feed(image.as_bytes());
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::RgbImage::new(w, h).write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_and_checks_type_and_size() {
+        let bytes = png(4, 3);
+        assert_eq!(decode(&bytes, Some("image/png"), 100).unwrap().width(), 4);
+        assert!(matches!(decode(&bytes, Some("image/jpeg"), 100), Err(ImageError::TypeMismatch { .. })));
+        assert!(matches!(decode(&bytes, None, 11), Err(ImageError::TooManyPixels { pixels: 12, .. })));
+        assert_eq!(decode(b"hello", None, 100), Err(ImageError::UnknownFormat));
+        assert!(matches!(decode(&bytes[..bytes.len() - 8], None, 100), Err(ImageError::Decode(_))));
+    }
+
+    #[test]
+    fn hash_follows_pixels() {
+        let a = image::DynamicImage::ImageRgb8(image::RgbImage::new(2, 2));
+        let mut b = image::RgbImage::new(2, 2);
+        assert_eq!(pixel_hash(&a), pixel_hash(&image::DynamicImage::ImageRgb8(b.clone())));
+        b.put_pixel(0, 0, image::Rgb([1, 0, 0]));
+        assert_ne!(pixel_hash(&a), pixel_hash(&image::DynamicImage::ImageRgb8(b)));
+    }
+}

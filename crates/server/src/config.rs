@@ -1,0 +1,143 @@
+//! `weft serve` configuration: one struct holds every setting and its default; values come
+//! from flags, then `WEFT_*` environment variables, then the TOML file of `--config`, then the
+//! defaults written here.
+
+use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct ServeArgs {
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, env = "WEFT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// TOML file with any of these settings (keys as the flags, with underscores).
+    #[arg(long, env = "WEFT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "WEFT_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "WEFT_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Name clients use in `model` (default: the checkpoint folder's name).
+    #[arg(long, env = "WEFT_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// API key clients must send as `Authorization: Bearer <key>` (repeatable; none = open).
+    #[arg(long = "api-key", env = "WEFT_API_KEY", value_delimiter = ',')]
+    pub api_key: Vec<String>,
+    /// Require the API key on /metrics too.
+    #[arg(long, env = "WEFT_METRICS_AUTH")]
+    pub metrics_auth: bool,
+    /// Compute device: cpu (cuda:N needs a build with the `cuda` feature).
+    #[arg(long, env = "WEFT_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weights and activations: auto (= f32 on the CPU), f32 or f16.
+    #[arg(long, env = "WEFT_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Render prompts with this Hugging Face Jinja chat template instead of the built-in renderer.
+    #[arg(long, env = "WEFT_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// Tokens one forward pass may carry (decode tokens plus prefill chunks).
+    #[arg(long, env = "WEFT_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "WEFT_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// KV cache memory, e.g. 4GiB (default: 40% of the memory available at start).
+    #[arg(long, env = "WEFT_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<String>,
+    /// Memory for cached image features.
+    #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value = "512MiB")]
+    pub vision_cache_memory: String,
+    /// Requests that may wait before new ones get 429.
+    #[arg(long, env = "WEFT_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Turn off reuse of KV across requests with a common prefix.
+    #[arg(long, env = "WEFT_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+    /// Largest `n`.
+    #[arg(long, env = "WEFT_MAX_N", default_value_t = 8)]
+    pub max_n: usize,
+    /// Largest `max_tokens` (also the default when a request sets none, capped by the context).
+    #[arg(long, env = "WEFT_MAX_TOKENS", default_value_t = 4096)]
+    pub max_tokens: usize,
+    /// Images plus video frames per request.
+    #[arg(long, env = "WEFT_MAX_IMAGES_PER_REQUEST", default_value_t = 32)]
+    pub max_images_per_request: usize,
+    /// Largest `num_frames` of a video part.
+    #[arg(long, env = "WEFT_MAX_FRAMES_PER_REQUEST", default_value_t = 32)]
+    pub max_frames_per_request: usize,
+    /// Visual tokens (729 per image or frame) per request.
+    #[arg(long, env = "WEFT_MAX_VISUAL_TOKENS", default_value_t = 23328)]
+    pub max_visual_tokens: usize,
+    /// Bytes of one encoded image or video.
+    #[arg(long, env = "WEFT_MAX_IMAGE_BYTES", default_value = "20MiB")]
+    pub max_image_bytes: String,
+    /// Pixels of one image, checked from its header before decoding.
+    #[arg(long, env = "WEFT_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Frames sampled from a video part that does not say.
+    #[arg(long, env = "WEFT_VIDEO_FRAMES", default_value_t = 16)]
+    pub video_frames: usize,
+    /// Largest request body.
+    #[arg(long, env = "WEFT_MAX_BODY", default_value = "64MiB")]
+    pub max_body: String,
+    /// Seconds a non-streaming request may take.
+    #[arg(long, env = "WEFT_REQUEST_TIMEOUT", default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT.
+    #[arg(long, env = "WEFT_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// Parses "4GiB", "512MiB", "300KB", "1000".
+pub fn parse_bytes(field: &str, text: &str) -> Result<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().with_context(|| format!("{field}: {text:?} is not a size like 4GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("{field}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"),
+    };
+    Ok((value * scale) as usize)
+}
+
+impl ServeArgs {
+    /// Fills every setting the command line and environment left at its default from the
+    /// TOML file, if one is named.
+    pub fn from_matches(matches: &ArgMatches) -> Result<Self> {
+        let args = ServeArgs::from_arg_matches(matches)?;
+        let Some(path) = args.config.clone() else { return Ok(args) };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("--config {}", path.display()))?;
+        let file: toml::Table = toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?;
+        let mut merged = serde_json::to_value(&args)?;
+        let known: Vec<String> = ServeArgs::augment_args(clap::Command::new("x"))
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .collect();
+        for (key, value) in file {
+            if !known.contains(&key) || key == "config" {
+                bail!("{}: unknown setting `{key}`", path.display());
+            }
+            let from_default = matches!(matches.value_source(&key), None | Some(ValueSource::DefaultValue));
+            if from_default {
+                merged[&key] = serde_json::to_value(value)?;
+            }
+        }
+        let mut out: ServeArgs = serde_json::from_value(merged)
+            .with_context(|| format!("{}: a setting has the wrong type", path.display()))?;
+        out.config = args.config;
+        Ok(out)
+    }
+}

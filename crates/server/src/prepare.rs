@@ -1,0 +1,319 @@
+//! Turning a validated OpenAI request into an engine request: messages -> prompt (media parts
+//! decoded, preprocessed and hashed, in the order sent), sampling fields -> sampling params,
+//! every rejected field named in `param`.
+
+use crate::error::{ApiError, ErrorKind};
+use crate::state::AppState;
+use crate::wire::{ChatMessage, ContentPart, MessageContent, SamplingFields};
+use candle_core::Device;
+use std::collections::HashMap;
+use weft_engine::{GenerateRequest, ImageInput, SamplingParams};
+use weft_model::prompt::{Message, Part};
+
+/// A chat request made ready for the engine.
+pub struct Prepared {
+    pub request: GenerateRequest,
+    /// Frame indices used for each video part, in order (reported back to the client).
+    pub video_frames: Vec<Vec<usize>>,
+}
+
+/// Decoded pictures of one request, in prompt order.
+struct Media {
+    images: Vec<image::DynamicImage>,
+    video_frames: Vec<Vec<usize>>,
+}
+
+/// Messages -> prompt parts, decoding media parts as they come.
+fn convert_messages(state: &AppState, messages: &[ChatMessage]) -> Result<(Vec<Message>, Media), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "at least one message is required"));
+    }
+    let limits = &state.limits;
+    let mut out = Vec::with_capacity(messages.len());
+    let mut media = Media { images: Vec::new(), video_frames: Vec::new() };
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unsupported role {other:?} (expected system, user or assistant)"),
+                ))
+            }
+        };
+        let mut parts = Vec::new();
+        match &m.content {
+            None => {}
+            Some(MessageContent::Text(t)) => parts.push(Part::Text(t.clone())),
+            Some(MessageContent::Parts(list)) => {
+                for (j, part) in list.iter().enumerate() {
+                    let param = format!("messages[{i}].content[{j}]");
+                    match part {
+                        ContentPart::Text { text } => parts.push(Part::Text(text.clone())),
+                        ContentPart::ImageUrl { image_url } => {
+                            let url_param = format!("{param}.image_url.url");
+                            media.images.push(decode_image(
+                                &image_url.url,
+                                limits.max_image_bytes,
+                                limits.max_image_pixels,
+                                &url_param,
+                            )?);
+                            parts.push(Part::Image);
+                        }
+                        ContentPart::VideoUrl { video_url } => {
+                            let url_param = format!("{param}.video_url.url");
+                            let frames = match video_url.num_frames {
+                                None => limits.video_frames,
+                                Some(n) if n >= 1 && n as usize <= limits.max_frames_per_request => n as usize,
+                                Some(n) => {
+                                    return Err(ApiError::invalid(
+                                        format!("{param}.video_url.num_frames"),
+                                        format!("{n} is outside 1..={}", limits.max_frames_per_request),
+                                    ))
+                                }
+                            };
+                            let (indices, frames) =
+                                decode_video(&video_url.url, frames, limits.max_image_bytes, &url_param)?;
+                            parts.push(Part::Video { frames: frames.len() });
+                            media.images.extend(frames);
+                            media.video_frames.push(indices);
+                        }
+                    }
+                    if media.images.len() > limits.max_images_per_request {
+                        return Err(ApiError::invalid(
+                            param,
+                            format!(
+                                "more than {} images and video frames in one request",
+                                limits.max_images_per_request
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if role != "user" && parts.iter().any(|p| !matches!(p, Part::Text(_))) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "only user messages may carry images or video",
+            ));
+        }
+        // A literal "<image>" in text would claim an image slot: refuse it rather than guess.
+        if parts.iter().any(|p| matches!(p, Part::Text(t) if t.contains(weft_model::prompt::IMAGE_PLACEHOLDER))) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "text may not contain the reserved token \"<image>\"; send images as image_url parts",
+            ));
+        }
+        out.push(Message { role: role.to_string(), parts });
+    }
+    Ok((out, media))
+}
+
+fn media_error(param: &str, kind: ErrorKind, message: impl std::fmt::Display) -> ApiError {
+    ApiError { kind, message: message.to_string(), param: Some(param.to_string()) }
+}
+
+fn fetch(url: &str, max_bytes: usize, param: &str) -> Result<weft_media::data_uri::DataUri, ApiError> {
+    if !url.starts_with("data:") {
+        return Err(media_error(
+            param,
+            ErrorKind::InvalidRequest,
+            "only data: URIs are accepted by this build (http(s) and file URLs arrive with remote media support)",
+        ));
+    }
+    weft_media::data_uri::parse(url, max_bytes).map_err(|e| {
+        let kind = match e {
+            weft_media::data_uri::DataUriError::TooLarge { .. } => ErrorKind::PayloadTooLarge,
+            _ => ErrorKind::InvalidRequest,
+        };
+        media_error(param, kind, e)
+    })
+}
+
+fn decode_image(url: &str, max_bytes: usize, max_pixels: u64, param: &str) -> Result<image::DynamicImage, ApiError> {
+    let data = fetch(url, max_bytes, param)?;
+    weft_media::image_decode::decode(&data.bytes, Some(&data.media_type), max_pixels).map_err(|e| {
+        use weft_media::image_decode::ImageError::*;
+        let kind = match e {
+            UnknownFormat | TypeMismatch { .. } => ErrorKind::UnsupportedMediaType,
+            TooManyPixels { .. } => ErrorKind::PayloadTooLarge,
+            Decode(_) => ErrorKind::MediaUnprocessable,
+        };
+        media_error(param, kind, e)
+    })
+}
+
+fn decode_video(
+    url: &str,
+    frames: usize,
+    max_bytes: usize,
+    param: &str,
+) -> Result<(Vec<usize>, Vec<image::DynamicImage>), ApiError> {
+    let data = fetch(url, max_bytes, param)?;
+    if image::guess_format(&data.bytes).ok() != Some(image::ImageFormat::Gif) {
+        return Err(media_error(param, ErrorKind::UnsupportedMediaType, "this build decodes animated GIF videos only"));
+    }
+    weft_media::video::sample_gif(&data.bytes, frames).map_err(|e| media_error(param, ErrorKind::MediaUnprocessable, e))
+}
+
+/// Sampling fields -> engine parameters, checking every range.
+pub fn sampling(f: &SamplingFields, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+    let mut p = SamplingParams::default();
+    let range = |name: &str, v: f32, lo: f32, hi: f32| {
+        if v.is_finite() && v >= lo && v <= hi {
+            Ok(v)
+        } else {
+            Err(ApiError::invalid(name, format!("{v} is outside [{lo}, {hi}]")))
+        }
+    };
+    if let Some(t) = f.temperature {
+        p.temperature = range("temperature", t, 0.0, 2.0)?;
+    }
+    if let Some(v) = f.top_p {
+        p.top_p = range("top_p", v, 1e-9, 1.0)?;
+    }
+    if let Some(k) = f.top_k {
+        if k < -1 {
+            return Err(ApiError::invalid("top_k", "must be -1 (off), 0 (off) or positive"));
+        }
+        p.top_k = k.max(0) as usize;
+    }
+    if let Some(v) = f.min_p {
+        p.min_p = range("min_p", v, 0.0, 1.0)?;
+    }
+    if let Some(v) = f.presence_penalty {
+        p.presence_penalty = range("presence_penalty", v, -2.0, 2.0)?;
+    }
+    if let Some(v) = f.frequency_penalty {
+        p.frequency_penalty = range("frequency_penalty", v, -2.0, 2.0)?;
+    }
+    if let Some(v) = f.repetition_penalty {
+        p.repetition_penalty = range("repetition_penalty", v, 1e-3, 10.0)?;
+    }
+    if let Some(bias) = &f.logit_bias {
+        let mut out = HashMap::new();
+        for (k, v) in bias {
+            let id: u32 =
+                k.parse().map_err(|_| ApiError::invalid("logit_bias", format!("key {k:?} is not a token id")))?;
+            out.insert(id, range("logit_bias", *v, -100.0, 100.0)?);
+        }
+        p.logit_bias = out;
+    }
+    p.seed = f.seed.map(|s| s as u64);
+    p.top_logprobs = logprobs;
+    Ok(p)
+}
+
+/// Shared limits on `n`, `max_tokens` and stops, and the request skeleton.
+pub fn generation(
+    state: &AppState,
+    f: &SamplingFields,
+    max_tokens: Option<i64>,
+    prompt_ids: Vec<u32>,
+    logprobs: Option<usize>,
+) -> Result<GenerateRequest, ApiError> {
+    let limits = &state.limits;
+    let n = f.n.unwrap_or(1);
+    if n < 1 || n as usize > limits.max_n {
+        return Err(ApiError::invalid("n", format!("must be between 1 and {}", limits.max_n)));
+    }
+    let room = state.context_len.saturating_sub(prompt_ids.len());
+    let max_tokens = match max_tokens {
+        None => limits.max_tokens.min(room.max(1)),
+        Some(m) if m >= 1 && m as usize <= limits.max_tokens => m as usize,
+        Some(m) => return Err(ApiError::invalid("max_tokens", format!("{m} is outside 1..={}", limits.max_tokens))),
+    };
+    let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 8 {
+        return Err(ApiError::invalid("stop", "at most 8 stop sequences"));
+    }
+    let mut r = GenerateRequest::new(prompt_ids, max_tokens);
+    r.sampling = sampling(f, logprobs)?;
+    r.n = n as usize;
+    r.stop = stop;
+    r.stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
+    r.ignore_eos = f.ignore_eos;
+    Ok(r)
+}
+
+/// A rendered, tokenized chat with its decoded pictures.
+pub struct ChatPrompt {
+    pub ids: Vec<u32>,
+    pub images: Vec<image::DynamicImage>,
+    /// Frame indices used for each video part.
+    pub video_frames: Vec<Vec<usize>>,
+}
+
+/// Renders and tokenizes chat messages, decoding their media.
+pub fn chat_prompt(
+    state: &AppState,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<ChatPrompt, ApiError> {
+    let (messages, media) = convert_messages(state, messages)?;
+    let text = state
+        .renderer
+        .render(&messages, add_generation_prompt)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let encoded = state.tokenizer.encode_prompt(&text).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    if encoded.num_images != media.images.len() {
+        return Err(ApiError::invalid(
+            "messages",
+            format!("the chat template placed {} image slots for {} images", encoded.num_images, media.images.len()),
+        ));
+    }
+    let visual = media.images.len() * state.tokenizer.tokens_per_image();
+    if visual > state.limits.max_visual_tokens {
+        return Err(ApiError::invalid(
+            "messages",
+            format!("{visual} visual tokens exceed the limit of {}", state.limits.max_visual_tokens),
+        ));
+    }
+    Ok(ChatPrompt { ids: encoded.ids, images: media.images, video_frames: media.video_frames })
+}
+
+/// Preprocesses pictures into engine inputs (pixel tensors plus content hashes).
+pub fn image_inputs(state: &AppState, images: &[image::DynamicImage]) -> Result<Vec<ImageInput>, ApiError> {
+    images
+        .iter()
+        .map(|img| {
+            let hash = weft_media::image_decode::pixel_hash(img);
+            let pixels = state
+                .processor
+                .batch(std::slice::from_ref(img), &Device::Cpu)
+                .and_then(|t| Ok(t.squeeze(0)?))
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+            Ok(ImageInput { pixels, hash })
+        })
+        .collect()
+}
+
+/// The whole chat request, ready to submit. CPU-heavy (decoding, resizing): run it off the
+/// async threads.
+pub fn prepare_chat(state: &AppState, req: &crate::wire::ChatCompletionRequest) -> Result<Prepared, ApiError> {
+    let logprobs = if req.logprobs {
+        let k = req.top_logprobs.unwrap_or(0);
+        if !(0..=20).contains(&k) {
+            return Err(ApiError::invalid("top_logprobs", "must be between 0 and 20"));
+        }
+        Some(k as usize)
+    } else {
+        if req.top_logprobs.is_some_and(|k| k > 0) {
+            return Err(ApiError::invalid("top_logprobs", "requires logprobs: true"));
+        }
+        None
+    };
+    let ChatPrompt { ids, images, video_frames } = chat_prompt(state, &req.messages, true)?;
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let mut request = generation(state, &req.sampling, max_tokens, ids, logprobs).map_err(|mut e| {
+        if e.param.as_deref() == Some("max_tokens") {
+            e.param = Some(param.into());
+        }
+        e
+    })?;
+    request.images = image_inputs(state, &images)?;
+    Ok(Prepared { request, video_frames })
+}

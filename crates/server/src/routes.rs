@@ -1,0 +1,248 @@
+//! The router: routes, authentication, request ids, body limits, and the small endpoints
+//! (models, health, readiness, version, tokenize, metrics, OpenAPI).
+
+use crate::error::{ApiError, ApiJson, ErrorKind};
+use crate::state::{Loaded, Shared};
+use crate::wire::*;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+use utoipa::OpenApi;
+use weft_engine::{Timing, Usage};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Weft", description = "OpenAI-compatible API for LLaVA-NeXT-Interleave"),
+    paths(
+        crate::chat::chat_completions,
+        crate::completions::completions,
+        list_models,
+        get_model,
+        health,
+        ready,
+        version,
+        tokenize,
+        metrics_endpoint
+    ),
+    components(schemas(
+        ErrorBody,
+        ChatCompletionRequest,
+        ChatCompletion,
+        ChatCompletionChunk,
+        CompletionRequest,
+        Completion,
+        ModelList,
+        ModelCard,
+        TokenizeRequest,
+        TokenizeResponse
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(shared: Shared, body_limit: usize) -> Router {
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(crate::chat::chat_completions))
+        .route("/v1/completions", post(crate::completions::completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/version", get(version))
+        .route("/tokenize", post(tokenize))
+        .route("/openapi.json", get(openapi_json));
+    let protected = if shared.metrics_auth { protected.route("/metrics", get(metrics_endpoint)) } else { protected };
+    let protected = protected.route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    let open = Router::new().route("/health", get(health)).route("/ready", get(ready));
+    let open = if shared.metrics_auth { open } else { open.route("/metrics", get(metrics_endpoint)) };
+    protected
+        .merge(open)
+        .fallback(|| async { ApiError::new(ErrorKind::RouteNotFound, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorKind::MethodNotAllowed, "method not allowed on this route")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(request_ids))
+        .with_state(shared)
+}
+
+/// Accepts the client's `x-request-id` or makes one, echoes it, and tags the tracing span.
+async fn request_ids(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let value = HeaderValue::from_str(&id).expect("ascii");
+    req.headers_mut().insert(REQUEST_ID, value.clone());
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let mut response = tracing::Instrument::instrument(next.run(req), span).await;
+    response.headers_mut().insert(REQUEST_ID, value);
+    response
+}
+
+/// Constant-time comparison, so that timing does not reveal how much of a key matched.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(shared): State<Shared>, req: Request, next: Next) -> Response {
+    if shared.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare against every key, without stopping early.
+    let ok = shared.api_keys.iter().fold(false, |ok, key| ok | same_secret(presented.as_bytes(), key.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(ErrorKind::Unauthorized, "a valid API key is required (Authorization: Bearer <key>)")
+            .into_response()
+    }
+}
+
+pub fn loaded(shared: &Shared) -> Result<Arc<Loaded>, ApiError> {
+    if shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorKind::NotReady, "the server is shutting down"));
+    }
+    shared.loaded.get().cloned().ok_or_else(|| ApiError::new(ErrorKind::NotReady, "the model is still loading"))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("0").to_string()
+}
+
+pub fn fingerprint() -> String {
+    concat!("weft-", env!("CARGO_PKG_VERSION")).to_string()
+}
+
+/// Per-request latency histograms and token counters (names follow vLLM's).
+pub fn record_finished(usage: &Usage, timing: &Timing) {
+    metrics::histogram!("weft:time_to_first_token_seconds").record(timing.first_token_s);
+    metrics::histogram!("weft:e2e_request_latency_seconds").record(timing.total_s);
+    metrics::histogram!("weft:request_queue_time_seconds").record(timing.queue_s);
+    for gap in &timing.inter_token_s {
+        metrics::histogram!("weft:inter_token_latency_seconds").record(*gap);
+    }
+    metrics::counter!("weft:request_success_total").increment(1);
+    let _ = usage;
+}
+
+fn card(shared: &Shared) -> ModelCard {
+    let max_model_len = shared.loaded.get().map_or(0, |l| l.context_len);
+    ModelCard {
+        id: shared.model_name.clone(),
+        object: "model",
+        created: shared.started,
+        owned_by: "weft",
+        max_model_len,
+    }
+}
+
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)))]
+pub async fn list_models(State(shared): State<Shared>) -> axum::Json<ModelList> {
+    axum::Json(ModelList { object: "list", data: vec![card(&shared)] })
+}
+
+#[utoipa::path(get, path = "/v1/models/{id}", params(("id" = String, Path)), responses((status = 200, body = ModelCard), (status = 404, body = ErrorBody)))]
+pub async fn get_model(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ModelCard>, ApiError> {
+    if id != shared.model_name {
+        return Err(
+            ApiError::new(ErrorKind::ModelNotFound, format!("the model `{id}` does not exist")).with_param("id")
+        );
+    }
+    Ok(axum::Json(card(&shared)))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", responses((status = 200)))]
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Readiness: 200 once the model is loaded and warm, 503 before and while shutting down.
+#[utoipa::path(get, path = "/ready", responses((status = 200), (status = 503, body = ErrorBody)))]
+pub async fn ready(State(shared): State<Shared>) -> Result<StatusCode, ApiError> {
+    loaded(&shared).map(|_| StatusCode::OK)
+}
+
+#[utoipa::path(get, path = "/version", responses((status = 200)))]
+pub async fn version() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody)))]
+pub async fn tokenize(
+    State(shared): State<Shared>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<axum::Json<TokenizeResponse>, ApiError> {
+    let state = loaded(&shared)?;
+    if let Some(model) = &req.model {
+        if *model != shared.model_name {
+            return Err(ApiError::new(ErrorKind::ModelNotFound, format!("the model `{model}` does not exist"))
+                .with_param("model"));
+        }
+    }
+    let (tokens, images) = match (&req.messages, &req.prompt) {
+        (Some(messages), None) => {
+            let (messages, add) = (messages.clone(), req.add_generation_prompt);
+            let st = state.clone();
+            let prompt = tokio::task::spawn_blocking(move || crate::prepare::chat_prompt(&st, &messages, add))
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+            (prompt.ids, prompt.images.len())
+        }
+        (None, Some(prompt)) => {
+            (state.tokenizer.encode(prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?, 0)
+        }
+        _ => return Err(ApiError::invalid("messages", "give exactly one of `messages` and `prompt`")),
+    };
+    Ok(axum::Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.context_len,
+        images,
+        image_tokens: images * state.tokenizer.tokens_per_image(),
+        tokens,
+    }))
+}
+
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// Prometheus metrics: engine gauges read at scrape time, plus the request histograms.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+pub async fn metrics_endpoint(State(shared): State<Shared>) -> Response {
+    if let Some(l) = shared.loaded.get() {
+        let s = l.engine.stats();
+        metrics::gauge!("weft:num_requests_running").set(s.running as f64);
+        metrics::gauge!("weft:num_requests_waiting").set(s.waiting as f64);
+        metrics::gauge!("weft:kv_cache_usage_perc").set(s.kv_usage());
+        metrics::counter!("weft:prompt_tokens_total").absolute(s.prompt_tokens_total);
+        metrics::counter!("weft:generation_tokens_total").absolute(s.generation_tokens_total);
+        metrics::counter!("weft:cached_prompt_tokens_total").absolute(s.cached_tokens_total);
+        metrics::counter!("weft:vision_cache_hits_total").absolute(s.vision_cache_hits);
+        metrics::counter!("weft:vision_cache_misses_total").absolute(s.vision_cache_misses);
+        metrics::counter!("weft:vision_encode_seconds_total").absolute(s.vision_encode_seconds as u64);
+        metrics::counter!("weft:preemptions_total").absolute(s.preemptions_total);
+    }
+    let body = shared.prometheus.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

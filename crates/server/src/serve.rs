@@ -1,0 +1,194 @@
+//! `weft serve`: load the model in the background (readiness says when it is warm), serve the
+//! API, and on SIGTERM/SIGINT stop accepting, let in-flight requests finish, then exit.
+
+use crate::config::{parse_bytes, ServeArgs};
+use crate::state::{Loaded, RequestLimits, Shared};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::future::IntoFuture;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_engine::{Engine, EngineConfig, GenerateRequest};
+use weft_model::preprocess::ImageProcessor;
+use weft_model::prompt::{ChatTemplate, PromptRenderer};
+use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
+use weft_model::{LlavaModel, LoadOptions};
+
+/// Memory available at start, from /proc/meminfo (Linux); None elsewhere.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn dtype(args: &ServeArgs) -> Result<DType> {
+    Ok(match args.dtype.as_str() {
+        "auto" | "f32" => DType::F32,
+        "f16" => DType::F16,
+        other => bail!("--dtype: unsupported value {other:?} (expected auto, f32 or f16)"),
+    })
+}
+
+fn device(args: &ServeArgs) -> Result<Device> {
+    match args.device.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        other => bail!("--device: {other:?} is not available in this build (expected cpu)"),
+    }
+}
+
+/// Everything a request needs, loaded and warmed up.
+pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
+    let started = Instant::now();
+    tracing::info!(model = %model_dir.display(), "loading the model");
+    let model = LlavaModel::load(model_dir, &LoadOptions { dtype: dtype(args)?, device: device(args)? })?;
+    let cfg = model.config().clone();
+    let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
+    let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
+    let renderer = match &args.chat_template {
+        Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
+        None => PromptRenderer::BuiltIn,
+    };
+    let kv_cache_memory = match &args.kv_cache_memory {
+        Some(text) => parse_bytes("kv_cache_memory", text)?,
+        None => available_memory().map_or(4 << 30, |m| m * 2 / 5),
+    };
+    let engine_config = EngineConfig {
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        kv_cache_memory,
+        vision_cache_memory: parse_bytes("vision_cache_memory", &args.vision_cache_memory)?,
+        max_waiting: args.max_waiting,
+        prefix_caching: !args.no_prefix_caching,
+        eos_token_ids: stop_token_ids(model_dir, &tokenizer)?,
+        ..EngineConfig::default()
+    };
+    let context_len = cfg.text.max_position_embeddings;
+    let engine = Engine::start(model, tokenizer.clone(), engine_config);
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; warming up");
+    // One short generation pages the weights in and proves the model runs.
+    let mut warm = GenerateRequest::new(tokenizer.encode("Hello")?, 2);
+    warm.sampling.temperature = 0.0;
+    let mut events = engine.submit(warm).context("warm-up")?;
+    while let Some(event) = events.blocking_next() {
+        if let weft_engine::Event::Error(e) = event {
+            bail!("warm-up failed: {e}");
+        }
+    }
+    let limits = RequestLimits {
+        max_n: args.max_n,
+        max_tokens: args.max_tokens,
+        max_images_per_request: args.max_images_per_request,
+        max_frames_per_request: args.max_frames_per_request,
+        max_visual_tokens: args.max_visual_tokens,
+        max_image_bytes: parse_bytes("max_image_bytes", &args.max_image_bytes)?,
+        max_image_pixels: args.max_image_pixels,
+        video_frames: args.video_frames,
+        request_timeout: Duration::from_secs(args.request_timeout),
+    };
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "ready");
+    Ok(Loaded { engine, tokenizer, processor, renderer, context_len, limits })
+}
+
+pub fn served_name(args: &ServeArgs, model_dir: &Path) -> String {
+    args.served_model_name.clone().unwrap_or_else(|| {
+        let canonical = model_dir.canonicalize().unwrap_or_else(|_| model_dir.to_path_buf());
+        canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    })
+}
+
+pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .expect("non-empty buckets")
+        .build_recorder();
+    let handle = recorder.handle();
+    // A second install (tests starting several servers) keeps the first recorder.
+    let _ = metrics::set_global_recorder(recorder);
+    handle
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let model_dir = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
+    if !model_dir.join("config.json").exists() {
+        bail!("--model {}: no config.json there", model_dir.display());
+    }
+    dtype(&args)?;
+    device(&args)?;
+    let shared = Shared {
+        model_name: served_name(&args, &model_dir),
+        api_keys: Arc::new(args.api_key.iter().filter(|k| !k.is_empty()).cloned().collect()),
+        metrics_auth: args.metrics_auth,
+        started: crate::routes::now_secs(),
+        loaded: Arc::new(std::sync::OnceLock::new()),
+        shutting_down: Arc::new(AtomicBool::new(false)),
+        prometheus: prometheus(),
+    };
+    let app = crate::routes::router(shared.clone(), parse_bytes("max_body", &args.max_body)?);
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!("weft: listening on http://{addr} (model `{}` loading)", shared.model_name);
+
+    let loading = {
+        let (args, shared) = (args.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let loaded = load(&args, &model_dir)?;
+            let _ = shared.loaded.set(Arc::new(loaded));
+            eprintln!("weft: ready");
+            Ok(())
+        })
+    };
+    // A checkpoint that cannot load ends the process with a one-line error.
+    tokio::spawn(async move {
+        let failure = match loading.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("error: {failure}");
+        std::process::exit(1);
+    });
+    let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
+    let flag = shared.shutting_down.clone();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                eprintln!("weft: shutting down (in-flight requests get {shutdown_timeout:?})");
+                flag.store(true, Ordering::Relaxed);
+            })
+            .into_future(),
+    );
+    let flag = shared.shutting_down.clone();
+    let drain_deadline = async move {
+        while !flag.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(shutdown_timeout).await;
+    };
+    tokio::select! {
+        result = server => result??,
+        _ = drain_deadline => eprintln!("weft: shutdown timeout reached; exiting"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,47 @@
+//! What every handler shares: the engine handle, the prompt pieces, limits and readiness.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use weft_engine::EngineHandle;
+use weft_model::preprocess::ImageProcessor;
+use weft_model::prompt::PromptRenderer;
+use weft_model::tokenizer::PromptTokenizer;
+
+/// Per-request caps (from the configuration).
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub max_n: usize,
+    pub max_tokens: usize,
+    pub max_images_per_request: usize,
+    pub max_frames_per_request: usize,
+    pub max_visual_tokens: usize,
+    pub max_image_bytes: usize,
+    pub max_image_pixels: u64,
+    pub video_frames: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+/// The loaded model and everything needed to turn requests into engine work.
+pub struct Loaded {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub processor: ImageProcessor,
+    pub renderer: PromptRenderer,
+    pub context_len: usize,
+    pub limits: RequestLimits,
+}
+
+/// Shared by all handlers; cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub model_name: String,
+    pub api_keys: Arc<Vec<String>>,
+    pub metrics_auth: bool,
+    pub started: u64,
+    /// Set once the model is loaded and warmed up.
+    pub loaded: Arc<std::sync::OnceLock<Arc<Loaded>>>,
+    pub shutting_down: Arc<AtomicBool>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+pub type AppState = Loaded;

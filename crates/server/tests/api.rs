@@ -1,0 +1,227 @@
+//! End-to-end: the real `weft serve` binary on port 0 with the tiny fixture, driven over HTTP.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Starts the server and returns once it has printed that it is ready (no sleeping).
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["serve", "--model"])
+        .arg(fixtures().join("tiny-v5"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--kv-cache-memory", "64MiB"])
+        .args(extra)
+        .env("WEFT_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weft");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut base = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            base = Some(rest.split_whitespace().next().unwrap().to_string());
+        }
+        if line.contains("weft: ready") {
+            break;
+        }
+        assert!(!line.starts_with("error"), "{line}");
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, base: base.expect("the server printed its address") }
+}
+
+fn data_uri(name: &str) -> String {
+    let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
+    let mime = if name.ends_with(".gif") { "image/gif" } else { "image/png" };
+    format!("data:{mime};base64,{}", base64_encode(&bytes))
+}
+
+/// A tiny base64 encoder, to keep the test free of extra crates.
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let r = client().post(format!("{}{path}", s.base)).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn image_chat(max_tokens: u64) -> Value {
+    json!({
+        "model": "tiny-v5",
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri("square.png")}},
+            {"type": "text", "text": "What is in this image?"}
+        ]}],
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true
+    })
+}
+
+fn reference_case(name: &str) -> Value {
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-v5/reference.json")).unwrap()).unwrap();
+    r["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+}
+
+#[tokio::test]
+async fn chat_completion_matches_the_reference() {
+    let s = start(&[]);
+    let (status, body) = post(&s, "/v1/chat/completions", image_chat(6)).await;
+    assert_eq!(status, 200, "{body}");
+    let case = reference_case("one_image");
+    assert_eq!(body["usage"]["prompt_tokens"], case["prompt_ids"].as_array().unwrap().len());
+    assert_eq!(body["usage"]["prompt_tokens_details"]["image_tokens"], 729);
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["object"], "chat.completion");
+    // The same request again: the image and the prefix come from the caches.
+    let (_, again) = post(&s, "/v1/chat/completions", image_chat(6)).await;
+    assert_eq!(again["choices"][0]["message"]["content"], body["choices"][0]["message"]["content"]);
+    assert!(again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 700);
+}
+
+#[tokio::test]
+async fn streaming_sends_role_content_finish_usage_and_one_done() {
+    let s = start(&[]);
+    let mut req = image_chat(5);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let text =
+        client().post(format!("{}/v1/chat/completions", s.base)).json(&req).send().await.unwrap().text().await.unwrap();
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    assert_eq!(data.iter().filter(|d| **d == "[DONE]").count(), 1);
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let finish: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(finish[0]["choices"][0]["finish_reason"], "length");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 5);
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let (_, whole) = post(&s, "/v1/chat/completions", image_chat(5)).await;
+    assert_eq!(streamed, whole["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn client_errors_have_the_openai_shape_and_name_the_field() {
+    let s = start(&[]);
+    let check = |status: u16, body: &Value, want_status: u16, param: Option<&str>| {
+        assert_eq!(status, want_status, "{body}");
+        assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
+        if let Some(p) = param {
+            assert_eq!(body["error"]["param"], p, "{body}");
+        }
+    };
+    let r = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    check(st, &r.json().await.unwrap(), 400, None);
+    let r = client().post(format!("{}/v1/chat/completions", s.base)).body("{}").send().await.unwrap();
+    let st = r.status().as_u16();
+    check(st, &r.json().await.unwrap(), 415, None);
+    let mut req = image_chat(2);
+    req["model"] = json!("gpt-4");
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    check(st, &b, 404, Some("model"));
+    let mut req = image_chat(2);
+    req["temperature"] = json!(7);
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    check(st, &b, 400, Some("temperature"));
+    let mut req = image_chat(2);
+    req["messages"][0]["content"][0]["image_url"]["url"] = json!("data:image/png;base64,bm90IGFuIGltYWdl");
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    check(st, &b, 415, Some("messages[0].content[0].image_url.url"));
+    let mut req = image_chat(2);
+    req["max_tokens"] = json!("many");
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    check(st, &b, 400, Some("max_tokens"));
+    let (st, b) = post(&s, "/v1/nothing", json!({})).await;
+    check(st, &b, 404, None);
+    // The server still answers normally afterwards.
+    assert_eq!(post(&s, "/v1/chat/completions", image_chat(1)).await.0, 200);
+}
+
+#[tokio::test]
+async fn api_keys_guard_everything_but_health() {
+    let s = start(&["--api-key", "sekrit"]);
+    let (st, b) = post(&s, "/v1/chat/completions", image_chat(1)).await;
+    assert_eq!((st, b["error"]["type"].as_str()), (401, Some("authentication_error")));
+    assert_eq!(client().get(format!("{}/health", s.base)).send().await.unwrap().status(), 200);
+    assert_eq!(client().get(format!("{}/ready", s.base)).send().await.unwrap().status(), 200);
+    let r = client().get(format!("{}/v1/models", s.base)).bearer_auth("sekrit").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let models: Value = r.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-v5");
+    assert!(r_has_request_id(&s).await);
+}
+
+async fn r_has_request_id(s: &Server) -> bool {
+    let r = client().get(format!("{}/health", s.base)).header("x-request-id", "abc-123").send().await.unwrap();
+    r.headers().get("x-request-id").map(|v| v == "abc-123").unwrap_or(false)
+}
+
+#[tokio::test]
+async fn completions_tokenize_and_metrics() {
+    let s = start(&[]);
+    let (st, b) = post(&s, "/v1/completions", json!({"model": "tiny-v5", "prompt": ["Once upon", "a time"], "max_tokens": 3, "n": 2, "temperature": 0, "ignore_eos": true})).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(b["usage"]["completion_tokens"], 12);
+    let (st, t) = post(&s, "/tokenize", json!({"messages": image_chat(1)["messages"]})).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["count"], reference_case("one_image")["prompt_ids"].as_array().unwrap().len());
+    assert_eq!(t["image_tokens"], 729);
+    let metrics = client().get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("weft:num_requests_running"), "{metrics}");
+    assert!(metrics.contains("weft:time_to_first_token_seconds"), "{metrics}");
+}
+
+#[test]
+fn committed_openapi_spec_matches_the_binary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft")).arg("openapi").output().unwrap();
+    let committed = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../openapi.yaml")).unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), committed, "regenerate with `weft openapi > openapi.yaml`");
+}

@@ -1,0 +1,90 @@
+"""The official OpenAI Python SDK against a real `weft serve` on port 0 (tiny fixture)."""
+
+import base64
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+BINARY = Path(os.environ.get("WEFT_BIN", ROOT / "target" / "debug" / "weft"))
+
+
+@pytest.fixture(scope="module")
+def client():
+    proc = subprocess.Popen(
+        [str(BINARY), "serve", "--model", str(FIXTURES / "tiny-v5"), "--port", "0", "--kv-cache-memory", "64MiB",
+         "--api-key", "test-key"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LOG": "warn"},
+    )
+    base = None
+    for line in proc.stderr:
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            base = m.group(1)
+        if "weft: ready" in line:
+            break
+        assert not line.startswith("error"), line
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    assert base, "the server did not print its address"
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="test-key", max_retries=0)
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def image_part(name="square.png"):
+    data = base64.b64encode((FIXTURES / "images" / name).read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list()] == ["tiny-v5"]
+
+
+def test_chat_with_images(client):
+    r = client.chat.completions.create(
+        model="tiny-v5",
+        messages=[{"role": "user", "content": [image_part(), image_part("wide.png"), {"type": "text", "text": "Compare."}]}],
+        max_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 4
+    assert r.usage.prompt_tokens > 2 * 729
+
+
+def test_streaming_and_usage(client):
+    stream = client.chat.completions.create(
+        model="tiny-v5", messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_logprobs_and_n(client):
+    r = client.chat.completions.create(
+        model="tiny-v5", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=2,
+        temperature=1.0, seed=3, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},
+    )
+    assert len(r.choices) == 2
+    assert len(r.choices[0].logprobs.content) == 3
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_errors_are_typed(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-v5", messages=[{"role": "user", "content": "Hi"}], temperature=9)
+    assert e.value.body["param"] == "temperature"
+    bad = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
