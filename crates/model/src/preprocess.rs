@@ -202,49 +202,47 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// One resampling pass along a line direction: for each of `lines` lines and each output
+/// position, a fixed-point weighted sum of the input pixels the taps name. `at(line, i)` gives
+/// the pixel index of position `i` of a line, in the source (`from`) and destination (`to`).
+fn pass(
+    src: &[u8],
+    dst: &mut [u8],
+    taps: &Taps,
+    lines: usize,
+    from: impl Fn(usize, usize) -> usize,
+    to: impl Fn(usize, usize) -> usize,
+) {
+    for line in 0..lines {
+        for (x, weights) in taps.weights.iter().enumerate() {
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (k, w) in weights.iter().enumerate() {
+                    acc += src[from(line, taps.start[x] + k) * 3 + c] as i64 * w;
+                }
+                dst[to(line, x) * 3 + c] = clip8(acc);
+            }
+        }
+    }
+}
+
 /// PIL's `Image.resize` for RGB images: a horizontal pass, then a vertical one, each rounded
 /// to 8 bits, skipping a pass whose size does not change.
 pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
-    let src = image.as_raw();
-    let horizontal = if out_w != in_w {
-        let t = taps(in_w, out_w, filter);
+    let mut pixels = image.as_raw().clone();
+    if out_w != in_w {
         let mut out = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            for x in 0..out_w {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (k, w) in t.weights[x].iter().enumerate() {
-                        acc += src[(y * in_w + t.start[x] + k) * 3 + c] as i64 * w;
-                    }
-                    out[(y * out_w + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        out
-    } else {
-        src.clone()
-    };
-    let vertical = if out_h != in_h {
-        let t = taps(in_h, out_h, filter);
+        pass(&pixels, &mut out, &taps(in_w, out_w, filter), in_h, |y, i| y * in_w + i, |y, x| y * out_w + x);
+        pixels = out;
+    }
+    if out_h != in_h {
         let mut out = vec![0u8; out_w * out_h * 3];
-        for y in 0..out_h {
-            for x in 0..out_w {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (k, w) in t.weights[y].iter().enumerate() {
-                        acc += horizontal[((t.start[y] + k) * out_w + x) * 3 + c] as i64 * w;
-                    }
-                    out[(y * out_w + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        out
-    } else {
-        horizontal
-    };
-    RgbImage::from_raw(width, height, vertical).expect("sizes match")
+        pass(&pixels, &mut out, &taps(in_h, out_h, filter), out_w, |x, i| i * out_w + x, |x, y| y * out_w + x);
+        pixels = out;
+    }
+    RgbImage::from_raw(width, height, pixels).expect("sizes match")
 }
 
 /// `(x * rescale - mean) / std`, channel-first.

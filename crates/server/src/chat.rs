@@ -3,7 +3,7 @@
 
 use crate::error::{ApiError, ApiJson, ErrorKind};
 use crate::prepare::prepare_chat;
-use crate::routes::{loaded, now_secs, record_finished, request_id};
+use crate::routes::{check_model, loaded, now_secs, record_finished, request_id};
 use crate::state::{Loaded, Shared};
 use crate::wire::*;
 use axum::extract::State;
@@ -55,10 +55,7 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
-    if req.model != shared.model_name {
-        return Err(ApiError::new(ErrorKind::ModelNotFound, format!("the model `{}` does not exist", req.model))
-            .with_param("model"));
-    }
+    check_model(&shared, &req.model, "model")?;
     if let Some(user) = &req.sampling.user {
         tracing::info!(user = %user, "chat request");
     }

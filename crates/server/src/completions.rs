@@ -3,7 +3,7 @@
 use crate::chat::usage_body;
 use crate::error::{ApiError, ApiJson, ErrorKind};
 use crate::prepare::generation;
-use crate::routes::{fingerprint, loaded, now_secs, record_finished, request_id};
+use crate::routes::{check_model, fingerprint, loaded, now_secs, record_finished, request_id};
 use crate::state::Shared;
 use crate::wire::*;
 use axum::extract::State;
@@ -23,10 +23,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
-    if req.model != shared.model_name {
-        return Err(ApiError::new(ErrorKind::ModelNotFound, format!("the model `{}` does not exist", req.model))
-            .with_param("model"));
-    }
+    check_model(&shared, &req.model, "model")?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }

@@ -118,6 +118,15 @@ pub fn loaded(shared: &Shared) -> Result<Arc<Loaded>, ApiError> {
     shared.loaded.get().cloned().ok_or_else(|| ApiError::new(ErrorKind::NotReady, "the model is still loading"))
 }
 
+/// Requests name the served model; any other name is a 404 naming `param`.
+pub fn check_model(shared: &Shared, name: &str, param: &str) -> Result<(), ApiError> {
+    if name == shared.model_name {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorKind::ModelNotFound, format!("the model `{name}` does not exist")).with_param(param))
+    }
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -163,11 +172,7 @@ pub async fn get_model(
     State(shared): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<ModelCard>, ApiError> {
-    if id != shared.model_name {
-        return Err(
-            ApiError::new(ErrorKind::ModelNotFound, format!("the model `{id}` does not exist")).with_param("id")
-        );
-    }
+    check_model(&shared, &id, "id")?;
     Ok(axum::Json(card(&shared)))
 }
 
@@ -195,10 +200,7 @@ pub async fn tokenize(
 ) -> Result<axum::Json<TokenizeResponse>, ApiError> {
     let state = loaded(&shared)?;
     if let Some(model) = &req.model {
-        if *model != shared.model_name {
-            return Err(ApiError::new(ErrorKind::ModelNotFound, format!("the model `{model}` does not exist"))
-                .with_param("model"));
-        }
+        check_model(&shared, model, "model")?;
     }
     let (tokens, images) = match (&req.messages, &req.prompt) {
         (Some(messages), None) => {

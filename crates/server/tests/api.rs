@@ -221,7 +221,8 @@ async fn completions_tokenize_and_metrics() {
 #[test]
 fn committed_openapi_spec_matches_the_binary() {
     let out = Command::new(env!("CARGO_BIN_EXE_weft")).arg("openapi").output().unwrap();
-    let committed = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../openapi.yaml")).unwrap();
+    let committed =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../openapi.yaml")).unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), committed, "regenerate with `weft openapi > openapi.yaml`");
 }
