@@ -226,3 +226,40 @@ fn committed_openapi_spec_matches_the_binary() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), committed, "regenerate with `weft openapi > openapi.yaml`");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    use futures_util::StreamExt;
+    let s = start(&[]);
+    let mut req = image_chat(100_000);
+    req["stream"] = json!(true);
+    let response = client().post(format!("{}/v1/chat/completions", s.base)).json(&req).send().await.unwrap();
+    let mut body = response.bytes_stream();
+    assert!(body.next().await.is_some(), "the stream started");
+    drop(body);
+    // A later request completes only after the engine has stepped past the disconnect.
+    assert_eq!(post(&s, "/v1/chat/completions", image_chat(2)).await.0, 200);
+    let metrics = client().get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    let running = metrics.lines().find(|l| l.starts_with("weft:num_requests_running")).unwrap();
+    assert!(running.ends_with(" 0"), "{running}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_stream_finish_then_exits_cleanly() {
+    use futures_util::StreamExt;
+    let mut s = start(&["--shutdown-timeout", "60"]);
+    let mut req = image_chat(200);
+    req["stream"] = json!(true);
+    let response = client().post(format!("{}/v1/chat/completions", s.base)).json(&req).send().await.unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let killed = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(text.contains("\"finish_reason\":\"length\""), "the in-flight stream completed: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
