@@ -23,12 +23,17 @@ fn fixtures() -> PathBuf {
 
 /// Starts the server and returns once it has printed that it is ready (no sleeping).
 fn start(extra: &[&str]) -> Server {
+    start_with_env(extra, &[])
+}
+
+fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["serve", "--model"])
         .arg(fixtures().join("tiny-v5"))
         .args(["--host", "127.0.0.1", "--port", "0", "--kv-cache-memory", "64MiB"])
         .args(extra)
         .env("WEFT_LOG", "warn")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start weft");
@@ -262,4 +267,40 @@ async fn sigterm_lets_the_stream_finish_then_exits_cleanly() {
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let status = s.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn settings_come_from_flags_then_environment_then_the_toml_file() {
+    let dir = std::env::temp_dir().join(format!("weft-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("weft.toml");
+    std::fs::write(&file, "served_model_name = \"from-toml\"\nmax_n = 2\n").unwrap();
+    let names = |s: &Server| {
+        let url = format!("{}/v1/models", s.base);
+        async move { client().get(url).send().await.unwrap().json::<Value>().await.unwrap()["data"][0]["id"].clone() }
+    };
+    let s = start(&["--config", file.to_str().unwrap()]);
+    assert_eq!(names(&s).await, "from-toml");
+    let mut req = image_chat(1);
+    req["model"] = json!("from-toml");
+    req["n"] = json!(3);
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    assert_eq!((st, b["error"]["param"].as_str()), (400, Some("n")), "max_n from the file: {b}");
+    drop(s);
+    let s = start_with_env(&["--config", file.to_str().unwrap()], &[("WEFT_SERVED_MODEL_NAME", "from-env")]);
+    assert_eq!(names(&s).await, "from-env");
+    drop(s);
+    let s = start_with_env(
+        &["--config", file.to_str().unwrap(), "--served-model-name", "from-flag"],
+        &[("WEFT_SERVED_MODEL_NAME", "from-env")],
+    );
+    assert_eq!(names(&s).await, "from-flag");
+    std::fs::write(&file, "no_such_setting = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["serve", "--model", "x", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown setting `no_such_setting`"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
