@@ -79,6 +79,38 @@ mod tests {
         assert!(matches!(decode(&bytes[..bytes.len() - 8], None, 100), Err(ImageError::Decode(_))));
     }
 
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let body = [kind, data].concat();
+        [(data.len() as u32).to_be_bytes().to_vec(), body.clone(), crc32(&body).to_be_bytes().to_vec()].concat()
+    }
+
+    /// A decompression bomb: a header claiming 100000 x 100000 pixels.
+    #[test]
+    fn bomb_headers_are_refused_before_decoding() {
+        let ihdr = [100_000u32.to_be_bytes(), 100_000u32.to_be_bytes()].concat();
+        let ihdr = [ihdr, vec![8, 2, 0, 0, 0]].concat();
+        let png = [
+            b"\x89PNG\r\n\x1a\n".to_vec(),
+            chunk(b"IHDR", &ihdr),
+            chunk(b"IDAT", &[0x78, 0x9c, 3, 0, 0, 0, 0, 1]),
+            chunk(b"IEND", &[]),
+        ]
+        .concat();
+        let err = decode(&png, Some("image/png"), 40_000_000).unwrap_err();
+        assert!(matches!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, .. }), "{err}");
+    }
+
     #[test]
     fn hash_follows_pixels() {
         let a = image::DynamicImage::ImageRgb8(image::RgbImage::new(2, 2));

@@ -1,7 +1,9 @@
-//! weft-media: turning media references into decoded frames. For now: data URIs, image decoding
-//! with header-checked limits, content hashes, and GIF frame sampling; remote fetching and
-//! FFmpeg video arrive with the media issue.
+//! weft-media: turning untrusted media references into decoded frames. Every byte is hostile:
+//! sizes are capped before decoding, addresses are checked before connecting, and every
+//! refusal says which limit or rule it hit.
 
+pub mod addr;
 pub mod data_uri;
+pub mod fetch;
 pub mod image_decode;
 pub mod video;

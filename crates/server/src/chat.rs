@@ -65,8 +65,10 @@ pub async fn chat_completions(
         return Err(ApiError::invalid("stream_options", "only allowed when stream is true"));
     }
     let want_logprobs = req.logprobs;
+    let refs = crate::media::media_refs(&state, &req.messages)?;
+    let resolved = crate::media::resolve_media(&state, &refs).await?;
     let prep_state = state.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare_chat(&prep_state, &req))
+    let prepared = tokio::task::spawn_blocking(move || prepare_chat(&prep_state, &req, resolved))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let n = prepared.request.n;

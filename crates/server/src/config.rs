@@ -83,6 +83,21 @@ pub struct ServeArgs {
     /// Frames sampled from a video part that does not say.
     #[arg(long, env = "WEFT_VIDEO_FRAMES", default_value_t = 16)]
     pub video_frames: usize,
+    /// Fetch media from loopback, private, link-local and other non-public addresses.
+    #[arg(long, env = "WEFT_ALLOW_PRIVATE_MEDIA")]
+    pub allow_private_media: bool,
+    /// Only fetch http(s) media from these domains (and their subdomains); empty = any public host.
+    #[arg(long, env = "WEFT_ALLOWED_MEDIA_DOMAINS", value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+    /// Serve file:// media from under this directory (none = file:// refused).
+    #[arg(long, env = "WEFT_ALLOWED_LOCAL_MEDIA_PATH")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Seconds for fetching and decoding all media of one request.
+    #[arg(long, env = "WEFT_MEDIA_TIMEOUT", default_value_t = 30)]
+    pub media_timeout: u64,
+    /// Bytes of all media of one request together.
+    #[arg(long, env = "WEFT_MAX_MEDIA_BYTES_PER_REQUEST", default_value = "128MiB")]
+    pub max_media_bytes_per_request: String,
     /// Largest request body.
     #[arg(long, env = "WEFT_MAX_BODY", default_value = "64MiB")]
     pub max_body: String,

@@ -5,6 +5,7 @@ mod completions;
 mod config;
 mod error;
 mod generate;
+mod media;
 mod prepare;
 mod routes;
 mod serve;

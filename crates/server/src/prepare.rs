@@ -3,6 +3,7 @@
 //! every rejected field named in `param`.
 
 use crate::error::{ApiError, ErrorKind};
+use crate::media::Resolved;
 use crate::state::AppState;
 use crate::wire::{ChatMessage, ContentPart, MessageContent, SamplingFields};
 use candle_core::Device;
@@ -23,12 +24,13 @@ struct Media {
     video_frames: Vec<Vec<usize>>,
 }
 
-/// Messages -> prompt parts, decoding media parts as they come.
-fn convert_messages(state: &AppState, messages: &[ChatMessage]) -> Result<(Vec<Message>, Media), ApiError> {
+/// Messages -> prompt parts, taking the media parts' decoded pictures in order from `resolved`
+/// (see [`crate::media::resolve_media`]).
+fn convert_messages(messages: &[ChatMessage], resolved: Vec<Resolved>) -> Result<(Vec<Message>, Media), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "at least one message is required"));
     }
-    let limits = &state.limits;
+    let mut resolved = resolved.into_iter();
     let mut out = Vec::with_capacity(messages.len());
     let mut media = Media { images: Vec::new(), video_frames: Vec::new() };
     for (i, m) in messages.iter().enumerate() {
@@ -52,43 +54,23 @@ fn convert_messages(state: &AppState, messages: &[ChatMessage]) -> Result<(Vec<M
                     let param = format!("messages[{i}].content[{j}]");
                     match part {
                         ContentPart::Text { text } => parts.push(Part::Text(text.clone())),
-                        ContentPart::ImageUrl { image_url } => {
-                            let url_param = format!("{param}.image_url.url");
-                            media.images.push(decode_image(
-                                &image_url.url,
-                                limits.max_image_bytes,
-                                limits.max_image_pixels,
-                                &url_param,
-                            )?);
-                            parts.push(Part::Image);
-                        }
-                        ContentPart::VideoUrl { video_url } => {
-                            let url_param = format!("{param}.video_url.url");
-                            let frames = match video_url.num_frames {
-                                None => limits.video_frames,
-                                Some(n) if n >= 1 && n as usize <= limits.max_frames_per_request => n as usize,
-                                Some(n) => {
-                                    return Err(ApiError::invalid(
-                                        format!("{param}.video_url.num_frames"),
-                                        format!("{n} is outside 1..={}", limits.max_frames_per_request),
-                                    ))
-                                }
-                            };
-                            let (indices, frames) =
-                                decode_video(&video_url.url, frames, limits.max_image_bytes, &url_param)?;
-                            parts.push(Part::Video { frames: frames.len() });
-                            media.images.extend(frames);
-                            media.video_frames.push(indices);
-                        }
-                    }
-                    if media.images.len() > limits.max_images_per_request {
-                        return Err(ApiError::invalid(
-                            param,
-                            format!(
-                                "more than {} images and video frames in one request",
-                                limits.max_images_per_request
-                            ),
-                        ));
+                        ContentPart::ImageUrl { .. } | ContentPart::VideoUrl { .. } => match resolved.next() {
+                            Some(Resolved::Image(image)) => {
+                                media.images.push(image);
+                                parts.push(Part::Image);
+                            }
+                            Some(Resolved::Video { indices, frames }) => {
+                                parts.push(Part::Video { frames: frames.len() });
+                                media.images.extend(frames);
+                                media.video_frames.push(indices);
+                            }
+                            None => {
+                                return Err(ApiError::new(
+                                    ErrorKind::Internal,
+                                    format!("{param}: media was not resolved"),
+                                ))
+                            }
+                        },
                     }
                 }
             }
@@ -109,53 +91,6 @@ fn convert_messages(state: &AppState, messages: &[ChatMessage]) -> Result<(Vec<M
         out.push(Message { role: role.to_string(), parts });
     }
     Ok((out, media))
-}
-
-fn media_error(param: &str, kind: ErrorKind, message: impl std::fmt::Display) -> ApiError {
-    ApiError { kind, message: message.to_string(), param: Some(param.to_string()) }
-}
-
-fn fetch(url: &str, max_bytes: usize, param: &str) -> Result<weft_media::data_uri::DataUri, ApiError> {
-    if !url.starts_with("data:") {
-        return Err(media_error(
-            param,
-            ErrorKind::InvalidRequest,
-            "only data: URIs are accepted by this build (http(s) and file URLs arrive with remote media support)",
-        ));
-    }
-    weft_media::data_uri::parse(url, max_bytes).map_err(|e| {
-        let kind = match e {
-            weft_media::data_uri::DataUriError::TooLarge { .. } => ErrorKind::PayloadTooLarge,
-            _ => ErrorKind::InvalidRequest,
-        };
-        media_error(param, kind, e)
-    })
-}
-
-fn decode_image(url: &str, max_bytes: usize, max_pixels: u64, param: &str) -> Result<image::DynamicImage, ApiError> {
-    let data = fetch(url, max_bytes, param)?;
-    weft_media::image_decode::decode(&data.bytes, Some(&data.media_type), max_pixels).map_err(|e| {
-        use weft_media::image_decode::ImageError::*;
-        let kind = match e {
-            UnknownFormat | TypeMismatch { .. } => ErrorKind::UnsupportedMediaType,
-            TooManyPixels { .. } => ErrorKind::PayloadTooLarge,
-            Decode(_) => ErrorKind::MediaUnprocessable,
-        };
-        media_error(param, kind, e)
-    })
-}
-
-fn decode_video(
-    url: &str,
-    frames: usize,
-    max_bytes: usize,
-    param: &str,
-) -> Result<(Vec<usize>, Vec<image::DynamicImage>), ApiError> {
-    let data = fetch(url, max_bytes, param)?;
-    if image::guess_format(&data.bytes).ok() != Some(image::ImageFormat::Gif) {
-        return Err(media_error(param, ErrorKind::UnsupportedMediaType, "this build decodes animated GIF videos only"));
-    }
-    weft_media::video::sample_gif(&data.bytes, frames).map_err(|e| media_error(param, ErrorKind::MediaUnprocessable, e))
 }
 
 /// Sampling fields -> engine parameters, checking every range.
@@ -246,13 +181,14 @@ pub struct ChatPrompt {
     pub video_frames: Vec<Vec<usize>>,
 }
 
-/// Renders and tokenizes chat messages, decoding their media.
+/// Renders and tokenizes chat messages whose media parts were resolved into `resolved`.
 pub fn chat_prompt(
     state: &AppState,
     messages: &[ChatMessage],
+    resolved: Vec<Resolved>,
     add_generation_prompt: bool,
 ) -> Result<ChatPrompt, ApiError> {
-    let (messages, media) = convert_messages(state, messages)?;
+    let (messages, media) = convert_messages(messages, resolved)?;
     let text = state
         .renderer
         .render(&messages, add_generation_prompt)
@@ -292,7 +228,11 @@ pub fn image_inputs(state: &AppState, images: &[image::DynamicImage]) -> Result<
 
 /// The whole chat request, ready to submit. CPU-heavy (decoding, resizing): run it off the
 /// async threads.
-pub fn prepare_chat(state: &AppState, req: &crate::wire::ChatCompletionRequest) -> Result<Prepared, ApiError> {
+pub fn prepare_chat(
+    state: &AppState,
+    req: &crate::wire::ChatCompletionRequest,
+    resolved: Vec<Resolved>,
+) -> Result<Prepared, ApiError> {
     let logprobs = if req.logprobs {
         let k = req.top_logprobs.unwrap_or(0);
         if !(0..=20).contains(&k) {
@@ -305,7 +245,7 @@ pub fn prepare_chat(state: &AppState, req: &crate::wire::ChatCompletionRequest) 
         }
         None
     };
-    let ChatPrompt { ids, images, video_frames } = chat_prompt(state, &req.messages, true)?;
+    let ChatPrompt { ids, images, video_frames } = chat_prompt(state, &req.messages, resolved, true)?;
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let mut request = generation(state, &req.sampling, max_tokens, ids, logprobs).map_err(|mut e| {

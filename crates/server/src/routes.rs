@@ -205,10 +205,13 @@ pub async fn tokenize(
     let (tokens, images) = match (&req.messages, &req.prompt) {
         (Some(messages), None) => {
             let (messages, add) = (messages.clone(), req.add_generation_prompt);
+            let refs = crate::media::media_refs(&state, &messages)?;
+            let resolved = crate::media::resolve_media(&state, &refs).await?;
             let st = state.clone();
-            let prompt = tokio::task::spawn_blocking(move || crate::prepare::chat_prompt(&st, &messages, add))
-                .await
-                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+            let prompt =
+                tokio::task::spawn_blocking(move || crate::prepare::chat_prompt(&st, &messages, resolved, add))
+                    .await
+                    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
             (prompt.ids, prompt.images.len())
         }
         (None, Some(prompt)) => {

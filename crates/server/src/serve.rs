@@ -87,9 +87,17 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         max_image_pixels: args.max_image_pixels,
         video_frames: args.video_frames,
         request_timeout: Duration::from_secs(args.request_timeout),
+        media_timeout: Duration::from_secs(args.media_timeout),
+        max_media_bytes_per_request: parse_bytes("max_media_bytes_per_request", &args.max_media_bytes_per_request)?,
+    };
+    let fetch_policy = weft_media::fetch::FetchPolicy {
+        allow_private: args.allow_private_media,
+        allowed_domains: args.allowed_media_domains.iter().filter(|d| !d.is_empty()).cloned().collect(),
+        allowed_local_path: args.allowed_local_media_path.clone(),
+        ..Default::default()
     };
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "ready");
-    Ok(Loaded { engine, tokenizer, processor, renderer, context_len, limits })
+    Ok(Loaded { engine, tokenizer, processor, renderer, fetch_policy, context_len, limits })
 }
 
 pub fn served_name(args: &ServeArgs, model_dir: &Path) -> String {
@@ -118,6 +126,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     dtype(&args)?;
     device(&args)?;
+    if let Some(dir) = &args.allowed_local_media_path {
+        if !dir.is_dir() {
+            bail!("--allowed-local-media-path {}: not a directory", dir.display());
+        }
+    }
+    if !weft_media::video::ffmpeg_available() {
+        eprintln!(
+            "weft: warning: FFmpeg (ffmpeg and ffprobe) not found on PATH: MP4, MOV, WebM and MKV videos will be \
+             refused; animated GIF and WebP videos still work"
+        );
+    }
     let shared = Shared {
         model_name: served_name(&args, &model_dir),
         api_keys: Arc::new(args.api_key.iter().filter(|k| !k.is_empty()).cloned().collect()),

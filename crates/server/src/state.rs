@@ -19,6 +19,9 @@ pub struct RequestLimits {
     pub max_image_pixels: u64,
     pub video_frames: usize,
     pub request_timeout: std::time::Duration,
+    /// Wall time for fetching and decoding all media of one request.
+    pub media_timeout: std::time::Duration,
+    pub max_media_bytes_per_request: usize,
 }
 
 /// The loaded model and everything needed to turn requests into engine work.
@@ -27,6 +30,7 @@ pub struct Loaded {
     pub tokenizer: Arc<PromptTokenizer>,
     pub processor: ImageProcessor,
     pub renderer: PromptRenderer,
+    pub fetch_policy: weft_media::fetch::FetchPolicy,
     pub context_len: usize,
     pub limits: RequestLimits,
 }

@@ -304,3 +304,83 @@ async fn settings_come_from_flags_then_environment_then_the_toml_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown setting `no_such_setting`"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn user_parts(parts: Value, max_tokens: u64) -> Value {
+    json!({"model": "tiny-v5", "messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens,
+           "temperature": 0, "ignore_eos": true})
+}
+
+#[tokio::test]
+async fn video_parts_and_eight_view_scenes() {
+    let s = start(&[]);
+    let req = user_parts(
+        json!([{"type": "video_url", "video_url": {"url": data_uri("clip.gif"), "num_frames": 4}},
+               {"type": "text", "text": "What changed between the frames of this video?"}]),
+        2,
+    );
+    let (st, b) = post(&s, "/v1/chat/completions", req).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["video_frames"], json!([[0, 3, 6, 9]]));
+    assert_eq!(b["usage"]["prompt_tokens"], reference_case("video_gif")["prompt_ids"].as_array().unwrap().len());
+    // A 3D scene: eight views of it as eight images.
+    let mut parts: Vec<Value> = (0..8)
+        .map(|i| json!({"type": "image_url", "image_url": {"url": data_uri(["square.png", "wide.png"][i % 2])}}))
+        .collect();
+    parts.push(json!({"type": "text", "text": "Where is the chair in this room?"}));
+    let (st, b) = post(&s, "/v1/chat/completions", user_parts(json!(parts), 2)).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["usage"]["prompt_tokens_details"]["image_tokens"], 8 * 729);
+    let too_many =
+        user_parts(json!([{"type": "video_url", "video_url": {"url": data_uri("clip.gif"), "num_frames": 500}}]), 1);
+    let (st, b) = post(&s, "/v1/chat/completions", too_many).await;
+    assert_eq!((st, b["error"]["param"].as_str()), (400, Some("messages[0].content[0].video_url.num_frames")), "{b}");
+}
+
+/// Serves one PNG over HTTP on 127.0.0.1 (loopback only, as every test here).
+async fn png_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let png = std::fs::read(fixtures().join("images/square.png")).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let png = png.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    png.len()
+                );
+                let _ = sock.write_all(&[head.into_bytes(), png].concat()).await;
+            });
+        }
+    });
+    format!("http://{addr}/square.png")
+}
+
+#[tokio::test]
+async fn remote_and_local_media_follow_the_policy() {
+    let url = png_server().await;
+    let image = |u: &str| {
+        user_parts(json!([{"type": "image_url", "image_url": {"url": u}}, {"type": "text", "text": "Hi"}]), 1)
+    };
+    let strict = start(&[]);
+    let (st, b) = post(&strict, "/v1/chat/completions", image(&url)).await;
+    assert_eq!((st, b["error"]["param"].as_str()), (400, Some("messages[0].content[0].image_url.url")), "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("loopback"), "{b}");
+    let file_url = format!("file://{}", fixtures().join("images/square.png").display());
+    let (st, b) = post(&strict, "/v1/chat/completions", image(&file_url)).await;
+    assert_eq!(st, 400, "file:// is refused without an allowed directory: {b}");
+    drop(strict);
+
+    let images = fixtures().join("images");
+    let open = start(&["--allow-private-media", "--allowed-local-media-path", images.to_str().unwrap()]);
+    let (st, b) = post(&open, "/v1/chat/completions", image(&url)).await;
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = post(&open, "/v1/chat/completions", image(&file_url)).await;
+    assert_eq!(st, 200, "{b}");
+    let escape = format!("file://{}/../tiny-v5/config.json", images.display());
+    let (st, b) = post(&open, "/v1/chat/completions", image(&escape)).await;
+    assert_eq!(st, 400, "{b}");
+}

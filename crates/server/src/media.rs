@@ -1,0 +1,171 @@
+//! The media parts of a chat request: found and checked against the per-request budget before
+//! anything is fetched, then fetched and decoded concurrently under one deadline, in the order
+//! the client sent them. Dropping the future (client gone) cancels every fetch and decoder.
+
+use crate::error::{ApiError, ErrorKind};
+use crate::state::Loaded;
+use crate::wire::{ChatMessage, ContentPart, MessageContent};
+use image::DynamicImage;
+use std::time::Instant;
+use weft_media::fetch::{fetch, FetchError};
+use weft_media::video::{sample_video, VideoError, VideoLimits};
+
+/// One media part of the request.
+#[derive(Debug, Clone)]
+pub struct MediaRef {
+    /// Where the URL sits in the request, for error messages (`messages[0].content[1].image_url.url`).
+    pub param: String,
+    pub url: String,
+    /// `None` for an image; the number of frames to sample for a video.
+    pub frames: Option<usize>,
+}
+
+/// A decoded media part: one image, or the sampled frames of a video and their indices.
+pub enum Resolved {
+    Image(DynamicImage),
+    Video { indices: Vec<usize>, frames: Vec<DynamicImage> },
+}
+
+/// Lists the media parts and refuses requests whose declared images and frames exceed the
+/// limits, before fetching anything.
+pub fn media_refs(state: &Loaded, messages: &[ChatMessage]) -> Result<Vec<MediaRef>, ApiError> {
+    let limits = &state.limits;
+    let mut refs = Vec::new();
+    let mut slots = 0;
+    for (i, m) in messages.iter().enumerate() {
+        let Some(MessageContent::Parts(parts)) = &m.content else { continue };
+        for (j, part) in parts.iter().enumerate() {
+            let param = format!("messages[{i}].content[{j}]");
+            let (url_param, url, frames) = match part {
+                ContentPart::Text { .. } => continue,
+                ContentPart::ImageUrl { image_url } => (format!("{param}.image_url.url"), image_url.url.clone(), None),
+                ContentPart::VideoUrl { video_url } => {
+                    let n = match video_url.num_frames {
+                        None => limits.video_frames,
+                        Some(n) if n >= 1 && n as usize <= limits.max_frames_per_request => n as usize,
+                        Some(n) => {
+                            return Err(ApiError::invalid(
+                                format!("{param}.video_url.num_frames"),
+                                format!("{n} is outside 1..={}", limits.max_frames_per_request),
+                            ))
+                        }
+                    };
+                    (format!("{param}.video_url.url"), video_url.url.clone(), Some(n))
+                }
+            };
+            slots += frames.unwrap_or(1);
+            if slots > limits.max_images_per_request {
+                return Err(ApiError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "more than {} images and video frames in one request (max_images_per_request)",
+                        limits.max_images_per_request
+                    ),
+                )
+                .with_param(param));
+            }
+            let visual = slots * state.tokenizer.tokens_per_image();
+            if visual > limits.max_visual_tokens {
+                return Err(ApiError::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "{visual} visual tokens exceed the limit of {} (max_visual_tokens)",
+                        limits.max_visual_tokens
+                    ),
+                )
+                .with_param(param));
+            }
+            refs.push(MediaRef { param: url_param, url, frames });
+        }
+    }
+    Ok(refs)
+}
+
+fn fetch_error(param: &str, e: FetchError) -> ApiError {
+    use FetchError::*;
+    let kind = match &e {
+        TooLarge { .. } | DataUri(weft_media::data_uri::DataUriError::TooLarge { .. }) => ErrorKind::PayloadTooLarge,
+        Timeout(_) | TooManyRedirects(_) | Status(_) | Network(_) | Dns(_) | LocalRead(_) => {
+            ErrorKind::MediaUnprocessable
+        }
+        _ => ErrorKind::InvalidRequest,
+    };
+    ApiError { kind, message: e.to_string(), param: Some(param.to_string()) }
+}
+
+fn video_error(param: &str, e: VideoError) -> ApiError {
+    let kind = match &e {
+        VideoError::UnknownFormat | VideoError::FfmpegMissing => ErrorKind::UnsupportedMediaType,
+        VideoError::TooManyPixels { .. } => ErrorKind::PayloadTooLarge,
+        _ => ErrorKind::MediaUnprocessable,
+    };
+    ApiError { kind, message: e.to_string(), param: Some(param.to_string()) }
+}
+
+fn image_error(param: &str, e: weft_media::image_decode::ImageError) -> ApiError {
+    use weft_media::image_decode::ImageError::*;
+    let kind = match e {
+        UnknownFormat | TypeMismatch { .. } => ErrorKind::UnsupportedMediaType,
+        TooManyPixels { .. } => ErrorKind::PayloadTooLarge,
+        Decode(_) => ErrorKind::MediaUnprocessable,
+    };
+    ApiError { kind, message: e.to_string(), param: Some(param.to_string()) }
+}
+
+async fn resolve_one(state: &Loaded, r: &MediaRef) -> Result<(Resolved, usize), ApiError> {
+    let limits = &state.limits;
+    let fetched = fetch(&r.url, &state.fetch_policy, limits.max_image_bytes, limits.media_timeout)
+        .await
+        .map_err(|e| fetch_error(&r.param, e))?;
+    let size = fetched.bytes.len();
+    let started = Instant::now();
+    let resolved = match r.frames {
+        None => {
+            let max_pixels = limits.max_image_pixels;
+            let param = r.param.clone();
+            let image = tokio::task::spawn_blocking(move || {
+                weft_media::image_decode::decode(&fetched.bytes, fetched.declared_type.as_deref(), max_pixels)
+                    .map_err(|e| image_error(&param, e))
+            })
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+            metrics::histogram!("weft:media_decode_seconds", "kind" => "image").record(started.elapsed().as_secs_f64());
+            Resolved::Image(image)
+        }
+        Some(n) => {
+            let video_limits = VideoLimits { max_pixels: limits.max_image_pixels, timeout: limits.media_timeout };
+            let (indices, frames) =
+                sample_video(fetched.bytes, n, &video_limits).await.map_err(|e| video_error(&r.param, e))?;
+            Resolved::Video { indices, frames }
+        }
+    };
+    Ok((resolved, size))
+}
+
+/// Fetches and decodes every part concurrently, within the request's time and byte budgets.
+pub async fn resolve_media(state: &Loaded, refs: &[MediaRef]) -> Result<Vec<Resolved>, ApiError> {
+    if refs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limits = &state.limits;
+    let all = futures_util::future::try_join_all(refs.iter().map(|r| resolve_one(state, r)));
+    let results = tokio::time::timeout(limits.media_timeout, all).await.map_err(|_| {
+        ApiError::new(
+            ErrorKind::MediaUnprocessable,
+            format!("fetching the media took longer than {:?}", limits.media_timeout),
+        )
+        .with_param("messages")
+    })??;
+    let total: usize = results.iter().map(|(_, size)| size).sum();
+    if total > limits.max_media_bytes_per_request {
+        return Err(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "the media add up to {total} bytes, more than the limit of {} per request",
+                limits.max_media_bytes_per_request
+            ),
+        )
+        .with_param("messages"));
+    }
+    Ok(results.into_iter().map(|(r, _)| r).collect())
+}
