@@ -95,6 +95,9 @@ async fn private_addresses_are_refused_by_default_before_connecting() {
     assert!(matches!(err, FetchError::Blocked { reason: "loopback", .. }), "{err}");
     let err = fetch("http://[::ffff:127.0.0.1]:9/x.png", &FetchPolicy::default(), 1 << 20, T).await.unwrap_err();
     assert!(matches!(err, FetchError::Blocked { .. }), "{err}");
+    // Host names are resolved and their addresses checked, not just literal IPs.
+    let err = fetch("http://localhost:9/x.png", &FetchPolicy::default(), 1 << 20, T).await.unwrap_err();
+    assert!(matches!(err, FetchError::Blocked { reason: "loopback", .. }), "{err}");
 }
 
 #[test]

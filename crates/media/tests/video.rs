@@ -42,6 +42,15 @@ async fn mp4_and_webm_frames_are_sampled_like_the_demo() {
 }
 
 #[tokio::test]
+async fn animated_webp_is_decoded_in_process() {
+    let bytes = make_clip("webp", &["-c:v", "libwebp_anim", "-loop", "0"]);
+    assert_eq!(container(&bytes), Some(Container::WebP));
+    let (indices, frames) = sample_video(bytes, 4, &limits()).await.unwrap();
+    assert_eq!(indices, vec![0, 9, 19, 29]);
+    assert_eq!((frames[3].width(), frames[3].height()), (64, 48));
+}
+
+#[tokio::test]
 async fn animated_gif_is_decoded_in_process() {
     let gif = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images/clip.gif")).unwrap();
     let (indices, frames) = sample_video(gif, 4, &limits()).await.unwrap();
