@@ -200,13 +200,6 @@ pub fn chat_prompt(
             format!("the chat template placed {} image slots for {} images", encoded.num_images, media.images.len()),
         ));
     }
-    let visual = media.images.len() * state.tokenizer.tokens_per_image();
-    if visual > state.limits.max_visual_tokens {
-        return Err(ApiError::invalid(
-            "messages",
-            format!("{visual} visual tokens exceed the limit of {}", state.limits.max_visual_tokens),
-        ));
-    }
     Ok(ChatPrompt { ids: encoded.ids, images: media.images, video_frames: media.video_frames })
 }
 
