@@ -186,7 +186,7 @@ impl Engine {
     /// Tokens the prefix cache could supply for a waiting sequence (at least one token is
     /// always computed, so that its logits exist).
     fn reusable_prefix(&self, seq: &Sequence) -> usize {
-        if !self.config.prefix_caching || seq.computed() > 0 {
+        if !self.config.prefix_caching || seq.computed() > 0 || self.prefix.tokens() == 0 {
             return 0;
         }
         let keys = self.seq_keys(seq);
@@ -227,7 +227,6 @@ impl Engine {
         let plan = scheduler::plan(&running, &waiting, limits);
 
         for id in &plan.dropped {
-            self.running.retain(|r| r != id);
             self.waiting.retain(|w| w != id);
             self.remove_seq(*id);
         }
@@ -256,7 +255,6 @@ impl Engine {
                         let _ = req.events.send(Event::Error(EngineError::Model(e.to_string())));
                     }
                 }
-                self.running.retain(|r| *r != id);
                 self.remove_seq(id);
             }
         }
@@ -441,7 +439,6 @@ impl Engine {
             inter_token_s: seq.inter_token.clone(),
         };
         let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });
-        self.running.retain(|r| *r != id);
         self.remove_seq(id);
     }
 

@@ -45,6 +45,7 @@ pub struct LlavaModel {
     lm: Qwen2,
     config: LlavaConfig,
     layout: NameLayout,
+    dtype: DType,
 }
 
 impl LlavaModel {
@@ -68,7 +69,7 @@ impl LlavaModel {
             linear_2: Linear::load(&proj.pp("linear_2"), hidden, hidden, config.projector_bias)?,
         };
         let lm = Qwen2::load(&weights.scope(layout.language_model), &weights.scope(layout.lm_head), &config.text)?;
-        Ok(LlavaModel { vision, projector, lm, config, layout })
+        Ok(LlavaModel { vision, projector, lm, config, layout, dtype: options.dtype })
     }
 
     pub fn config(&self) -> &LlavaConfig {
@@ -80,7 +81,7 @@ impl LlavaModel {
     }
 
     pub fn dtype(&self) -> DType {
-        self.lm.embed(&[0]).map(|t| t.dtype()).unwrap_or(DType::F32)
+        self.dtype
     }
 
     /// Encodes preprocessed images (`[n, 3, S, S]`, f32) into projected features,

@@ -1,12 +1,12 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::Args;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+use weft_engine::sampling::{Sampler, SamplingParams};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
@@ -109,7 +109,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let vision_s = t0.elapsed().as_secs_f64();
     let mut cache = model.new_cache();
     let mut embeds = model.embed(&encoded.ids, image_rows.as_ref())?;
-    let mut rng = StdRng::seed_from_u64(args.seed);
+    let params = SamplingParams { temperature: args.temperature as f32, seed: Some(args.seed), ..Default::default() };
+    let mut sampler = Sampler::new(params, 0);
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut first_token_at = None;
@@ -118,7 +119,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let logits = model
             .forward(&mut [SeqInput { embeds, cache: &mut cache, want_logits: true }])?
             .context("the model returned no logits")?;
-        let next = sample(&logits.squeeze(0)?, args.temperature, &mut rng)?;
+        let (next, _) = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &encoded.ids, &generated);
         first_token_at.get_or_insert_with(Instant::now);
         if !args.ignore_eos && stops.contains(&next) {
             break;
@@ -154,23 +155,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
     );
     Ok(())
-}
-
-/// Greedy at temperature 0, otherwise a draw from the softmax at that temperature.
-fn sample(logits: &Tensor, temperature: f64, rng: &mut StdRng) -> Result<u32> {
-    let logits: Vec<f32> = logits.to_vec1()?;
-    if temperature <= 0.0 {
-        let best = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
-        return Ok(best as u32);
-    }
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&x| ((x - max) as f64 / temperature).exp()).collect();
-    let mut target = rng.random::<f64>() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
-        if target <= 0.0 {
-            return Ok(i as u32);
-        }
-    }
-    Ok((weights.len() - 1) as u32)
 }
