@@ -1,5 +1,6 @@
 //! The `weft` binary: command-line entry point.
 
+mod bench;
 mod chat;
 mod completions;
 mod config;
@@ -34,6 +35,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the OpenAPI specification (YAML).
     Openapi,
+    /// Measure any OpenAI-compatible server under load (throughput, TTFT, inter-token latency).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         .init();
     let result = Cli::from_arg_matches(&matches).map_err(anyhow::Error::from).and_then(|cli| match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Openapi => {
             print!("{}", routes::ApiDoc::openapi().to_yaml().expect("the spec serializes"));
             Ok(())

@@ -384,3 +384,27 @@ async fn remote_and_local_media_follow_the_policy() {
     let (st, b) = post(&open, "/v1/chat/completions", image(&escape)).await;
     assert_eq!(st, 400, "{b}");
 }
+
+#[test]
+fn weft_bench_measures_a_running_server() {
+    let s = start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["bench", "--url", &s.base, "--num-requests", "3", "--concurrency", "1,2", "--images", "1"])
+        .args(["--image-size", "64", "--prompt-tokens", "12", "--max-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["config"]["model"], "tiny-v5");
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["completed"], 3, "{run}");
+        assert_eq!(run["failed"], 0);
+        // ignore_eos: every request generates exactly max_tokens.
+        assert_eq!(run["output_tokens"], 12);
+        assert!(run["prompt_tokens"].as_u64().unwrap() > 3 * 729, "{run}");
+        assert!(run["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
+        assert!(run["itl_ms"]["mean"].as_f64().unwrap() >= 0.0);
+    }
+}
