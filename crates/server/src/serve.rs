@@ -33,9 +33,22 @@ pub fn dtype(args: &ServeArgs) -> Result<DType> {
 }
 
 fn device(args: &ServeArgs) -> Result<Device> {
-    match args.device.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        other => bail!("--device: {other:?} is not available in this build (expected cpu)"),
+    let spec = args.device.as_str();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => bail!("--device: {spec:?} is not a device (expected cpu, cuda or cuda:N)"),
+        },
+        None => bail!("--device: {spec:?} is not a device (expected cpu, cuda or cuda:N)"),
+    };
+    if cfg!(feature = "cuda") {
+        Ok(Device::new_cuda(ordinal)?)
+    } else {
+        bail!("--device {spec}: this build has no CUDA support (build with `--features cuda`)")
     }
 }
 
