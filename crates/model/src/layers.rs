@@ -1,54 +1,8 @@
-//! The building blocks every network part shares: linear layers and normalisations.
+//! The normalisations every network part shares (linear layers live in `linear.rs`).
 
 use crate::error::Result;
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
-
-/// One linear projection `y = x W^T + b`. Every projection of the vision tower, the projector
-/// and the language model goes through this type, so its weight format can change in one place.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// `[out, in]`, in the run dtype.
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn load(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = scope.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(scope.get("bias", &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias })
-    }
-
-    /// A linear layer over an existing matrix (tied embeddings reuse the embedding table).
-    pub fn from_weight(weight: Tensor) -> Self {
-        Linear { weight, bias: None }
-    }
-
-    /// A linear layer over tensors that are already loaded (e.g. a reshaped convolution).
-    pub fn from_weight_and_bias(weight: Tensor, bias: Tensor) -> Self {
-        Linear { weight, bias: Some(bias) }
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
-    }
-
-    /// `x`: `[.., in]` -> `[.., out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let flat = x.reshape((rows, in_dim))?;
-        let mut y = flat.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_dim();
-        Ok(y.reshape(out_dims)?)
-    }
-}
 
 /// LayerNorm with weight and bias (SigLIP).
 #[derive(Debug, Clone)]

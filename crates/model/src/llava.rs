@@ -4,7 +4,7 @@
 use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::layers::Linear;
+use crate::linear::{Linear, LinearFormat};
 use crate::qwen2::{Qwen2, SeqInput};
 use crate::vision::VisionTower;
 use crate::weights::{NameLayout, Weights};
@@ -30,11 +30,13 @@ pub struct LoadOptions {
     /// Dtype of weights and activations (f32 exact; f16 halves memory).
     pub dtype: DType,
     pub device: Device,
+    /// Linear-layer weights: the run dtype, bf16 or quantized (f32 run dtype on the CPU only).
+    pub linear: LinearFormat,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, linear: LinearFormat::Dense }
     }
 }
 
@@ -46,6 +48,7 @@ pub struct LlavaModel {
     config: LlavaConfig,
     layout: NameLayout,
     dtype: DType,
+    linear: LinearFormat,
 }
 
 impl LlavaModel {
@@ -58,7 +61,13 @@ impl LlavaModel {
         if !matches!(options.dtype, DType::F32 | DType::F16) {
             return Err(ModelError::Input(format!("unsupported dtype {:?}", options.dtype)));
         }
-        let weights = Weights::open(dir, options.dtype, &options.device)?;
+        if options.linear != LinearFormat::Dense && (options.dtype != DType::F32 || !options.device.is_cpu()) {
+            return Err(ModelError::Input(format!(
+                "{} weights need the CPU and the f32 run dtype",
+                options.linear.name()
+            )));
+        }
+        let weights = Weights::open(dir, options.dtype, &options.device, options.linear)?;
         let layout = weights.layout.clone();
         let vision = VisionTower::load(&weights.scope(layout.vision_tower), &config.vision)?;
         let proj = weights.scope(layout.projector);
@@ -69,7 +78,7 @@ impl LlavaModel {
             linear_2: Linear::load(&proj.pp("linear_2"), hidden, hidden, config.projector_bias)?,
         };
         let lm = Qwen2::load(&weights.scope(layout.language_model), &weights.scope(layout.lm_head), &config.text)?;
-        Ok(LlavaModel { vision, projector, lm, config, layout, dtype: options.dtype })
+        Ok(LlavaModel { vision, projector, lm, config, layout, dtype: options.dtype, linear: options.linear })
     }
 
     pub fn config(&self) -> &LlavaConfig {
@@ -82,6 +91,11 @@ impl LlavaModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How the linear layers hold their weights.
+    pub fn linear_format(&self) -> LinearFormat {
+        self.linear
     }
 
     /// Encodes preprocessed images (`[n, 3, S, S]`, f32) into projected features,

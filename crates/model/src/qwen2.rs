@@ -4,7 +4,8 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::layers::{softmax_f32, Linear, RmsNorm};
+use crate::layers::{softmax_f32, RmsNorm};
+use crate::linear::Linear;
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
 
@@ -204,7 +205,7 @@ impl Qwen2 {
         let lm_head = if lm_head.contains("weight") {
             Linear::load(lm_head, h, cfg.vocab_size, false)?
         } else {
-            Linear::from_weight(embed_tokens.clone())
+            Linear::new(embed_tokens.clone(), None, lm_head.linear_format())?
         };
         let rotary = Rotary::new(cfg, embed_tokens.device())?;
         Ok(Qwen2 { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })

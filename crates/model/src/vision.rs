@@ -3,7 +3,8 @@
 
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{softmax_f32, LayerNorm, Linear};
+use crate::layers::{softmax_f32, LayerNorm};
+use crate::linear::Linear;
 use crate::weights::Scope;
 use candle_core::{Tensor, D};
 
@@ -89,7 +90,7 @@ impl VisionTower {
         let conv = emb.pp("patch_embedding");
         let weight = conv.get("weight", &[d, c, p, p])?.reshape((d, c * p * p))?;
         let bias = conv.get("bias", &[d])?;
-        let patch = Linear::from_weight_and_bias(weight, bias);
+        let patch = Linear::new(weight, Some(bias), scope.linear_format())?;
         let positions = emb.pp("position_embedding").get("weight", &[cfg.num_patches(), d])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::load(&scope.pp(format!("encoder.layers.{i}")), cfg))

@@ -1,5 +1,6 @@
 //! Safetensors weights of a checkpoint: memory-mapped, single or sharded, in either name layout.
 
+use crate::linear::LinearFormat;
 use crate::error::{ModelError, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -51,6 +52,7 @@ struct Store {
     index: HashMap<String, usize>,
     dtype: DType,
     device: Device,
+    linear: LinearFormat,
 }
 
 /// All tensors of a checkpoint directory, converted to the run dtype as they are read.
@@ -62,7 +64,7 @@ pub struct Weights {
 
 impl Weights {
     /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
-    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn open(dir: &Path, dtype: DType, device: &Device, linear: LinearFormat) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let file_names: Vec<String> =
             if index_path.exists() { shard_names(&index_path)? } else { vec!["model.safetensors".to_string()] };
@@ -89,11 +91,15 @@ impl Weights {
                  and `multi_modal_projector.linear_1.weight`",
             )
         })?;
-        Ok(Weights { store: Arc::new(Store { files, index, dtype, device: device.clone() }), layout })
+        Ok(Weights { store: Arc::new(Store { files, index, dtype, device: device.clone(), linear }), layout })
     }
 
     pub fn dtype(&self) -> DType {
         self.store.dtype
+    }
+    /// How linear layers hold their weights.
+    pub fn linear_format(&self) -> LinearFormat {
+        self.store.linear
     }
     pub fn device(&self) -> &Device {
         &self.store.device
@@ -172,5 +178,8 @@ impl Scope {
     }
     pub fn dtype(&self) -> DType {
         self.weights.dtype()
+    }
+    pub fn linear_format(&self) -> LinearFormat {
+        self.weights.linear_format()
     }
 }

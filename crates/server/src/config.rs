@@ -35,9 +35,13 @@ pub struct ServeArgs {
     /// Compute device: cpu (cuda:N needs a build with the `cuda` feature).
     #[arg(long, env = "WEFT_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weights and activations: auto (= f32 on the CPU), f32 or f16.
+    /// Weights: auto (= f32), f32 (exact), bf16 (bf16 weights, f32 activations; half the memory
+    /// traffic) or f16 (weights and activations).
     #[arg(long, env = "WEFT_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Quantize linear-layer weights at load time: none, q8_0 or q4k (f32 activations).
+    #[arg(long, env = "WEFT_QUANTIZE", default_value = "none")]
+    pub quantize: String,
     /// Render prompts with this Hugging Face Jinja chat template instead of the built-in renderer.
     #[arg(long, env = "WEFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,

@@ -1,7 +1,7 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,9 +35,12 @@ pub struct GenerateArgs {
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Weights and activations: f32 (exact) or f16.
+    /// Weights: f32 (exact), bf16 (f32 activations) or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -53,14 +56,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        other => bail!("--dtype: unsupported value {other:?} (expected f32 or f16)"),
-    };
+    let (dtype, linear) = crate::serve::weight_options(&args.dtype, &args.quantize)?;
     let device = Device::Cpu;
     let started = Instant::now();
-    let model = LlavaModel::load(&args.model, &LoadOptions { dtype, device: device.clone() })?;
+    let model = LlavaModel::load(&args.model, &LoadOptions { dtype, device: device.clone(), linear })?;
     let cfg = model.config();
     let tokenizer = PromptTokenizer::from_dir(&args.model, cfg.image_token_id, cfg.tokens_per_image())?;
     let processor = ImageProcessor::from_dir(&args.model, cfg.vision.image_size)?;

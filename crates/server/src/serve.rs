@@ -14,7 +14,7 @@ use weft_engine::{Engine, EngineConfig, GenerateRequest};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
-use weft_model::{LlavaModel, LoadOptions};
+use weft_model::{LinearFormat, LlavaModel, LoadOptions};
 
 /// Memory available at start, from /proc/meminfo (Linux); None elsewhere.
 fn available_memory() -> Option<usize> {
@@ -24,12 +24,25 @@ fn available_memory() -> Option<usize> {
     Some(kib * 1024)
 }
 
-pub fn dtype(args: &ServeArgs) -> Result<DType> {
-    Ok(match args.dtype.as_str() {
-        "auto" | "f32" => DType::F32,
-        "f16" => DType::F16,
-        other => bail!("--dtype: unsupported value {other:?} (expected auto, f32 or f16)"),
-    })
+/// `--dtype` and `--quantize` as the loader takes them: bf16 and the quantized formats keep f32
+/// activations and change only how the linear layers hold their weights.
+pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearFormat)> {
+    let (run, linear) = match dtype {
+        "auto" | "f32" => (DType::F32, LinearFormat::Dense),
+        "bf16" => (DType::F32, LinearFormat::Bf16),
+        "f16" => (DType::F16, LinearFormat::Dense),
+        other => bail!("--dtype: unsupported value {other:?} (expected auto, f32, bf16 or f16)"),
+    };
+    let quantized = match quantize {
+        "none" => return Ok((run, linear)),
+        "q8_0" => LinearFormat::Q8_0,
+        "q4k" => LinearFormat::Q4K,
+        other => bail!("--quantize: unsupported value {other:?} (expected none, q8_0 or q4k)"),
+    };
+    if !matches!(dtype, "auto" | "f32") {
+        bail!("--quantize {quantize} needs --dtype auto or f32 (activations stay f32), not {dtype}");
+    }
+    Ok((DType::F32, quantized))
 }
 
 fn device(args: &ServeArgs) -> Result<Device> {
@@ -56,7 +69,8 @@ fn device(args: &ServeArgs) -> Result<Device> {
 pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     let started = Instant::now();
     tracing::info!(model = %model_dir.display(), "loading the model");
-    let model = LlavaModel::load(model_dir, &LoadOptions { dtype: dtype(args)?, device: device(args)? })?;
+    let (dtype, linear) = weight_options(&args.dtype, &args.quantize)?;
+    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device: device(args)?, linear })?;
     let cfg = model.config().clone();
     let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
     let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
@@ -137,7 +151,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if !model_dir.join("config.json").exists() {
         bail!("--model {}: no config.json there", model_dir.display());
     }
-    dtype(&args)?;
+    weight_options(&args.dtype, &args.quantize)?;
     device(&args)?;
     if let Some(dir) = &args.allowed_local_media_path {
         if !dir.is_dir() {

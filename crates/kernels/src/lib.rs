@@ -1,0 +1,68 @@
+//! Weft's own CPU kernels: the linear-layer product `y = x W^T (+ b)` with f32 activations and
+//! f32 or bf16 weights, on all cores through rayon's global pool (the one candle uses too).
+//!
+//! The instruction set is picked once at run time: AVX-512 BF16 dot products where the CPU has
+//! them (bf16 weights only), AVX2 + FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2`
+//! forces a slower path (to test it, or to rule the fast one out).
+
+mod avx2;
+mod avx512;
+mod matmul;
+mod packed;
+mod scalar;
+
+pub use matmul::{matmul, matmul_with};
+pub use packed::{PackedWeight, WeightFormat};
+
+use std::sync::OnceLock;
+
+/// The instruction sets the kernels are written for, slowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    /// AVX-512F with the BF16 dot-product extension (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// What this CPU supports.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// The set the kernels use: the detected one, lowered by `WEFT_KERNELS` if set.
+    pub fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let detected = Isa::detected();
+            match std::env::var("WEFT_KERNELS").ok().as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") => detected.min(Isa::Avx2),
+                _ => detected,
+            }
+        })
+    }
+
+    /// Every set this CPU can run, for tests that compare them.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Bf16].into_iter().filter(|&isa| isa <= Isa::detected()).collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The driver: splits `y = x W^T` into blocks of weight rows that stay in L2, hands the blocks
+//! to rayon's pool, and walks each block in small register tiles computed by the ISA kernels.
+
+use crate::packed::{PackedWeight, Storage};
+use crate::{avx2, avx512, scalar, Isa};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Largest register tile: rows of `x` by rows of `W`.
+pub(crate) const MR_MAX: usize = 4;
+pub(crate) const NR_MAX: usize = 4;
+
+/// Dot products of one tile, `acc[r][c] = x_r . w_c`.
+pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
+
+/// Bytes of weight rows one block keeps hot (half of a 512 KiB L2, leaving room for activations).
+const BLOCK_BYTES: usize = 256 * 1024;
+
+/// `out[m, n] = x[m, k] W^T + bias`, with the instruction set [`Isa::active`] picked.
+pub fn matmul(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_with(Isa::active(), x, m, w, bias, out)
+}
+
+/// As [`matmul`], on a given instruction set (which must be one of [`Isa::available`]).
+pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    assert_eq!(x.len(), m * k, "x must be {m}x{k}");
+    assert_eq!(out.len(), m * n, "out must be {m}x{n}");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias must have {n} values");
+    }
+    assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let job = Job { m, n, kp, bias, out: SharedOut(out.as_mut_ptr()) };
+    match (&w.storage, isa) {
+        (Storage::Bf16(wb), Isa::Avx512Bf16) => {
+            let xb = pad(x, m, k, kp, 0u16, |v| bf16::from_f32(v).to_bits());
+            job.run(&xb, wb, 2, |xs, mr, ws, nr, acc| unsafe { avx512::tile_bf16(xs, mr, ws, nr, kp, acc) });
+        }
+        (Storage::Bf16(wb), Isa::Avx2) => {
+            let xp = pad_f32(x, m, k, kp);
+            job.run(&xp, wb, 2, |xs, mr, ws, nr, acc| unsafe { avx2::tile_bf16(xs, mr, ws, nr, kp, acc) });
+        }
+        (Storage::F32(wf), Isa::Avx2 | Isa::Avx512Bf16) => {
+            let xp = pad_f32(x, m, k, kp);
+            job.run(&xp, wf, 4, |xs, mr, ws, nr, acc| unsafe { avx2::tile_f32(xs, mr, ws, nr, kp, acc) });
+        }
+        (Storage::Bf16(wb), Isa::Scalar) => {
+            let xp = pad_f32(x, m, k, kp);
+            job.run(&xp, wb, 2, |xs, mr, ws, nr, acc| scalar::tile(xs, mr, ws, nr, kp, acc, |v| bf16::from_bits(v).to_f32()));
+        }
+        (Storage::F32(wf), Isa::Scalar) => {
+            let xp = pad_f32(x, m, k, kp);
+            job.run(&xp, wf, 4, |xs, mr, ws, nr, acc| scalar::tile(xs, mr, ws, nr, kp, acc, |v| v));
+        }
+    }
+}
+
+/// Activations with rows padded to `kp` (borrowed as they are when no padding is needed).
+fn pad_f32(x: &[f32], m: usize, k: usize, kp: usize) -> std::borrow::Cow<'_, [f32]> {
+    if k == kp {
+        std::borrow::Cow::Borrowed(x)
+    } else {
+        std::borrow::Cow::Owned(pad(x, m, k, kp, 0.0, |v| v))
+    }
+}
+
+fn pad<T: Copy>(x: &[f32], m: usize, k: usize, kp: usize, zero: T, convert: impl Fn(f32) -> T) -> Vec<T> {
+    let mut out = vec![zero; m * kp];
+    if k > 0 {
+        for (dst, src) in out.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = convert(s);
+            }
+        }
+    }
+    out
+}
+
+/// The output pointer, shared by blocks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `index` is inside the output and no other thread writes it.
+    unsafe fn write(self, index: usize, value: f32) {
+        *self.0.add(index) = value;
+    }
+}
+
+struct Job<'a> {
+    m: usize,
+    n: usize,
+    kp: usize,
+    bias: Option<&'a [f32]>,
+    out: SharedOut,
+}
+
+impl Job<'_> {
+    /// Runs `kernel(x_rows, mr, w_rows, nr, acc)` over every tile, blocks of weight rows in parallel.
+    fn run<X: Sync, W: Sync>(
+        &self,
+        x: &[X],
+        w: &[W],
+        weight_bytes: usize,
+        kernel: impl Fn(&[X], usize, &[W], usize, &mut Tile) + Sync,
+    ) {
+        let (m, n, kp) = (self.m, self.n, self.kp);
+        let block = block_rows(n, kp * weight_bytes);
+        let out = self.out;
+        (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+            let (n0, n1) = (b * block, ((b + 1) * block).min(n));
+            let mut i = 0;
+            while i < m {
+                let mr = MR_MAX.min(m - i);
+                // Few rows (decode): wider tiles keep more weight rows streaming at once.
+                let nr_main = if mr <= 2 { NR_MAX } else { 3 };
+                let mut j = n0;
+                while j < n1 {
+                    let nr = nr_main.min(n1 - j);
+                    let mut acc: Tile = [[0.0; NR_MAX]; MR_MAX];
+                    kernel(&x[i * kp..(i + mr) * kp], mr, &w[j * kp..(j + nr) * kp], nr, &mut acc);
+                    for (r, row) in acc.iter().enumerate().take(mr) {
+                        for (c, &v) in row.iter().enumerate().take(nr) {
+                            let b = self.bias.map_or(0.0, |b| b[j + c]);
+                            // SAFETY: (i + r, j + c) is inside `out`, and only this block writes column j + c.
+                            unsafe { out.write((i + r) * n + j + c, v + b) };
+                        }
+                    }
+                    j += nr;
+                }
+                i += mr;
+            }
+        });
+    }
+}
+
+/// Weight rows per block: as many as fit [`BLOCK_BYTES`], but small enough that every thread
+/// gets several blocks; a multiple of 12 so 3- and 4-row tiles divide it.
+fn block_rows(n: usize, row_bytes: usize) -> usize {
+    let by_cache = BLOCK_BYTES / row_bytes.max(1);
+    let by_threads = n.div_ceil(rayon::current_num_threads() * 4);
+    (by_cache.min(by_threads).div_ceil(12) * 12).max(12)
+}

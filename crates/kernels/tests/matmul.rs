@@ -1,0 +1,95 @@
+//! Every kernel path against a naive f64 product, on awkward shapes: one row, odd inner sizes,
+//! sizes that are not multiples of the vector width or the tile.
+
+use half::bf16;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use weft_kernels::{matmul_with, Isa, PackedWeight, WeightFormat};
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 7, 5),
+    (2, 16, 3),
+    (3, 33, 13),
+    (4, 64, 12),
+    (5, 100, 29),
+    (1, 896, 1000),
+    (17, 896, 37),
+    (1, 4864, 50),
+    (9, 65, 127),
+    (33, 1152, 70),
+];
+
+fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// `y = x W^T + b` in f64, with the weights as the kernels hold them (rounded for bf16) and, for
+/// AVX-512 BF16, the activations rounded to bf16 too. Also returns `sum |x| |w|` per output, the
+/// scale of the rounding error.
+fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, k: usize, n: usize, format: WeightFormat, isa: Isa) -> (Vec<f64>, Vec<f64>) {
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    let w: Vec<f32> = if format == WeightFormat::Bf16 { w.iter().map(|&v| round(v)).collect() } else { w.to_vec() };
+    let x: Vec<f32> =
+        if format == WeightFormat::Bf16 && isa == Isa::Avx512Bf16 { x.iter().map(|&v| round(v)).collect() } else { x.to_vec() };
+    let mut y = vec![0.0; m * n];
+    let mut scale = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut a) = (b[j] as f64, 0.0);
+            for p in 0..k {
+                s += x[i * k + p] as f64 * w[j * k + p] as f64;
+                a += (x[i * k + p] as f64 * w[j * k + p] as f64).abs();
+            }
+            y[i * n + j] = s;
+            scale[i * n + j] = a;
+        }
+    }
+    (y, scale)
+}
+
+#[test]
+fn every_path_matches_the_naive_product() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let isas = Isa::available();
+    println!("paths on this CPU: {:?}", isas.iter().map(|i| i.name()).collect::<Vec<_>>());
+    assert!(isas.contains(&Isa::Scalar));
+    for &(m, k, n) in SHAPES {
+        let x = random(m * k, &mut rng);
+        let w = random(n * k, &mut rng);
+        let b = random(n, &mut rng);
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let packed = PackedWeight::from_f32(&w, n, k, format);
+            assert_eq!((packed.rows(), packed.cols(), packed.format()), (n, k, format));
+            for &isa in &isas {
+                let (want, scale) = reference(&x, &w, &b, m, k, n, format, isa);
+                let mut got = vec![f32::NAN; m * n];
+                matmul_with(isa, &x, m, &packed, Some(&b), &mut got);
+                for idx in 0..m * n {
+                    // f32 accumulation error grows with k; bias and rounding are already in `want`.
+                    let tol = 1e-5 * scale[idx] + 1e-6 + 2e-7 * k as f64 * scale[idx];
+                    let err = (got[idx] as f64 - want[idx]).abs();
+                    assert!(err <= tol, "{m}x{k}x{n} {format:?} on {}: [{idx}] {} vs {} (tol {tol})", isa.name(), got[idx], want[idx]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_bits_load_unrounded_and_no_bias_means_zero() {
+    let bits: Vec<u16> = [1.5f32, -2.0, 0.25, 3.0, 0.5, -1.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let packed = PackedWeight::from_bf16_bits(&bits, 2, 3);
+    for isa in Isa::available() {
+        let mut y = vec![0.0; 2];
+        matmul_with(isa, &[1.0, 2.0, 4.0], 1, &packed, None, &mut y);
+        assert_eq!(y, vec![1.5 - 4.0 + 1.0, 3.0 + 1.0 - 4.0], "{}", isa.name());
+    }
+}
+
+#[test]
+fn empty_inputs_are_fine() {
+    let packed = PackedWeight::from_f32(&[1.0; 6], 2, 3, WeightFormat::F32);
+    let mut y: Vec<f32> = vec![];
+    matmul_with(Isa::Scalar, &[], 0, &packed, None, &mut y);
+    assert!(y.is_empty());
+}

@@ -1,0 +1,134 @@
+//! The one linear-layer abstraction, `y = x W^T + b`, used by every projection of the vision
+//! tower, the projector and the language model. The weight format is chosen at load time:
+//! exact f32 and bf16 on Weft's own CPU kernels, q8_0/q4k through candle's quantized matmul, and
+//! candle's matmul for f16 or on a GPU.
+
+use crate::error::{ModelError, Result};
+use crate::weights::Scope;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+use weft_kernels::{PackedWeight, WeightFormat};
+
+/// How linear-layer weights are stored and multiplied (activations stay in the run dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearFormat {
+    /// The run dtype: f32 (exact) on Weft's kernels, f16 on candle's.
+    #[default]
+    Dense,
+    /// bf16 weights, f32 activations: half the memory traffic of f32.
+    Bf16,
+    /// 8-bit blocks of 32 (8.5 bits per weight), quantized at load time.
+    Q8_0,
+    /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight), quantized at load time.
+    /// Layers whose input size is not a multiple of 256 fall back to q8_0.
+    Q4K,
+}
+
+impl LinearFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearFormat::Dense => "dense",
+            LinearFormat::Bf16 => "bf16",
+            LinearFormat::Q8_0 => "q8_0",
+            LinearFormat::Q4K => "q4k",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    /// candle's matmul on `[out, in]` in the run dtype.
+    Candle(Tensor),
+    /// Weft's CPU kernels (f32 run dtype).
+    Packed(Arc<PackedWeight>),
+    Quantized(QMatMul),
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    backend: Backend,
+    bias: Option<Tensor>,
+    /// The bias as the CPU kernels take it.
+    bias_f32: Option<Arc<Vec<f32>>>,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// Wraps `weight` (`[out, in]`, run dtype) and `bias` (`[out]`) in the backend `format` asks for.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, format: LinearFormat) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let on_cpu = matches!(weight.device(), Device::Cpu);
+        let f32_run = weight.dtype() == DType::F32;
+        let quantized = |dtype: GgmlDType| -> Result<Backend> {
+            let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+            Ok(Backend::Quantized(QMatMul::from_arc(Arc::new(q))?))
+        };
+        let packed = |format: WeightFormat| -> Result<Backend> {
+            let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Backend::Packed(Arc::new(PackedWeight::from_f32(&values, out_dim, in_dim, format))))
+        };
+        let backend = match format {
+            _ if !on_cpu || !f32_run => {
+                if format != LinearFormat::Dense {
+                    return Err(ModelError::Input(format!(
+                        "{} weights need the CPU and the f32 run dtype",
+                        format.name()
+                    )));
+                }
+                Backend::Candle(weight)
+            }
+            LinearFormat::Dense => packed(WeightFormat::F32)?,
+            LinearFormat::Bf16 => packed(WeightFormat::Bf16)?,
+            // ggml blocks span 32 (q8_0) or 256 (k-quants) inputs; other sizes take the next
+            // finer format rather than failing the load.
+            LinearFormat::Q4K if in_dim % 256 == 0 => quantized(GgmlDType::Q4K)?,
+            LinearFormat::Q4K | LinearFormat::Q8_0 if in_dim % 32 == 0 => quantized(GgmlDType::Q8_0)?,
+            LinearFormat::Q4K | LinearFormat::Q8_0 => packed(WeightFormat::Bf16)?,
+        };
+        let bias_f32 = match (&backend, &bias) {
+            (Backend::Packed(_), Some(b)) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            _ => None,
+        };
+        Ok(Linear { backend, bias, bias_f32, out_dim })
+    }
+
+    /// Loads `weight` (and `bias`) under `scope`, in the checkpoint's chosen linear format.
+    pub fn load(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = scope.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(scope.get("bias", &[out_dim])?) } else { None };
+        Linear::new(weight, bias, scope.linear_format())
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// `x`: `[.., in]` -> `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let flat = x.reshape((rows, in_dim))?;
+        let y = match &self.backend {
+            Backend::Candle(w) => add_bias(flat.matmul(&w.t()?)?, &self.bias)?,
+            Backend::Quantized(q) => add_bias(q.forward(&flat.to_dtype(DType::F32)?.contiguous()?)?, &self.bias)?,
+            Backend::Packed(w) => {
+                let input = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0.0f32; rows * self.out_dim];
+                weft_kernels::matmul(&input, rows, w, self.bias_f32.as_deref().map(Vec::as_slice), &mut out);
+                Tensor::from_vec(out, (rows, self.out_dim), x.device())?
+            }
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim;
+        Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+    }
+}
+
+fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+        None => y,
+    })
+}
