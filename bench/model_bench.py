@@ -1,11 +1,14 @@
-"""Single-stream model benchmark: Weft (`weft generate`) next to transformers on the same
-checkpoint, machine and prompt, in the same run. Reports medians over several runs of:
-vision encode for one image, time to first token for one image, decode tokens/s at batch 1.
+"""CPU benchmark: Weft next to transformers on the same checkpoint, machine and prompts, in the
+same run, both pinned to the same cores (taskset) and using all of them. Reports medians of:
 
-    python bench/model_bench.py --model /work/models/real-0.5b --runs 3 --tokens 64
+- vision encode for one image, time to first token for one image, decode tok/s at batch 1
+  (Weft through `weft generate` in each weight format; transformers in f32 and bf16);
+- aggregate output tok/s with 16 concurrent streams (Weft through its server, measured by
+  `weft bench`) against transformers' batch-8 `generate`.
+
+    python bench/model_bench.py --model /work/models/real-0.5b --runs 3 --tokens 32
 
 Needs torch and transformers (tests/fixtures/requirements.txt) and a release build of weft.
-Both sides are pinned to the same cores with taskset and use every one of them.
 """
 
 import argparse
@@ -21,39 +24,69 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "tests/fixtures/images/square.png"
 QUESTION = "What is in this image?"
 CORES = os.environ.get("BENCH_CORES", "0-%d" % ((os.cpu_count() or 1) - 1))
+WEFT_FORMATS = {"f32": ["--dtype", "f32"], "bf16": ["--dtype", "bf16"], "q8_0": ["--quantize", "q8_0"]}
 
 
-def weft_run(binary: Path, model: Path, dtype: str, tokens: int) -> dict:
-    cmd = ["taskset", "-c", CORES, str(binary), "generate", "--model", str(model), "--image", str(IMAGE),
-           "--prompt", QUESTION, "--max-tokens", str(tokens + 1), "--ignore-eos", "--dtype", dtype]
-    err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+def pinned(cmd: list) -> list:
+    return ["taskset", "-c", CORES] + cmd
+
+
+def weft_run(binary: Path, model: Path, fmt: str, tokens: int) -> dict:
+    cmd = [str(binary), "generate", "--model", str(model), "--image", str(IMAGE), "--prompt", QUESTION,
+           "--max-tokens", str(tokens + 1), "--ignore-eos"] + WEFT_FORMATS[fmt]
+    err = subprocess.run(pinned(cmd), capture_output=True, text=True, check=True).stderr
     m = re.search(r"vision encode ([\d.]+)s \| time to first token ([\d.]+)s \| (\d+) tokens, decode ([\d.]+) tok/s", err)
     if not m:
         raise RuntimeError(f"unexpected weft output: {err}")
     return {"vision_s": float(m[1]), "ttft_s": float(m[2]), "decode_tok_s": float(m[4])}
 
 
-def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> list:
+def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int) -> float:
+    """Output tok/s of `streams` concurrent text requests through `weft serve`."""
+    server = subprocess.Popen(pinned([str(binary), "serve", "--model", str(model), "--port", "0",
+                                      "--kv-cache-memory", "4GiB"] + WEFT_FORMATS[fmt]),
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LOG": "info"})
+    try:
+        base = None
+        for line in server.stderr:
+            if "listening on " in line:
+                base = line.split("listening on ")[1].split()[0]
+            if "weft: ready" in line:
+                break
+        report = subprocess.run(pinned([str(binary), "bench", "--url", base, "--num-requests", str(streams),
+                                        "--concurrency", str(streams), "--prompt-tokens", "32",
+                                        "--max-tokens", str(tokens), "--json"]),
+                                capture_output=True, text=True, check=True).stdout
+        return json.loads(report)["runs"][0]["output_tokens_per_s"]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def transformers_session(model_dir: Path, dtype: str):
     import torch
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
+    return torch, model, processor, Image.open(IMAGE), torch_dtype
+
+
+def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> list:
+    torch, model, processor, image, torch_dtype = transformers_session(model_dir, dtype)
     prompt = f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
-    image = Image.open(IMAGE)
     out = []
     with torch.inference_mode():
         for _ in range(runs + 1):  # the first run warms up and is dropped
             t0 = time.perf_counter()
             inputs = processor(text=prompt, images=[image], return_tensors="pt")
             inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
-            v0 = time.perf_counter()
             model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1,
                                      vision_feature_select_strategy="full")
-            vision = time.perf_counter() - v0 + (v0 - t0)
+            vision = time.perf_counter() - t0
             t0 = time.perf_counter()
             inputs = processor(text=prompt, images=[image], return_tensors="pt")
             inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
@@ -66,31 +99,68 @@ def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> li
     return out[1:]
 
 
-def median(rows: list, key: str) -> float:
-    return statistics.median(r[key] for r in rows)
+def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int) -> float:
+    """Output tok/s of one `generate` call over `batch` text prompts (after a warm-up call)."""
+    torch, model, processor, _, _ = transformers_session(model_dir, dtype)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    prompts = [f"<|im_start|>user\nTell me story number {i} about a river.<|im_end|>\n<|im_start|>assistant\n"
+               for i in range(batch)]
+    inputs = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return batch * tokens / (time.perf_counter() - t0)
+
+
+def transformers_child(args) -> None:
+    """Runs one transformers measurement in this process (pinned by the parent) and prints JSON."""
+    if args.child == "single":
+        rows = transformers_runs(args.model, args.dtype, args.tokens, args.runs)
+        print(json.dumps({k: statistics.median(r[k] for r in rows) for k in rows[0]}))
+    else:
+        print(json.dumps({"aggregate_tok_s": transformers_batch(args.model, args.dtype, 8, args.tokens)}))
+
+
+def run_child(args, kind: str, dtype: str) -> dict:
+    cmd = ["python", __file__, "--model", str(args.model), "--runs", str(args.runs), "--tokens", str(args.tokens),
+           "--child", kind, "--dtype", dtype]
+    return json.loads(subprocess.run(pinned(cmd), capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--weft", type=Path, default=ROOT / "target/release/weft")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--child", choices=["single", "batch"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return transformers_child(args)
+
     results = {}
-    for dtype in ["f32", "f16"]:
-        weft_run(args.weft, args.model, dtype, 4)  # warm the page cache
-        rows = [weft_run(args.weft, args.model, dtype, args.tokens) for _ in range(args.runs)]
-        results[f"weft {dtype}"] = {k: median(rows, k) for k in rows[0]}
+    for fmt in WEFT_FORMATS:
+        weft_run(args.weft, args.model, fmt, 2)  # warm the page cache
+        rows = [weft_run(args.weft, args.model, fmt, args.tokens) for _ in range(args.runs)]
+        results[f"weft {fmt}"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        results[f"weft {fmt}"]["aggregate_tok_s"] = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens)
     for dtype in ["f32", "bf16"]:
-        rows = transformers_runs(args.model, dtype, args.tokens, args.runs)
-        results[f"transformers {dtype}"] = {k: median(rows, k) for k in rows[0]}
+        results[f"transformers {dtype}"] = run_child(args, "single", dtype)
+        results[f"transformers {dtype}"].update(run_child(args, "batch", dtype))
+
     base = results["transformers bf16"]
-    print(f"{'':18} {'vision (s)':>10} {'TTFT (s)':>9} {'decode tok/s':>12} {'TTFT vs tf-bf16':>15} {'decode vs tf-bf16':>17}")
+    print(f"cores {CORES}; medians of {args.runs} runs; {args.tokens} decode tokens; "
+          "aggregate: Weft 16 streams, transformers batch-8 generate")
+    print(f"| | vision (s) | TTFT (s) | decode (tok/s) | aggregate (tok/s) | TTFT vs tf-bf16 | decode vs tf-bf16 "
+          "| aggregate vs tf-bf16 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"{name:18} {r['vision_s']:10.3f} {r['ttft_s']:9.3f} {r['decode_tok_s']:12.2f} "
-              f"{r['ttft_s'] / base['ttft_s']:14.2f}x {r['decode_tok_s'] / base['decode_tok_s']:16.2f}x")
+        print(f"| {name} | {r['vision_s']:.2f} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} | "
+              f"{r['aggregate_tok_s']:.2f} | {r['ttft_s'] / base['ttft_s']:.2f}x | "
+              f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -28,7 +28,10 @@ fn main() {
         ("vision fc1", 729, 1152, 4304),
     ];
     println!("isa {:?}, {} threads", Isa::detected(), rayon::current_num_threads());
-    println!("{:<18}{:>6}{:>6}{:>8} {:>14}{:>14}{:>14}{:>14}", "shape", "m", "k", "n", "candle f32", "ours f32", "ours bf16", "scalar bf16");
+    println!(
+        "{:<18}{:>6}{:>6}{:>8} {:>14}{:>14}{:>14}{:>14}",
+        "shape", "m", "k", "n", "candle f32", "ours f32", "ours bf16", "scalar bf16"
+    );
     for (name, m, k, n) in shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
@@ -47,6 +50,7 @@ fn main() {
         };
         let (f32_s, f32_bytes) = ours(WeightFormat::F32, Isa::detected().min(Isa::Avx2));
         let (bf16_s, bf16_bytes) = ours(WeightFormat::Bf16, Isa::detected());
+        let (q8_s, q8_bytes) = ours(WeightFormat::Q8, Isa::detected());
         let (scalar_s, _) = if m <= 16 { ours(WeightFormat::Bf16, Isa::Scalar) } else { (f64::NAN, 0.0) };
         let cell = |s: f64, bytes: f64| {
             if m == 1 {
@@ -56,10 +60,11 @@ fn main() {
             }
         };
         println!(
-            "{name:<18}{m:>6}{k:>6}{n:>8} {:>14}{:>14}{:>14}{:>14}",
+            "{name:<18}{m:>6}{k:>6}{n:>8} {:>14}{:>14}{:>14}{:>14}{:>14}",
             cell(candle, (n * k * 4) as f64),
             cell(f32_s, f32_bytes),
             cell(bf16_s, bf16_bytes),
+            cell(q8_s, q8_bytes),
             cell(scalar_s, bf16_bytes)
         );
     }

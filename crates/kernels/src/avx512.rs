@@ -42,7 +42,7 @@ mod x86 {
     /// The CPU has AVX-512F and AVX-512 BF16; `x` holds `mr` rows and `w` `nr` rows of `kp`
     /// (a multiple of 32) bf16 values.
     pub(crate) unsafe fn tile_bf16(x: &[u16], mr: usize, w: &[u16], nr: usize, kp: usize, acc: &mut Tile) {
-        debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && kp % 32 == 0);
+        debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && kp & 31 == 0);
         crate::avx2::dispatch_tile!(tile_const, mr, nr, (x.as_ptr(), w.as_ptr(), kp, acc))
     }
 }

@@ -1,7 +1,7 @@
 //! The driver: splits `y = x W^T` into blocks of weight rows that stay in L2, hands the blocks
 //! to rayon's pool, and walks each block in small register tiles computed by the ISA kernels.
 
-use crate::packed::{PackedWeight, Storage};
+use crate::packed::{PackedWeight, Storage, Q8_BLOCK};
 use crate::{avx2, avx512, scalar, Isa};
 use half::bf16;
 use rayon::prelude::*;
@@ -37,25 +37,46 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option
     match (&w.storage, isa) {
         (Storage::Bf16(wb), Isa::Avx512Bf16) => {
             let xb = pad(x, m, k, kp, 0u16, |v| bf16::from_f32(v).to_bits());
-            job.run(&xb, wb, 2, |xs, mr, ws, nr, acc| unsafe { avx512::tile_bf16(xs, mr, ws, nr, kp, acc) });
+            job.run(&xb, 2, |xs, mr, j, nr, acc| unsafe {
+                avx512::tile_bf16(xs, mr, rows(wb, j, nr, kp), nr, kp, acc)
+            });
         }
         (Storage::Bf16(wb), Isa::Avx2) => {
-            let xp = pad_f32(x, m, k, kp);
-            job.run(&xp, wb, 2, |xs, mr, ws, nr, acc| unsafe { avx2::tile_bf16(xs, mr, ws, nr, kp, acc) });
+            let xp = evens_then_odds(&pad(x, m, k, kp, 0.0, |v| v));
+            job.run(&xp, 2, |xs, mr, j, nr, acc| unsafe { avx2::tile_bf16(xs, mr, rows(wb, j, nr, kp), nr, kp, acc) });
         }
         (Storage::F32(wf), Isa::Avx2 | Isa::Avx512Bf16) => {
             let xp = pad_f32(x, m, k, kp);
-            job.run(&xp, wf, 4, |xs, mr, ws, nr, acc| unsafe { avx2::tile_f32(xs, mr, ws, nr, kp, acc) });
+            job.run(&xp, 4, |xs, mr, j, nr, acc| unsafe { avx2::tile_f32(xs, mr, rows(wf, j, nr, kp), nr, kp, acc) });
         }
-        (Storage::Bf16(wb), Isa::Scalar) => {
+        (Storage::Q8 { values, scales }, Isa::Avx2 | Isa::Avx512Bf16) => {
             let xp = pad_f32(x, m, k, kp);
-            job.run(&xp, wb, 2, |xs, mr, ws, nr, acc| scalar::tile(xs, mr, ws, nr, kp, acc, |v| bf16::from_bits(v).to_f32()));
+            let per_row = kp / Q8_BLOCK;
+            job.run(&xp, 1, |xs, mr, j, nr, acc| unsafe {
+                avx2::tile_q8(xs, mr, rows(values, j, nr, kp), rows(scales, j, nr, per_row), nr, kp, acc)
+            });
         }
-        (Storage::F32(wf), Isa::Scalar) => {
+        (_, Isa::Scalar) => {
             let xp = pad_f32(x, m, k, kp);
-            job.run(&xp, wf, 4, |xs, mr, ws, nr, acc| scalar::tile(xs, mr, ws, nr, kp, acc, |v| v));
+            job.run(&xp, 4, |xs, mr, j, nr, acc| scalar::tile(xs, mr, nr, kp, acc, |c, p| w.get(j + c, p)));
         }
     }
+}
+
+/// Within every run of 16 values, the 8 at even positions and then the 8 at odd ones: the order
+/// in which the AVX2 bf16 kernel unpacks weight pairs.
+fn evens_then_odds(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for run in x.chunks_exact(16) {
+        out.extend(run.iter().step_by(2));
+        out.extend(run.iter().skip(1).step_by(2));
+    }
+    out
+}
+
+/// Rows `j..j + nr` of a row-major matrix with rows of `len`.
+fn rows<T>(matrix: &[T], j: usize, nr: usize, len: usize) -> &[T] {
+    &matrix[j * len..(j + nr) * len]
 }
 
 /// Activations with rows padded to `kp` (borrowed as they are when no padding is needed).
@@ -102,14 +123,9 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Runs `kernel(x_rows, mr, w_rows, nr, acc)` over every tile, blocks of weight rows in parallel.
-    fn run<X: Sync, W: Sync>(
-        &self,
-        x: &[X],
-        w: &[W],
-        weight_bytes: usize,
-        kernel: impl Fn(&[X], usize, &[W], usize, &mut Tile) + Sync,
-    ) {
+    /// Runs `kernel(x_rows, mr, first_weight_row, nr, acc)` over every tile, blocks of weight
+    /// rows in parallel; `weight_bytes` per element sizes the blocks.
+    fn run<X: Sync>(&self, x: &[X], weight_bytes: usize, kernel: impl Fn(&[X], usize, usize, usize, &mut Tile) + Sync) {
         let (m, n, kp) = (self.m, self.n, self.kp);
         let block = block_rows(n, kp * weight_bytes);
         let out = self.out;
@@ -124,7 +140,7 @@ impl Job<'_> {
                 while j < n1 {
                     let nr = nr_main.min(n1 - j);
                     let mut acc: Tile = [[0.0; NR_MAX]; MR_MAX];
-                    kernel(&x[i * kp..(i + mr) * kp], mr, &w[j * kp..(j + nr) * kp], nr, &mut acc);
+                    kernel(&x[i * kp..(i + mr) * kp], mr, j, nr, &mut acc);
                     for (r, row) in acc.iter().enumerate().take(mr) {
                         for (c, &v) in row.iter().enumerate().take(nr) {
                             let b = self.bias.map_or(0.0, |b| b[j + c]);

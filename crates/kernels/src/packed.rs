@@ -1,16 +1,23 @@
 //! Weight matrices in the layout the kernels read: `[n, k]` rows (one per output), each padded
-//! with zeros to a multiple of [`K_ALIGN`] so the inner loops never handle a ragged tail.
+//! with zeros to a multiple of [`K_ALIGN`] so the inner loops never handle a ragged tail, in
+//! f32, bf16 or 8-bit blocks.
 
 use half::bf16;
 
 /// Row length granularity: one AVX-512 register of bf16 pairs.
 pub const K_ALIGN: usize = 32;
 
+/// Weights per scale in [`WeightFormat::Q8`] (as in ggml's q8_0).
+pub const Q8_BLOCK: usize = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
     F32,
     /// Brain float: the top 16 bits of an f32 (rounded to nearest even when converted).
     Bf16,
+    /// 8-bit integers with one f32 scale per block of 32 along each row (ggml's q8_0 layout,
+    /// with an f32 rather than f16 scale): 9 bits per weight.
+    Q8,
 }
 
 #[derive(Debug, Clone)]
@@ -18,6 +25,11 @@ pub(crate) enum Storage {
     F32(Vec<f32>),
     /// bf16 bit patterns.
     Bf16(Vec<u16>),
+    /// Row-major values and `[n, kp / Q8_BLOCK]` scales.
+    Q8 {
+        values: Vec<i8>,
+        scales: Vec<f32>,
+    },
 }
 
 /// A linear layer's weight, `n` outputs by `k` inputs, ready for [`crate::matmul`].
@@ -38,6 +50,7 @@ impl PackedWeight {
         let storage = match format {
             WeightFormat::F32 => Storage::F32(pad_rows(values, n, k, kp, 0.0, |v| v)),
             WeightFormat::Bf16 => Storage::Bf16(pad_rows(values, n, k, kp, 0, |v| bf16::from_f32(v).to_bits())),
+            WeightFormat::Q8 => quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v)),
         };
         PackedWeight { n, k, kp, storage }
     }
@@ -61,6 +74,7 @@ impl PackedWeight {
         match self.storage {
             Storage::F32(_) => WeightFormat::F32,
             Storage::Bf16(_) => WeightFormat::Bf16,
+            Storage::Q8 { .. } => WeightFormat::Q8,
         }
     }
 
@@ -69,11 +83,29 @@ impl PackedWeight {
         match &self.storage {
             Storage::F32(v) => v.len() * 4,
             Storage::Bf16(v) => v.len() * 2,
+            Storage::Q8 { values, scales } => values.len() + scales.len() * 4,
+        }
+    }
+
+    /// Element `(row, col)` as the kernels see it (after rounding or quantization).
+    pub fn get(&self, row: usize, col: usize) -> f32 {
+        let i = row * self.kp + col;
+        match &self.storage {
+            Storage::F32(v) => v[i],
+            Storage::Bf16(v) => bf16::from_bits(v[i]).to_f32(),
+            Storage::Q8 { values, scales } => values[i] as f32 * scales[i / Q8_BLOCK],
         }
     }
 }
 
-fn pad_rows<S: Copy, T: Copy>(values: &[S], n: usize, k: usize, kp: usize, zero: T, convert: impl Fn(S) -> T) -> Vec<T> {
+fn pad_rows<S: Copy, T: Copy>(
+    values: &[S],
+    n: usize,
+    k: usize,
+    kp: usize,
+    zero: T,
+    convert: impl Fn(S) -> T,
+) -> Vec<T> {
     let mut out = vec![zero; n * kp];
     for (dst, src) in out.chunks_exact_mut(kp).zip(values.chunks_exact(k.max(1))) {
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -81,4 +113,19 @@ fn pad_rows<S: Copy, T: Copy>(values: &[S], n: usize, k: usize, kp: usize, zero:
         }
     }
     out
+}
+
+/// Symmetric 8-bit quantization of padded rows, one scale per block of [`Q8_BLOCK`]: the block's
+/// largest magnitude maps to 127.
+fn quantize_q8(padded: &[f32]) -> Storage {
+    let mut values = Vec::with_capacity(padded.len());
+    let mut scales = Vec::with_capacity(padded.len() / Q8_BLOCK);
+    for block in padded.chunks_exact(Q8_BLOCK) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        values.extend(block.iter().map(|v| (v * inverse).round().clamp(-127.0, 127.0) as i8));
+        scales.push(scale);
+    }
+    Storage::Q8 { values, scales }
 }

@@ -23,14 +23,18 @@ fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-/// `y = x W^T + b` in f64, with the weights as the kernels hold them (rounded for bf16) and, for
-/// AVX-512 BF16, the activations rounded to bf16 too. Also returns `sum |x| |w|` per output, the
-/// scale of the rounding error.
-fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, k: usize, n: usize, format: WeightFormat, isa: Isa) -> (Vec<f64>, Vec<f64>) {
+/// `y = x W^T + b` in f64, with the weights as the kernels hold them (rounded or quantized) and,
+/// for AVX-512 BF16, the activations rounded to bf16 too. Also returns `sum |x| |w|` per output,
+/// the scale of the rounding error.
+fn reference(x: &[f32], packed: &PackedWeight, b: &[f32], m: usize, isa: Isa) -> (Vec<f64>, Vec<f64>) {
+    let (n, k, format) = (packed.rows(), packed.cols(), packed.format());
     let round = |v: f32| bf16::from_f32(v).to_f32();
-    let w: Vec<f32> = if format == WeightFormat::Bf16 { w.iter().map(|&v| round(v)).collect() } else { w.to_vec() };
-    let x: Vec<f32> =
-        if format == WeightFormat::Bf16 && isa == Isa::Avx512Bf16 { x.iter().map(|&v| round(v)).collect() } else { x.to_vec() };
+    let w: Vec<f32> = (0..n * k).map(|i| packed.get(i / k, i % k)).collect();
+    let x: Vec<f32> = if format == WeightFormat::Bf16 && isa == Isa::Avx512Bf16 {
+        x.iter().map(|&v| round(v)).collect()
+    } else {
+        x.to_vec()
+    };
     let mut y = vec![0.0; m * n];
     let mut scale = vec![0.0; m * n];
     for i in 0..m {
@@ -57,18 +61,24 @@ fn every_path_matches_the_naive_product() {
         let x = random(m * k, &mut rng);
         let w = random(n * k, &mut rng);
         let b = random(n, &mut rng);
-        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
             let packed = PackedWeight::from_f32(&w, n, k, format);
             assert_eq!((packed.rows(), packed.cols(), packed.format()), (n, k, format));
             for &isa in &isas {
-                let (want, scale) = reference(&x, &w, &b, m, k, n, format, isa);
+                let (want, scale) = reference(&x, &packed, &b, m, isa);
                 let mut got = vec![f32::NAN; m * n];
                 matmul_with(isa, &x, m, &packed, Some(&b), &mut got);
                 for idx in 0..m * n {
                     // f32 accumulation error grows with k; bias and rounding are already in `want`.
                     let tol = 1e-5 * scale[idx] + 1e-6 + 2e-7 * k as f64 * scale[idx];
                     let err = (got[idx] as f64 - want[idx]).abs();
-                    assert!(err <= tol, "{m}x{k}x{n} {format:?} on {}: [{idx}] {} vs {} (tol {tol})", isa.name(), got[idx], want[idx]);
+                    assert!(
+                        err <= tol,
+                        "{m}x{k}x{n} {format:?} on {}: [{idx}] {} vs {} (tol {tol})",
+                        isa.name(),
+                        got[idx],
+                        want[idx]
+                    );
                 }
             }
         }
@@ -83,6 +93,25 @@ fn bf16_bits_load_unrounded_and_no_bias_means_zero() {
         let mut y = vec![0.0; 2];
         matmul_with(isa, &[1.0, 2.0, 4.0], 1, &packed, None, &mut y);
         assert_eq!(y, vec![1.5 - 4.0 + 1.0, 3.0 + 1.0 - 4.0], "{}", isa.name());
+    }
+}
+
+#[test]
+fn q8_blocks_keep_each_weight_within_half_a_step() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (n, k) = (5, 70);
+    let w = random(n * k, &mut rng);
+    let packed = PackedWeight::from_f32(&w, n, k, WeightFormat::Q8);
+    assert!(packed.bytes() < n * 96 * 2, "{} bytes", packed.bytes());
+    for row in 0..n {
+        for block in (0..k).step_by(32) {
+            let cols = block..(block + 32).min(k);
+            let amax = cols.clone().map(|c| w[row * k + c].abs()).fold(0.0f32, f32::max);
+            for c in cols {
+                let err = (packed.get(row, c) - w[row * k + c]).abs();
+                assert!(err <= amax / 254.0 * 1.0001, "({row}, {c}): {err} vs step {}", amax / 127.0);
+            }
+        }
     }
 }
 

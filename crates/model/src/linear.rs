@@ -1,7 +1,7 @@
 //! The one linear-layer abstraction, `y = x W^T + b`, used by every projection of the vision
 //! tower, the projector and the language model. The weight format is chosen at load time:
-//! exact f32 and bf16 on Weft's own CPU kernels, q8_0/q4k through candle's quantized matmul, and
-//! candle's matmul for f16 or on a GPU.
+//! exact f32, bf16 and q8_0 on Weft's own CPU kernels, q4k through candle's quantized matmul,
+//! and candle's matmul for f16 or on a GPU.
 
 use crate::error::{ModelError, Result};
 use crate::weights::Scope;
@@ -18,9 +18,11 @@ pub enum LinearFormat {
     Dense,
     /// bf16 weights, f32 activations: half the memory traffic of f32.
     Bf16,
-    /// 8-bit blocks of 32 (8.5 bits per weight), quantized at load time.
+    /// 8-bit weights with one scale per block of 32 (9 bits per weight), quantized at load time
+    /// and multiplied by Weft's kernels with f32 activations.
     Q8_0,
-    /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight), quantized at load time.
+    /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight), quantized at load time and
+    /// multiplied by candle's ggml-style kernels (which quantize activations to 8 bits too).
     /// Layers whose input size is not a multiple of 256 fall back to q8_0.
     Q4K,
 }
@@ -80,11 +82,9 @@ impl Linear {
             }
             LinearFormat::Dense => packed(WeightFormat::F32)?,
             LinearFormat::Bf16 => packed(WeightFormat::Bf16)?,
-            // ggml blocks span 32 (q8_0) or 256 (k-quants) inputs; other sizes take the next
-            // finer format rather than failing the load.
+            // k-quant super-blocks span 256 inputs; other sizes take q8_0 rather than failing.
             LinearFormat::Q4K if in_dim % 256 == 0 => quantized(GgmlDType::Q4K)?,
-            LinearFormat::Q4K | LinearFormat::Q8_0 if in_dim % 32 == 0 => quantized(GgmlDType::Q8_0)?,
-            LinearFormat::Q4K | LinearFormat::Q8_0 => packed(WeightFormat::Bf16)?,
+            LinearFormat::Q4K | LinearFormat::Q8_0 => packed(WeightFormat::Q8)?,
         };
         let bias_f32 = match (&backend, &bias) {
             (Backend::Packed(_), Some(b)) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),

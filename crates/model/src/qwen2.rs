@@ -9,9 +9,13 @@ use crate::linear::Linear;
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
 
-/// Queries are processed in blocks of this many rows, so a long prompt never materialises its
-/// full `T x T` score matrix.
+/// Queries are processed in blocks of at most this many rows, so a long prompt never
+/// materialises its full `T x T` score matrix...
 const QUERY_BLOCK: usize = 512;
+/// ...and fewer when the context is long: one block's scores (all heads) stay under this many
+/// bytes. A 16-frame video (11,664 tokens) then works in blocks of 51 rows, 33 MB of scores,
+/// where its full matrix would be 16 x 11,664^2 x 4 bytes = 8.7 GB.
+const SCORE_BLOCK_BYTES: usize = 32 << 20;
 
 /// One sequence's share of a forward pass.
 pub struct SeqInput<'a> {
@@ -96,7 +100,8 @@ impl Attention {
         for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
             let past = seq.cache.len();
             let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
-            let out = causal_attention(&q.narrow(1, start, len)?, &keys, &values, past, self.kv_heads)?;
+            let block = query_block_rows(self.heads, keys.dim(1)?);
+            let out = causal_attention(&q.narrow(1, start, len)?, &keys, &values, past, self.kv_heads, block)?;
             outputs.push(out);
         }
         // [heads, T, hd] -> [T, heads * hd]
@@ -108,15 +113,22 @@ impl Attention {
 /// Attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over `keys`/`values`
 /// (`[kv_heads, past + t, hd]`). Query heads that share a KV head are folded into one batch
 /// row, so grouped-query attention never copies the cache.
-fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, kv_heads: usize) -> Result<Tensor> {
+fn causal_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    past: usize,
+    kv_heads: usize,
+    block: usize,
+) -> Result<Tensor> {
     let (heads, t, hd) = q.dims3()?;
     let group = heads / kv_heads;
     let kv_len = keys.dim(1)?;
     let scale = (hd as f64).powf(-0.5);
     let keys_t = keys.t()?;
-    let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-    for block_start in (0..t).step_by(QUERY_BLOCK) {
-        let rows = QUERY_BLOCK.min(t - block_start);
+    let mut blocks = Vec::with_capacity(t.div_ceil(block));
+    for block_start in (0..t).step_by(block) {
+        let rows = block.min(t - block_start);
         let qb = q.narrow(1, block_start, rows)?.reshape((kv_heads, group * rows, hd))?;
         let scores = (qb.matmul(&keys_t)? * scale)?;
         let scores = match causal_mask(rows, kv_len, past + block_start, q.device())? {
@@ -131,6 +143,11 @@ fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, kv_
         blocks.push(probs.matmul(values)?.reshape((heads, rows, hd))?);
     }
     Ok(Tensor::cat(&blocks, 1)?)
+}
+
+/// Query rows per attention block for `heads` heads over `kv_len` keys.
+fn query_block_rows(heads: usize, kv_len: usize) -> usize {
+    (SCORE_BLOCK_BYTES / (heads * kv_len * 4).max(1)).clamp(1, QUERY_BLOCK)
 }
 
 /// `[rows, kv_len]` additive mask for queries at absolute positions `first..first + rows`;
@@ -291,8 +308,23 @@ impl Qwen2 {
 
 #[cfg(test)]
 mod tests {
-    use super::causal_mask;
-    use candle_core::Device;
+    use super::{causal_attention, causal_mask, query_block_rows};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn block_size_does_not_change_attention() {
+        let dev = Device::Cpu;
+        // 4 query heads sharing 2 KV heads; 7 new queries after 5 cached positions.
+        let q = Tensor::randn(0f32, 1.0, (4, 7, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 12, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 12, 8), &dev).unwrap();
+        let whole = causal_attention(&q, &k, &v, 5, 2, 512).unwrap();
+        for block in [1, 2, 3] {
+            let blocked = causal_attention(&q, &k, &v, 5, 2, block).unwrap();
+            let diff = (&whole - &blocked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "block {block}: {diff}");
+        }
+    }
 
     #[test]
     fn mask_lets_each_query_see_its_past_only() {
@@ -300,5 +332,15 @@ mod tests {
         assert_eq!(m[0], vec![0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0, 0.0, 0.0, 0.0]);
         assert!(causal_mask(1, 5, 4, &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn long_contexts_use_smaller_query_blocks() {
+        assert_eq!(query_block_rows(14, 100), 512);
+        // 16 video frames with the 0.5b model's 14 heads: about 33 MB of scores per block.
+        let rows = query_block_rows(14, 11_664);
+        assert_eq!(rows, 51);
+        assert!(14 * rows * 11_664 * 4 <= 32 << 20);
+        assert_eq!(query_block_rows(64, 1 << 20), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! Safetensors weights of a checkpoint: memory-mapped, single or sharded, in either name layout.
 
-use crate::linear::LinearFormat;
 use crate::error::{ModelError, Result};
+use crate::linear::LinearFormat;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
