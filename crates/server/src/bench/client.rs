@@ -100,10 +100,7 @@ async fn exchange(
                 return Err(format!("error in stream: {error}"));
             }
             read_usage(&chunk, &mut sample);
-            let carries_text = chunk["choices"].as_array().is_some_and(|choices| {
-                choices.iter().any(|c| c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()))
-            });
-            if carries_text {
+            if carries_token(&chunk) {
                 let now = sent.elapsed().as_secs_f64();
                 match last_token {
                     None => sample.ttft = Some(now),
@@ -119,6 +116,16 @@ async fn exchange(
         sample.output_tokens = text_chunks;
     }
     Ok(sample)
+}
+
+/// Whether a stream chunk delivers a token: text, or a logprobs entry (a token with empty text).
+fn carries_token(chunk: &serde_json::Value) -> bool {
+    chunk["choices"].as_array().is_some_and(|choices| {
+        choices.iter().any(|c| {
+            c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())
+                || c["logprobs"]["content"].as_array().is_some_and(|l| !l.is_empty())
+        })
+    })
 }
 
 fn read_usage(value: &serde_json::Value, sample: &mut Sample) {

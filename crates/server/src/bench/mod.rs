@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Stream the answers (needed for time to first token and inter-token latency).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub stream: bool,
+    /// Ask for logprobs, so that every token is streamed even when its text is empty (random-weight
+    /// checkpoints often generate special tokens, whose text is empty and which servers then
+    /// do not stream at all, leaving nothing to time).
+    #[arg(long)]
+    pub logprobs: bool,
     /// Do not send `ignore_eos` (for servers that reject unknown fields).
     #[arg(long)]
     pub no_ignore_eos: bool,

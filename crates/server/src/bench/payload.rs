@@ -45,6 +45,9 @@ fn body(args: &BenchArgs, model: &str, rng: &mut StdRng) -> anyhow::Result<Value
     if args.stream {
         body["stream_options"] = json!({"include_usage": true});
     }
+    if args.logprobs {
+        body["logprobs"] = json!(true);
+    }
     if !args.no_ignore_eos {
         body["ignore_eos"] = json!(true);
     }
