@@ -17,6 +17,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def transformers_session(model_dir: Path, dtype: str):
     return torch, model, processor, Image.open(IMAGE), torch_dtype
 
 
+class TokenClock:
+    """A generate() streamer that only notes when each token arrives (the first call is the
+    prompt), so that time to first token and the decode rate come from one generate call."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> list:
     torch, model, processor, image, torch_dtype = transformers_session(model_dir, dtype)
     prompt = f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
@@ -87,15 +102,15 @@ def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> li
             model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-1,
                                      vision_feature_select_strategy="full")
             vision = time.perf_counter() - t0
+            clock = TokenClock()
             t0 = time.perf_counter()
             inputs = processor(text=prompt, images=[image], return_tensors="pt")
             inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
-            ttft = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)
-            total = time.perf_counter() - t0
-            out.append({"vision_s": vision, "ttft_s": ttft, "decode_tok_s": tokens / max(total - ttft, 1e-9)})
+            model.generate(**inputs, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False,
+                           streamer=clock)
+            first, last = clock.times[1], clock.times[-1]
+            out.append({"vision_s": vision, "ttft_s": first - t0,
+                        "decode_tok_s": (len(clock.times) - 2) / max(last - first, 1e-9)})
     return out[1:]
 
 
@@ -124,7 +139,7 @@ def transformers_child(args) -> None:
 
 
 def run_child(args, kind: str, dtype: str) -> dict:
-    cmd = ["python", __file__, "--model", str(args.model), "--runs", str(args.runs), "--tokens", str(args.tokens),
+    cmd = [sys.executable, __file__, "--model", str(args.model), "--runs", str(args.runs), "--tokens", str(args.tokens),
            "--child", kind, "--dtype", dtype]
     return json.loads(subprocess.run(pinned(cmd), capture_output=True, text=True, check=True).stdout)
 
@@ -136,6 +151,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--weft", type=Path, default=ROOT / "target/release/weft")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--keep-weft", type=Path, help="reuse the Weft rows of an earlier --json output")
     ap.add_argument("--child", choices=["single", "batch"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,7 +159,10 @@ def main() -> None:
         return transformers_child(args)
 
     results = {}
-    for fmt in WEFT_FORMATS:
+    if args.keep_weft:
+        kept = json.loads(args.keep_weft.read_text())
+        results = {k: v for k, v in kept.items() if k.startswith("weft ")}
+    for fmt in WEFT_FORMATS if not results else []:
         weft_run(args.weft, args.model, fmt, 2)  # warm the page cache
         rows = [weft_run(args.weft, args.model, fmt, args.tokens) for _ in range(args.runs)]
         results[f"weft {fmt}"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

@@ -29,8 +29,8 @@ fn main() {
     ];
     println!("isa {:?}, {} threads", Isa::detected(), rayon::current_num_threads());
     println!(
-        "{:<18}{:>6}{:>6}{:>8} {:>14}{:>14}{:>14}{:>14}",
-        "shape", "m", "k", "n", "candle f32", "ours f32", "ours bf16", "scalar bf16"
+        "{:<18}{:>6}{:>6}{:>8} {:>14}{:>14}{:>14}{:>14}{:>14}",
+        "shape", "m", "k", "n", "candle f32", "ours f32", "ours bf16", "ours q8", "scalar bf16"
     );
     for (name, m, k, n) in shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();

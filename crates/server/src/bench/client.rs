@@ -12,6 +12,8 @@ pub struct Sample {
     pub inter_token: Vec<f64>,
     pub latency: f64,
     pub prompt_tokens: usize,
+    /// Prompt tokens the server reported as served from its prefix cache.
+    pub cached_tokens: usize,
     pub output_tokens: usize,
 }
 
@@ -132,6 +134,9 @@ fn read_usage(value: &serde_json::Value, sample: &mut Sample) {
     let usage = &value["usage"];
     if let Some(p) = usage["prompt_tokens"].as_u64() {
         sample.prompt_tokens = p as usize;
+    }
+    if let Some(c) = usage["prompt_tokens_details"]["cached_tokens"].as_u64() {
+        sample.cached_tokens = c as usize;
     }
     if let Some(c) = usage["completion_tokens"].as_u64() {
         sample.output_tokens = c as usize;

@@ -95,9 +95,11 @@ async fn run_all(args: BenchArgs) -> anyhow::Result<()> {
         Some(m) => m.clone(),
         None => client::first_model(&http, &base, args.api_key.as_deref()).await?,
     };
-    let payloads = Arc::new(payload::build(&args, &model)?);
     let mut results = Vec::new();
-    for &concurrency in &args.concurrency {
+    for (level, &concurrency) in args.concurrency.iter().enumerate() {
+        // New prompts and media for every level: a level must not hit the caches that the
+        // previous one filled.
+        let payloads = Arc::new(payload::build(&args, &model, args.seed.wrapping_add(level as u64 * 7919))?);
         let label = match args.request_rate {
             Some(rate) => format!("rate {rate}/s, max concurrency {concurrency}"),
             None => format!("concurrency {concurrency}"),

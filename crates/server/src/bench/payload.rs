@@ -17,9 +17,9 @@ const WORDS: &[&str] = &[
     "time", "people", "water", "light", "house", "river", "city", "music", "green", "small", "large", "day",
 ];
 
-/// One body per request.
-pub fn build(args: &BenchArgs, model: &str) -> anyhow::Result<Vec<Value>> {
-    let mut rng = StdRng::seed_from_u64(args.seed);
+/// One body per request, drawn from `seed`.
+pub fn build(args: &BenchArgs, model: &str, seed: u64) -> anyhow::Result<Vec<Value>> {
+    let mut rng = StdRng::seed_from_u64(seed);
     (0..args.num_requests).map(|_| body(args, model, &mut rng)).collect()
 }
 
@@ -125,7 +125,9 @@ mod tests {
             "32",
         ])
         .args;
-        let bodies = build(&args, "m").unwrap();
+        let bodies = build(&args, "m", 0).unwrap();
+        let other_level = build(&args, "m", 1).unwrap();
+        assert_ne!(bodies[0]["messages"], other_level[0]["messages"]);
         assert_eq!(bodies.len(), 2);
         let content = bodies[0]["messages"][0]["content"].as_array().unwrap();
         let kinds: Vec<&str> = content.iter().map(|p| p["type"].as_str().unwrap()).collect();

@@ -44,6 +44,8 @@ pub struct RunResult {
     pub output_tokens_per_s: f64,
     pub total_tokens_per_s: f64,
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the server's prefix cache (when it reports them).
+    pub cached_prompt_tokens: usize,
     pub output_tokens: usize,
     pub ttft_ms: Option<Distribution>,
     /// Time per output token after the first, per request.
@@ -84,6 +86,7 @@ pub fn summarize(
         output_tokens_per_s: output_tokens as f64 / duration,
         total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / duration,
         prompt_tokens,
+        cached_prompt_tokens: ok.iter().map(|s| s.cached_tokens).sum(),
         output_tokens,
         ttft_ms: Distribution::of_seconds(&ttft),
         tpot_ms: Distribution::of_seconds(&tpot),
@@ -121,6 +124,7 @@ pub fn print_tables(meta: &Meta, runs: &[RunResult]) {
         println!("{:<34}{:>12}", "Failed requests:", run.failed);
         println!("{:<34}{:>12.2}", "Benchmark duration (s):", run.duration_s);
         println!("{:<34}{:>12}", "Total input tokens:", run.prompt_tokens);
+        println!("{:<34}{:>12}", "  of which prefix-cached:", run.cached_prompt_tokens);
         println!("{:<34}{:>12}", "Total generated tokens:", run.output_tokens);
         println!("{:<34}{:>12.3}", "Request throughput (req/s):", run.request_throughput);
         println!("{:<34}{:>12.2}", "Output token throughput (tok/s):", run.output_tokens_per_s);
