@@ -42,7 +42,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option
             });
         }
         (Storage::Bf16(wb), Isa::Avx2) => {
-            let xp = evens_then_odds(&pad(x, m, k, kp, 0.0, |v| v));
+            let xp = pad_evens_then_odds(x, m, k, kp);
             job.run(&xp, 2, |xs, mr, j, nr, acc| unsafe { avx2::tile_bf16(xs, mr, rows(wb, j, nr, kp), nr, kp, acc) });
         }
         (Storage::F32(wf), Isa::Avx2 | Isa::Avx512Bf16) => {
@@ -63,13 +63,18 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option
     }
 }
 
-/// Within every run of 16 values, the 8 at even positions and then the 8 at odd ones: the order
-/// in which the AVX2 bf16 kernel unpacks weight pairs.
-fn evens_then_odds(x: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for run in x.chunks_exact(16) {
-        out.extend(run.iter().step_by(2));
-        out.extend(run.iter().skip(1).step_by(2));
+/// Activations padded to `kp` and, within every run of 16 values, reordered to the 8 at even
+/// positions then the 8 at odd ones (the order in which the AVX2 bf16 kernel unpacks weight
+/// pairs), in one pass: this runs on every decode step.
+fn pad_evens_then_odds(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * kp];
+    if k > 0 {
+        for (dst, src) in out.chunks_exact_mut(kp).zip(x.chunks_exact(k)) {
+            for (p, &v) in src.iter().enumerate() {
+                let (run, j) = (p / 16, p % 16);
+                dst[run * 16 + if j % 2 == 0 { j / 2 } else { 8 + j / 2 }] = v;
+            }
+        }
     }
     out
 }
