@@ -1,5 +1,7 @@
 //! Weft's own CPU kernels: the linear-layer product `y = x W^T (+ b)` with f32 activations and
-//! f32 or bf16 weights, on all cores through rayon's global pool (the one candle uses too).
+//! f32, bf16 or 8-bit weights, on all cores through rayon's global pool (the one candle uses
+//! too). Few rows (decode) run dot-product tiles that stream the weights; many rows (prefill,
+//! vision, batched decode) run an outer-product GEMM.
 //!
 //! The instruction set is picked once at run time: AVX-512 BF16 dot products where the CPU has
 //! them (bf16 weights only), AVX2 + FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2`
@@ -7,11 +9,13 @@
 
 mod avx2;
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod matmul;
 mod packed;
 mod scalar;
 
-pub use matmul::{matmul, matmul_with};
+pub use matmul::{matmul, matmul_using, matmul_with, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
 
 use std::sync::OnceLock;

@@ -1,7 +1,9 @@
-//! The driver: splits `y = x W^T` into blocks of weight rows that stay in L2, hands the blocks
-//! to rayon's pool, and walks each block in small register tiles computed by the ISA kernels.
+//! The driver: picks the loop nest (the outer-product GEMM of [`crate::gemm`] for many rows,
+//! dot-product tiles for few), and for the tiles splits `y = x W^T` into blocks of weight rows
+//! that stay in L2, hands the blocks to rayon's pool, and walks each block in small register
+//! tiles computed by the ISA kernels.
 
-use crate::packed::{PackedWeight, Storage, Q8_BLOCK};
+use crate::packed::{PackedWeight, Storage, WeightFormat, Q8_BLOCK};
 use crate::{avx2, avx512, scalar, Isa};
 use half::bf16;
 use rayon::prelude::*;
@@ -13,6 +15,19 @@ pub(crate) const NR_MAX: usize = 4;
 /// Dot products of one tile, `acc[r][c] = x_r . w_c`.
 pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
 
+/// Rows of `x` from which the outer-product GEMM ([`crate::gemm`]) beats the dot-product tiles,
+/// measured with `examples/gemm_vs_tiles.rs` on the language model's shapes: f32 weights, read
+/// in place, win from 16 rows (1.2-1.3x); 8-bit and bf16 weights are widened first, which pays
+/// from 32 rows (8-bit, 1.1-1.2x) and 64 (bf16, 0.96x at 32); at 512 rows the GEMM is 1.0-1.1x
+/// (f32), 1.2-1.8x (bf16) and 1.1-1.35x (8-bit).
+fn gemm_min_rows(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::F32 => 16,
+        WeightFormat::Q8 => 32,
+        WeightFormat::Bf16 => 64,
+    }
+}
+
 /// Bytes of weight rows one block keeps hot (half of a 512 KiB L2, leaving room for activations).
 const BLOCK_BYTES: usize = 256 * 1024;
 
@@ -21,8 +36,33 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: 
     matmul_with(Isa::active(), x, m, w, bias, out)
 }
 
+/// Which loop nest computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The GEMM from [`gemm_min_rows`] rows on, the tiles below.
+    Auto,
+    /// Dot-product tiles of up to 4x4 (what one or two rows need).
+    Tiles,
+    /// The outer-product GEMM of [`crate::gemm`], where it exists (AVX2, and not bf16 weights on
+    /// AVX-512 BF16); the tiles elsewhere.
+    Gemm,
+}
+
 /// As [`matmul`], on a given instruction set (which must be one of [`Isa::available`]).
 pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_using(isa, Kernel::Auto, x, m, w, bias, out)
+}
+
+/// As [`matmul_with`], with the loop nest chosen (for tests and benchmarks).
+pub fn matmul_using(
+    isa: Isa,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     assert_eq!(x.len(), m * k, "x must be {m}x{k}");
     assert_eq!(out.len(), m * n, "out must be {m}x{n}");
@@ -31,6 +71,17 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option
     }
     assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
     if m == 0 || n == 0 {
+        return;
+    }
+    let gemm = match kernel {
+        Kernel::Auto => m >= gemm_min_rows(w.format()),
+        Kernel::Tiles => false,
+        Kernel::Gemm => true,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if gemm && isa >= Isa::Avx2 && !(isa == Isa::Avx512Bf16 && matches!(w.storage, Storage::Bf16(_))) {
+        // SAFETY: AVX2 and FMA are available (isa <= detected).
+        unsafe { crate::gemm::gemm_avx2(&pad_f32(x, m, k, kp), m, w, bias, out) };
         return;
     }
     let job = Job { m, n, kp, bias, out: SharedOut(out.as_mut_ptr()) };

@@ -3,7 +3,7 @@
 
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{matmul_with, Isa, PackedWeight, WeightFormat};
+use weft_kernels::{matmul_using, matmul_with, Isa, Kernel, PackedWeight, WeightFormat};
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -17,7 +17,12 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (1, 4864, 50),
     (9, 65, 127),
     (33, 1152, 70),
+    (40, 600, 13),
+    (64, 520, 97),
 ];
+
+/// Both loop nests on every shape (the automatic choice only reaches each on some of them).
+const KERNELS: [Kernel; 3] = [Kernel::Auto, Kernel::Tiles, Kernel::Gemm];
 
 fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -64,17 +69,17 @@ fn every_path_matches_the_naive_product() {
         for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
             let packed = PackedWeight::from_f32(&w, n, k, format);
             assert_eq!((packed.rows(), packed.cols(), packed.format()), (n, k, format));
-            for &isa in &isas {
+            for (&isa, kernel) in isas.iter().flat_map(|i| KERNELS.iter().map(move |&k| (i, k))) {
                 let (want, scale) = reference(&x, &packed, &b, m, isa);
                 let mut got = vec![f32::NAN; m * n];
-                matmul_with(isa, &x, m, &packed, Some(&b), &mut got);
+                matmul_using(isa, kernel, &x, m, &packed, Some(&b), &mut got);
                 for idx in 0..m * n {
                     // f32 accumulation error grows with k; bias and rounding are already in `want`.
                     let tol = 1e-5 * scale[idx] + 1e-6 + 2e-7 * k as f64 * scale[idx];
                     let err = (got[idx] as f64 - want[idx]).abs();
                     assert!(
                         err <= tol,
-                        "{m}x{k}x{n} {format:?} on {}: [{idx}] {} vs {} (tol {tol})",
+                        "{m}x{k}x{n} {format:?} on {} {kernel:?}: [{idx}] {} vs {} (tol {tol})",
                         isa.name(),
                         got[idx],
                         want[idx]

@@ -40,6 +40,8 @@ enum Command {
 }
 
 fn main() {
+    size_the_compute_pool();
+    keep_freed_buffers();
     let matches = Cli::command().get_matches();
     let default_level = if matches.subcommand_name() == Some("serve") { "info" } else { "warn" };
     tracing_subscriber::fmt()
@@ -65,5 +67,28 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Fixes the compute pool's size before any thread starts: rayon's global pool (Weft's kernels)
+/// and candle's ops read the same `RAYON_NUM_THREADS`, so both use one thread per core. Setting
+/// it also stops candle 0.11 from re-reading /proc/cpuinfo on every matrix product (5% of a
+/// batched decode step here) to count the cores.
+fn size_the_compute_pool() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+}
+
+/// Every forward pass allocates and frees activation buffers of megabytes. glibc hands blocks
+/// over 128 KiB back to the kernel when freed, so each pass page-faulted its buffers in again
+/// (9% of a prefill step here); with these limits they stay in the heap for the next pass.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
