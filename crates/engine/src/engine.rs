@@ -330,7 +330,17 @@ impl Engine {
             }
         }
         let rows = if rows.is_empty() { None } else { Some(Tensor::cat(&rows, 0)?) };
-        self.model.embed(&seq.tokens[from..to], rows.as_ref())
+        // Only the prompt has image slots; generated tokens (recomputed after a preemption, or
+        // fed back one by one) are text even when the model sampled the image token's id.
+        let split = to.min(req.prompt.len()).max(from);
+        let mut parts = Vec::with_capacity(2);
+        if from < split {
+            parts.push(self.model.embed(&seq.tokens[from..split], rows.as_ref())?);
+        }
+        if split < to {
+            parts.push(self.model.embed_generated(&seq.tokens[split..to])?);
+        }
+        Ok(if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? })
     }
 
     fn run_chunks(&mut self, chunks: &[(u64, usize)]) -> weft_model::Result<()> {
@@ -352,6 +362,7 @@ impl Engine {
             chunks.iter().map(|(id, _)| self.seqs.get_mut(id).unwrap().cache.take().expect("running")).collect();
         let wants: Vec<bool> =
             chunks.iter().map(|&(id, n)| self.seqs[&id].computed() + n == self.seqs[&id].tokens.len()).collect();
+        let started = Instant::now();
         let result = {
             let mut inputs: Vec<SeqInput> = caches
                 .iter_mut()
@@ -365,12 +376,20 @@ impl Engine {
             self.seqs.get_mut(id).unwrap().restore_cache(cache);
         }
         let logits = result?;
+        let forward = started.elapsed();
         let Some(logits) = logits else { return Ok(()) };
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
         for (id, row) in finishing.into_iter().zip(rows) {
             self.after_logits(id, &row)?;
         }
+        tracing::debug!(
+            seqs = chunks.len(),
+            tokens = chunks.iter().map(|c| c.1).sum::<usize>(),
+            forward_ms = forward.as_secs_f64() * 1e3,
+            sample_ms = (started.elapsed() - forward).as_secs_f64() * 1e3,
+            "step"
+        );
         Ok(())
     }
 

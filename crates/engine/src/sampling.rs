@@ -132,8 +132,9 @@ pub fn apply_penalties(scores: &mut [f32], p: &SamplingParams, prompt: &[u32], g
     }
 }
 
-/// Tokens that survive temperature, top-k, top-p and min-p, with their probabilities,
-/// most likely first.
+/// Tokens that survive temperature, top-k, top-p and min-p, with their probabilities: most
+/// likely first when top-k or top-p cut the list, in token order otherwise (an exact draw
+/// needs no order, and sorting a 152k vocabulary cost 2 ms per sequence and step).
 pub fn filtered_candidates(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let t = p.temperature.max(1e-5) as f64;
     let mut order: Vec<u32> = (0..scores.len() as u32).filter(|&i| scores[i as usize].is_finite()).collect();
@@ -141,34 +142,39 @@ pub fn filtered_candidates(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f64)
         return vec![(argmax(scores), 1.0)];
     }
     let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]);
-    if p.top_k > 0 && p.top_k < order.len() {
+    let top_k = p.top_k > 0 && p.top_k < order.len();
+    if top_k {
         order.select_nth_unstable_by(p.top_k - 1, by_score);
         order.truncate(p.top_k);
     }
-    order.sort_unstable_by(by_score);
-    let max = scores[order[0] as usize] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((scores[i as usize] as f64 - max) / t).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|x| *x /= total);
-    let mut keep = probs.len();
+    if top_k || p.top_p < 1.0 {
+        order.sort_unstable_by(by_score);
+    }
+    let max = order.iter().map(|&i| scores[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+    // exp in f32 (a third of the time of f64 over the vocabulary), sums in f64.
+    let inv_t = (1.0 / t) as f32;
+    let mut candidates: Vec<(u32, f64)> =
+        order.into_iter().map(|i| (i, ((scores[i as usize] - max) * inv_t).exp() as f64)).collect();
+    let total: f64 = candidates.iter().map(|c| c.1).sum();
+    candidates.iter_mut().for_each(|c| c.1 /= total);
     if p.min_p > 0.0 {
-        let floor = probs[0] * p.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        // The most likely token has probability 1 / total; order is kept.
+        let floor = p.min_p as f64 / total;
+        candidates.retain(|c| c.1 >= floor);
     }
     if p.top_p < 1.0 {
         let mut mass = 0.0;
-        let mut n = 0;
-        for &x in &probs[..keep] {
-            n += 1;
-            mass += x;
-            if mass >= p.top_p as f64 {
-                break;
-            }
-        }
-        keep = n.max(1);
+        let inside = candidates.iter().take_while(|c| {
+            let before = mass;
+            mass += c.1;
+            before < p.top_p as f64
+        });
+        let keep = inside.count().max(1);
+        candidates.truncate(keep);
     }
-    let kept: f64 = probs[..keep].iter().sum();
-    order.into_iter().zip(probs).take(keep).map(|(id, x)| (id, x / kept)).collect()
+    let kept: f64 = candidates.iter().map(|c| c.1).sum();
+    candidates.iter_mut().for_each(|c| c.1 /= kept);
+    candidates
 }
 
 /// Inverse-CDF draw: `draw` in [0, 1).
@@ -185,8 +191,8 @@ pub fn pick(candidates: &[(u32, f64)], draw: f64) -> u32 {
 
 /// Log-softmax of the raw logits at `token`, plus the `k` most likely tokens.
 pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_total = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = logits.iter().map(|&x| (x - max).exp() as f64).sum::<f64>().ln() + max as f64;
     let lp = |i: u32| (logits[i as usize] as f64 - log_total) as f32;
     let mut top: Vec<u32> = (0..logits.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
@@ -238,6 +244,16 @@ mod tests {
         let p = SamplingParams { temperature: 1.0, min_p: 0.3, ..Default::default() };
         // p(2)/p(3) = e^-1 = 0.37 >= 0.3, p(1)/p(3) = e^-2 < 0.3
         assert_eq!(filtered_candidates(&scores, &p).len(), 2);
+    }
+
+    #[test]
+    fn without_a_cut_every_token_stays_in_token_order() {
+        let scores = [0.0f32, 2.0, f32::NEG_INFINITY, 1.0];
+        let c = filtered_candidates(&scores, &SamplingParams { temperature: 0.5, ..Default::default() });
+        assert_eq!(c.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 1, 3]);
+        let total = 1.0 + 4f64.exp() + 2f64.exp();
+        assert!((c[1].1 - 4f64.exp() / total).abs() < 1e-6);
+        assert!((c.iter().map(|c| c.1).sum::<f64>() - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -131,6 +131,29 @@ fn preemption_under_a_tiny_kv_budget_keeps_outputs() {
 }
 
 #[test]
+fn a_sampled_image_token_is_just_a_token() {
+    let s = start(EngineConfig { prefix_caching: false, ..Default::default() });
+    let image_token = s.tokenizer.image_token_id();
+    let mut r = ask(&s, "What is this?", &["square.png"], 6);
+    r.sampling.logit_bias.insert(image_token, 100.0);
+    let out = run_one(&s, r.clone());
+    assert_eq!(out.ids, vec![image_token; 6], "the bias makes the image token the greedy choice");
+    // Recomputed after preemption too: the generated ones are embedded as text, the prompt's
+    // slots from the image.
+    let bytes_per_token = 2 * 2 * 2 * 16 * 4; // as in the preemption test
+    let tight = start(EngineConfig {
+        prefix_caching: false,
+        kv_cache_memory: (2 * r.prompt_ids.len() + 4) * bytes_per_token,
+        ..Default::default()
+    });
+    let streams: Vec<_> = (0..2).map(|_| tight.handle.submit(r.clone()).unwrap()).collect();
+    for st in streams {
+        assert_eq!(collect(st, 1)[0].ids, out.ids);
+    }
+    assert!(tight.handle.stats().preemptions_total > 0);
+}
+
+#[test]
 fn dropping_the_stream_cancels_and_frees_kv() {
     let s = start(EngineConfig { prefix_caching: false, ..Default::default() });
     let mut stream = s.handle.submit(ask(&s, "What is this?", &["square.png"], 10_000)).unwrap();

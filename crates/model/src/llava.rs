@@ -145,6 +145,12 @@ impl LlavaModel {
         Ok(Tensor::cat(&pieces, 0)?)
     }
 
+    /// Embeddings of generated tokens: a sampled image token id is an ordinary token here (as
+    /// in transformers, which fills image features only where the prompt had them).
+    pub fn embed_generated(&self, ids: &[u32]) -> Result<Tensor> {
+        self.lm.embed(ids)
+    }
+
     pub fn new_cache(&self) -> KvCache {
         self.lm.new_cache()
     }
