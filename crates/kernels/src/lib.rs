@@ -7,6 +7,7 @@
 //! them (bf16 weights only), AVX2 + FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2`
 //! forces a slower path (to test it, or to rule the fast one out).
 
+mod activations;
 mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -15,10 +16,18 @@ mod matmul;
 mod packed;
 mod scalar;
 
+pub use activations::{gelu_tanh, silu_mul, softmax_rows};
 pub use matmul::{matmul, matmul_using, matmul_with, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
 
 use std::sync::OnceLock;
+
+/// Runs `f` on a thread of the compute pool while the caller waits. A product issued from a
+/// pool thread is split with the other threads directly; issued from outside the pool, each
+/// one costs the caller a sleep and a wake-up, and a decode step issues about 170 of them.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 
 /// The instruction sets the kernels are written for, slowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -1,4 +1,6 @@
-//! The normalisations every network part shares (linear layers live in `linear.rs`).
+//! The normalisations and activations every network part shares (linear layers live in
+//! `linear.rs`). f32 tensors on the CPU go through Weft's vectorized kernels; anything else
+//! (f16, a GPU) through candle.
 
 use crate::error::Result;
 use crate::weights::Scope;
@@ -46,6 +48,37 @@ impl RmsNorm {
 /// Softmax over the last dimension, computed in f32 whatever the run dtype.
 pub fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
     let dtype = scores.dtype();
+    if scores.device().is_cpu() {
+        let row_len = scores.dim(D::Minus1)?;
+        let mut values = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        weft_kernels::softmax_rows(&mut values, row_len);
+        return Ok(Tensor::from_vec(values, scores.shape(), scores.device())?.to_dtype(dtype)?);
+    }
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
     Ok(probs.to_dtype(dtype)?)
+}
+
+/// Whether the kernels' elementwise paths apply.
+fn on_cpu_in_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `silu(gate) * up` (Qwen2's MLP), fused.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if on_cpu_in_f32(gate) && on_cpu_in_f32(up) {
+        let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
+        weft_kernels::silu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
+        return Ok(Tensor::from_vec(values, gate.shape(), gate.device())?);
+    }
+    Ok((candle_nn::ops::silu(gate)? * up)?)
+}
+
+/// The tanh approximation of GELU (SigLIP's `gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if on_cpu_in_f32(x) {
+        let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+        weft_kernels::gelu_tanh(&mut values);
+        return Ok(Tensor::from_vec(values, x.shape(), x.device())?);
+    }
+    Ok(x.gelu()?)
 }

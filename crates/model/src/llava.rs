@@ -101,6 +101,10 @@ impl LlavaModel {
     /// Encodes preprocessed images (`[n, 3, S, S]`, f32) into projected features,
     /// `[n, tokens_per_image, hidden]`, ready for the `<image>` slots.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        weft_kernels::on_compute_pool(|| self.encode_on_pool(pixels))
+    }
+
+    fn encode_on_pool(&self, pixels: &Tensor) -> Result<Tensor> {
         let dtype = self.dtype();
         let features = self.vision.features(&pixels.to_dtype(dtype)?, &self.config.vision_feature_layers)?;
         let features = match self.config.select_strategy {
@@ -157,6 +161,6 @@ impl LlavaModel {
 
     /// One ragged forward pass of the language model; see [`Qwen2::forward`].
     pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
-        self.lm.forward(seqs)
+        weft_kernels::on_compute_pool(|| self.lm.forward(seqs))
     }
 }

@@ -4,7 +4,7 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::layers::{softmax_f32, RmsNorm};
+use crate::layers::{silu_mul, softmax_f32, RmsNorm};
 use crate::linear::Linear;
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
@@ -179,7 +179,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        let gated = silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?;
         self.down.forward(&gated)
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{softmax_f32, LayerNorm};
+use crate::layers::{gelu_tanh, softmax_f32, LayerNorm};
 use crate::linear::Linear;
 use crate::weights::Scope;
 use candle_core::{Tensor, D};
@@ -68,8 +68,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        // gelu_pytorch_tanh is candle's `gelu` (the tanh approximation).
-        let mlp = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&h)?)?.gelu()?)?;
+        let mlp = self.fc2.forward(&gelu_tanh(&self.fc1.forward(&self.norm2.forward(&h)?)?)?)?;
         Ok((h + mlp)?)
     }
 }

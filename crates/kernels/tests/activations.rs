@@ -1,0 +1,77 @@
+//! The activations and softmax against f64 references, on lengths with ragged tails, over the
+//! range the networks produce (and far beyond, where exp saturates).
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use weft_kernels::{gelu_tanh, silu_mul, softmax_rows};
+
+fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-spread..spread)).collect();
+    v.extend([0.0, -0.0, 1e-30, -1e-30, 100.0, -100.0, 1e4, -1e4]);
+    v
+}
+
+/// Within `rel` of the f64 value (a few f32 ulps: the argument of exp is itself rounded).
+fn close(got: f32, want: f64, rel: f64, what: &str) {
+    let err = (got as f64 - want).abs();
+    assert!(err <= rel * want.abs() + 1e-30, "{what}: {got} vs {want} (error {err:e})");
+}
+
+#[test]
+fn silu_times_up_matches_f64() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for n in [1, 7, 8, 9, 100, 20_000] {
+        let gate = values(n, 20.0, &mut rng);
+        let up = values(n, 3.0, &mut rng);
+        let mut got = gate.clone();
+        silu_mul(&mut got, &up);
+        for i in 0..got.len() {
+            let g = gate[i] as f64;
+            close(got[i], g / (1.0 + (-g).exp()) * up[i] as f64, 1e-6, &format!("silu({g}) * {}", up[i]));
+        }
+    }
+}
+
+#[test]
+fn gelu_tanh_matches_f64() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for n in [3, 8, 33, 20_000] {
+        let x = values(n, 12.0, &mut rng);
+        let mut got = x.clone();
+        gelu_tanh(&mut got);
+        for (i, &v) in x.iter().enumerate() {
+            let v = v as f64;
+            // 0.5 v (1 + tanh(u)) written without the cancellation of 1 + tanh(u) for large
+            // negative v, which f64 suffers too (it rounds -1.8e-17 at v = -7.4 to 0).
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v);
+            // The f32 argument of exp carries 1 ulp of 2u, which exp turns into relative error.
+            let rel = 1e-6 + 2.4e-7 * (2.0 * u).abs();
+            close(got[i], v / (1.0 + (-2.0 * u).exp()), rel, &format!("gelu({v})"));
+        }
+    }
+}
+
+#[test]
+fn softmax_rows_match_f64_and_masked_entries_are_zero() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for row_len in [1, 5, 8, 13, 729] {
+        let rows = 7;
+        let mut x: Vec<f32> = (0..rows * row_len).map(|_| rng.random_range(-30.0..30.0)).collect();
+        if row_len > 1 {
+            x[row_len - 1] = f32::NEG_INFINITY; // a causal mask
+        }
+        let input = x.clone();
+        softmax_rows(&mut x, row_len);
+        for (got, row) in x.chunks(row_len).zip(input.chunks(row_len)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (g, &v) in got.iter().zip(row) {
+                let want = (v as f64 - max).exp() / total;
+                let err = (*g as f64 - want).abs();
+                assert!(err <= 1e-6 * want + 1e-12, "softmax {v}: {g} vs {want}");
+            }
+        }
+        if row_len > 1 {
+            assert_eq!(x[row_len - 1], 0.0, "a masked score gets exactly nothing");
+        }
+    }
+}
