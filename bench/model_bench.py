@@ -4,7 +4,8 @@ same run, both pinned to the same cores (taskset) and using all of them. Reports
 - vision encode for one image, time to first token for one image, decode tok/s at batch 1
   (Weft through `weft generate` in each weight format; transformers in f32 and bf16);
 - aggregate output tok/s with 16 concurrent streams (Weft through its server, measured by
-  `weft bench`) against transformers' batch-8 `generate`.
+  `weft bench`) against transformers' batch-8 `generate`, with prompts of the same length in
+  tokens on both sides (Weft's measured average, which transformers' prompts are cut to).
 
     python bench/model_bench.py --model /work/models/real-0.5b --runs 3 --tokens 32
 
@@ -42,8 +43,9 @@ def weft_run(binary: Path, model: Path, fmt: str, tokens: int) -> dict:
     return {"vision_s": float(m[1]), "ttft_s": float(m[2]), "decode_tok_s": float(m[4])}
 
 
-def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int) -> float:
-    """Output tok/s of `streams` concurrent text requests through `weft serve`."""
+def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int) -> tuple:
+    """Output tok/s of `streams` concurrent text requests through `weft serve`, and their mean
+    prompt length in tokens."""
     server = subprocess.Popen(pinned([str(binary), "serve", "--model", str(model), "--port", "0",
                                       "--kv-cache-memory", "4GiB"] + WEFT_FORMATS[fmt]),
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LOG": "info"})
@@ -58,7 +60,8 @@ def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: in
                                         "--concurrency", str(streams), "--prompt-tokens", "32",
                                         "--max-tokens", str(tokens), "--json"]),
                                 capture_output=True, text=True, check=True).stdout
-        return json.loads(report)["runs"][0]["output_tokens_per_s"]
+        run = json.loads(report)["runs"][0]
+        return run["output_tokens_per_s"], run["prompt_tokens"] / run["completed"]
     finally:
         server.terminate()
         server.wait()
@@ -114,14 +117,24 @@ def transformers_runs(model_dir: Path, dtype: str, tokens: int, runs: int) -> li
     return out[1:]
 
 
-def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int) -> float:
-    """Output tok/s of one `generate` call over `batch` text prompts (after a warm-up call)."""
+def chat_prompt_of(tok, i: int, length: int) -> str:
+    """A chat prompt of `length` tokens: a story request padded with words, cut to fit."""
+    head, tail = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    words = " ".join(["river", "water", "light", "city", "music", "green", "house", "day"] * length)
+    body = tok(f"Tell me story number {i} about a {words}", add_special_tokens=False)["input_ids"]
+    room = length - len(tok(head + tail, add_special_tokens=False)["input_ids"])
+    return head + tok.decode(body[:max(room, 1)]) + tail
+
+
+def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int, prompt_tokens: int) -> float:
+    """Output tok/s of one `generate` call over `batch` text prompts of `prompt_tokens` tokens
+    (after a warm-up call)."""
     torch, model, processor, _, _ = transformers_session(model_dir, dtype)
     tok = processor.tokenizer
     tok.padding_side = "left"
-    prompts = [f"<|im_start|>user\nTell me story number {i} about a river.<|im_end|>\n<|im_start|>assistant\n"
-               for i in range(batch)]
+    prompts = [chat_prompt_of(tok, i, prompt_tokens) for i in range(batch)]
     inputs = tok(prompts, return_tensors="pt", padding=True)
+    print(f"transformers batch: {inputs['input_ids'].shape[1]} prompt tokens per row", file=sys.stderr)
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         t0 = time.perf_counter()
@@ -135,12 +148,13 @@ def transformers_child(args) -> None:
         rows = transformers_runs(args.model, args.dtype, args.tokens, args.runs)
         print(json.dumps({k: statistics.median(r[k] for r in rows) for k in rows[0]}))
     else:
-        print(json.dumps({"aggregate_tok_s": transformers_batch(args.model, args.dtype, 8, args.tokens)}))
+        rate = transformers_batch(args.model, args.dtype, 8, args.tokens, args.prompt_tokens)
+        print(json.dumps({"aggregate_tok_s": rate}))
 
 
 def run_child(args, kind: str, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--model", str(args.model), "--runs", str(args.runs), "--tokens", str(args.tokens),
-           "--child", kind, "--dtype", dtype]
+           "--child", kind, "--dtype", dtype, "--prompt-tokens", str(args.prompt_tokens)]
     return json.loads(subprocess.run(pinned(cmd), capture_output=True, text=True, check=True).stdout)
 
 
@@ -154,6 +168,7 @@ def main() -> None:
     ap.add_argument("--keep-weft", type=Path, help="reuse the Weft rows of an earlier --json output")
     ap.add_argument("--child", choices=["single", "batch"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return transformers_child(args)
@@ -166,14 +181,18 @@ def main() -> None:
         weft_run(args.weft, args.model, fmt, 2)  # warm the page cache
         rows = [weft_run(args.weft, args.model, fmt, args.tokens) for _ in range(args.runs)]
         results[f"weft {fmt}"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        results[f"weft {fmt}"]["aggregate_tok_s"] = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens)
+        rate, prompt = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens)
+        results[f"weft {fmt}"].update({"aggregate_tok_s": rate, "aggregate_prompt_tokens": prompt})
+    # transformers' batch gets prompts as long as Weft's were (in tokens, rounded).
+    args.prompt_tokens = round(statistics.mean(r["aggregate_prompt_tokens"] for r in results.values()
+                                               if "aggregate_prompt_tokens" in r))
     for dtype in ["f32", "bf16"]:
         results[f"transformers {dtype}"] = run_child(args, "single", dtype)
         results[f"transformers {dtype}"].update(run_child(args, "batch", dtype))
 
     base = results["transformers bf16"]
     print(f"cores {CORES}; medians of {args.runs} runs; {args.tokens} decode tokens; "
-          "aggregate: Weft 16 streams, transformers batch-8 generate")
+          f"aggregate: Weft 16 streams, transformers batch-8 generate, {args.prompt_tokens}-token prompts")
     print(f"| | vision (s) | TTFT (s) | decode (tok/s) | aggregate (tok/s) | TTFT vs tf-bf16 | decode vs tf-bf16 "
           "| aggregate vs tf-bf16 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
