@@ -28,11 +28,13 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for threads in [1, cores] {
         let started = std::time::Instant::now();
-        let workers: Vec<_> =
-            (0..threads).map(|_| std::thread::spawn(move || unsafe { chains(iterations) })).collect();
+        let workers: Vec<_> = (0..threads).map(|_| std::thread::spawn(move || unsafe { chains(iterations) })).collect();
         let checksum: f32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
         let flops = (threads * iterations * 12 * 16) as f64;
-        println!("{threads} thread(s): {:.1} GFLOP/s (checksum {checksum})", flops / started.elapsed().as_secs_f64() / 1e9);
+        println!(
+            "{threads} thread(s): {:.1} GFLOP/s (checksum {checksum})",
+            flops / started.elapsed().as_secs_f64() / 1e9
+        );
     }
 }
 

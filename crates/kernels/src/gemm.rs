@@ -9,6 +9,7 @@
 //! of 256 inputs, a cost shared by every panel of activations; f32 rows are read in place when
 //! there are few panels.
 
+use crate::matmul::SharedOut;
 use crate::packed::{PackedWeight, Storage, Q8_BLOCK};
 use rayon::prelude::*;
 
@@ -119,20 +120,6 @@ unsafe fn widen(storage: &Storage, kp: usize, rows: std::ops::Range<usize>, p0: 
             Storage::Q8 { values, scales } => x86::widen_q8(&values[at..at + kc], &scales[at / Q8_BLOCK..], dst),
             Storage::F32(values) => dst.copy_from_slice(&values[at..at + kc]),
         }
-    }
-}
-
-/// The output pointer, shared by blocks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `index` is inside the output and no other thread writes it.
-    unsafe fn write(self, index: usize, value: f32) {
-        *self.0.add(index) = value;
     }
 }
 

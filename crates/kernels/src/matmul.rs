@@ -158,14 +158,14 @@ fn pad<T: Copy>(x: &[f32], m: usize, k: usize, kp: usize, zero: T, convert: impl
 
 /// The output pointer, shared by blocks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// # Safety
     /// `index` is inside the output and no other thread writes it.
-    unsafe fn write(self, index: usize, value: f32) {
+    pub(crate) unsafe fn write(self, index: usize, value: f32) {
         *self.0.add(index) = value;
     }
 }
