@@ -340,7 +340,7 @@ impl Engine {
         if split < to {
             parts.push(self.model.embed_generated(&seq.tokens[split..to])?);
         }
-        Ok(if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? })
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     fn run_chunks(&mut self, chunks: &[(u64, usize)]) -> weft_model::Result<()> {

@@ -9,48 +9,43 @@ use rayon::prelude::*;
 /// Elements per parallel piece: large enough to amortise a task, small enough to share.
 const CHUNK: usize = 16 * 1024;
 
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// Whether the AVX2 paths run (detected, and not lowered by `WEFT_KERNELS`).
+fn avx2() -> bool {
+    cfg!(target_arch = "x86_64") && Isa::active() >= Isa::Avx2
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]`, with `silu(x) = x / (1 + e^-x)`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up differ in length");
-    let avx2 = Isa::active() >= Isa::Avx2;
     gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
+        if avx2() {
             // SAFETY: AVX2 and FMA were detected.
             return unsafe { x86::silu_mul(g, u) };
         }
-        let _ = avx2;
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        silu_mul_scalar(g, u)
     });
 }
 
 /// `x[i] = gelu_tanh(x[i]) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, computed as
 /// `x / (1 + e^(-2u))`, the same value without tanh's cancellation for large negative x.
 pub fn gelu_tanh(x: &mut [f32]) {
-    let avx2 = Isa::active() >= Isa::Avx2;
     x.par_chunks_mut(CHUNK).for_each(|x| {
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
+        if avx2() {
             // SAFETY: AVX2 and FMA were detected.
             return unsafe { x86::gelu_tanh(x) };
         }
-        let _ = avx2;
-        for v in x.iter_mut() {
-            let u = GELU_SCALE * (*v + GELU_CUBIC * *v * *v * *v);
-            *v /= 1.0 + (-2.0 * u).exp();
-        }
+        gelu_tanh_scalar(x)
     });
 }
-
-const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
-const GELU_CUBIC: f32 = 0.044_715;
 
 /// Softmax of every row of `row_len` values, in place.
 pub fn softmax_rows(x: &mut [f32], row_len: usize) {
     assert!(row_len > 0 && x.len().is_multiple_of(row_len), "{} values are not rows of {row_len}", x.len());
-    let avx2 = Isa::active() >= Isa::Avx2;
     let rows_per_chunk = (CHUNK / row_len).max(1);
     x.par_chunks_mut(rows_per_chunk * row_len).for_each(|rows| {
         for row in rows.chunks_exact_mut(row_len) {
@@ -60,24 +55,38 @@ pub fn softmax_rows(x: &mut [f32], row_len: usize) {
                 row.iter_mut().for_each(|v| *v = f32::NAN);
                 continue;
             }
-            #[cfg(target_arch = "x86_64")]
-            let sum = if avx2 {
-                // SAFETY: AVX2 and FMA were detected.
-                unsafe { x86::exp_shifted(row, max) }
-            } else {
-                exp_shifted(row, max)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let sum = exp_shifted(row, max);
-            let inverse = 1.0 / sum;
+            let inverse = 1.0 / exp_shifted(row, max);
             row.iter_mut().for_each(|v| *v *= inverse);
         }
     });
-    let _ = avx2;
 }
 
 /// `row[i] = e^(row[i] - max)`, returning the sum.
 fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { x86::exp_shifted(row, max) };
+    }
+    exp_shifted_scalar(row, max)
+}
+
+// The scalar loops: the fallback, and the AVX2 paths' tails.
+
+fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn gelu_tanh_scalar(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let u = GELU_SCALE * (*v + GELU_CUBIC * *v * *v * *v);
+        *v /= 1.0 + (-2.0 * u).exp();
+    }
+}
+
+fn exp_shifted_scalar(row: &mut [f32], max: f32) -> f32 {
     row.iter_mut().fold(0.0, |sum, v| {
         *v = (*v - max).exp();
         sum + *v
@@ -86,7 +95,7 @@ fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{GELU_CUBIC, GELU_SCALE};
+    use super::{exp_shifted_scalar, gelu_tanh_scalar, silu_mul_scalar, GELU_CUBIC, GELU_SCALE};
     use std::arch::x86_64::*;
 
     /// `e^x` in eight lanes: `x = n ln2 + r`, `e^r` by Cephes' degree-6 polynomial, `2^n` in the
@@ -129,9 +138,7 @@ mod x86 {
             let neg = _mm256_sub_ps(_mm256_setzero_ps(), g);
             _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(over_one_plus_exp(g, neg), u));
         }
-        for (g, &u) in gate[main..].iter_mut().zip(&up[main..]) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        silu_mul_scalar(&mut gate[main..], &up[main..]);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -144,10 +151,7 @@ mod x86 {
             let neg = _mm256_mul_ps(_mm256_set1_ps(-2.0), u);
             _mm256_storeu_ps(x.as_mut_ptr().add(i), over_one_plus_exp(v, neg));
         }
-        for v in x[main..].iter_mut() {
-            let u = GELU_SCALE * (*v + GELU_CUBIC * *v * *v * *v);
-            *v /= 1.0 + (-2.0 * u).exp();
-        }
+        gelu_tanh_scalar(&mut x[main..]);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -162,6 +166,6 @@ mod x86 {
         }
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
-        lanes.iter().sum::<f32>() + super::exp_shifted(&mut row[main..], max)
+        lanes.iter().sum::<f32>() + exp_shifted_scalar(&mut row[main..], max)
     }
 }

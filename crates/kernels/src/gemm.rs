@@ -42,13 +42,14 @@ pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Opti
         let rows = j1 - j0;
         // Sums so far, transposed: `[panel][row of the block][16]`.
         let mut sums = vec![0.0f32; n_panels * rows * IR];
-        let mut widened = vec![0.0f32; rows * KC];
+        let mut widened = Vec::new();
         for p0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - p0);
             // The block's weights for inputs p0..p0 + kc as f32 rows, and their row stride.
             let (weights, stride): (&[f32], usize) = match &w.storage {
                 Storage::F32(values) if n_panels <= IN_PLACE_MAX_PANELS => (&values[j0 * kp + p0..], kp),
                 storage => {
+                    widened.resize(rows * KC, 0.0);
                     // SAFETY: the caller vouches for AVX2.
                     unsafe { widen(storage, kp, j0..j1, p0, kc, &mut widened) };
                     (&widened, kc)

@@ -48,27 +48,21 @@ impl RmsNorm {
 /// Softmax over the last dimension, computed in f32 whatever the run dtype.
 pub fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
     let dtype = scores.dtype();
-    if scores.device().is_cpu() {
+    let scores = scores.to_dtype(DType::F32)?;
+    let probs = if scores.device().is_cpu() {
         let row_len = scores.dim(D::Minus1)?;
-        let mut values = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        weft_kernels::softmax_rows(&mut values, row_len);
-        return Ok(Tensor::from_vec(values, scores.shape(), scores.device())?.to_dtype(dtype)?);
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        map_values(&scores, |values| weft_kernels::softmax_rows(values, row_len))?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     Ok(probs.to_dtype(dtype)?)
-}
-
-/// Whether the kernels' elementwise paths apply.
-fn on_cpu_in_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// `silu(gate) * up` (Qwen2's MLP), fused.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if on_cpu_in_f32(gate) && on_cpu_in_f32(up) {
-        let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
-        weft_kernels::silu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
-        return Ok(Tensor::from_vec(values, gate.shape(), gate.device())?);
+        let up = up.flatten_all()?.to_vec1::<f32>()?;
+        return map_values(gate, |values| weft_kernels::silu_mul(values, &up));
     }
     Ok((candle_nn::ops::silu(gate)? * up)?)
 }
@@ -76,9 +70,19 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// The tanh approximation of GELU (SigLIP's `gelu_pytorch_tanh`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if on_cpu_in_f32(x) {
-        let mut values = x.flatten_all()?.to_vec1::<f32>()?;
-        weft_kernels::gelu_tanh(&mut values);
-        return Ok(Tensor::from_vec(values, x.shape(), x.device())?);
+        return map_values(x, weft_kernels::gelu_tanh);
     }
     Ok(x.gelu()?)
+}
+
+/// Whether the kernels' elementwise paths apply.
+fn on_cpu_in_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// A copy of an f32 CPU tensor with `kernel` applied to its values.
+fn map_values(t: &Tensor, kernel: impl FnOnce(&mut [f32])) -> Result<Tensor> {
+    let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+    kernel(&mut values);
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?)
 }
