@@ -21,7 +21,7 @@ struct Bench {
 }
 
 impl Bench {
-    fn request(&self, messages: &[Message], image_hash: Option<u64>, tokens: usize) -> GenerateRequest {
+    fn request(&self, messages: &[Message], image_hash: Option<u128>, tokens: usize) -> GenerateRequest {
         let ids = self.tokenizer.encode_prompt(&render_builtin(messages, true)).unwrap().ids;
         let mut r = GenerateRequest::new(ids, tokens);
         r.sampling.temperature = 0.0;
@@ -81,7 +81,7 @@ fn main() {
     let pixels = processor.batch(&[img], &Device::Cpu).unwrap().squeeze(0).unwrap();
     let handle = Engine::start(model, tokenizer.clone(), EngineConfig::default());
     let b = Bench { handle, tokenizer, pixels };
-    let mut hash = 1000u64;
+    let mut hash = 1000u128;
 
     println!("| requests | kind | aggregate output tok/s (median of {runs}) | x single stream |");
     println!("|---:|---|---:|---:|");

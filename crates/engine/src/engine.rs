@@ -1,13 +1,14 @@
 //! The engine thread: owns the model, the queues, the caches and every sequence, and runs one
-//! batched step after another: plan, preempt, admit, encode images, one ragged forward pass,
-//! sample, stream. The only way in is a command over a channel.
+//! batched step after another: drop cancelled work, plan, preempt, admit, encode images, one
+//! ragged forward pass, sample, stream. The only way in is a command over a channel; a step
+//! that fails or panics fails only its own requests (see `recovery.rs`).
 
 use crate::config::EngineConfig;
 use crate::handle::{Bounds, EngineHandle};
 use crate::prefix_cache::{image_key, text_key, PrefixCache, TokenKey};
-use crate::request::{EngineError, Event, FinishReason, GenerateRequest, Timing, Usage};
+use crate::request::{Event, GenerateRequest, Health};
 use crate::scheduler::{self, Limits, RunningView, WaitingView};
-use crate::sequence::{Emitted, Sequence};
+use crate::sequence::Sequence;
 use crate::stats::EngineStats;
 use crate::vision_cache::VisionCache;
 use candle_core::Tensor;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use weft_model::tokenizer::PromptTokenizer;
-use weft_model::{KvCache, LlavaModel, SeqInput};
+use weft_model::{grown_capacity, LlavaModel};
 
 pub(crate) enum Command {
     Submit(Box<Submission>),
@@ -49,24 +50,31 @@ pub(crate) struct Request {
 }
 
 pub struct Engine {
-    model: LlavaModel,
-    tokenizer: Arc<PromptTokenizer>,
-    config: Arc<EngineConfig>,
-    stats: Arc<EngineStats>,
-    limits: Limits,
-    requests: HashMap<u64, Request>,
-    seqs: HashMap<u64, Sequence>,
+    pub(crate) model: LlavaModel,
+    pub(crate) tokenizer: Arc<PromptTokenizer>,
+    pub(crate) config: Arc<EngineConfig>,
+    pub(crate) stats: Arc<EngineStats>,
+    pub(crate) limits: Limits,
+    pub(crate) requests: HashMap<u64, Request>,
+    pub(crate) seqs: HashMap<u64, Sequence>,
     /// Seq ids in arrival order.
-    running: Vec<u64>,
-    waiting: VecDeque<u64>,
-    vision: VisionCache,
-    prefix: PrefixCache,
+    pub(crate) running: Vec<u64>,
+    pub(crate) waiting: VecDeque<u64>,
+    pub(crate) vision: VisionCache,
+    pub(crate) prefix: PrefixCache,
     next_id: u64,
+    commands: Receiver<Command>,
+    /// Sequences the current step feeds: the ones a fault in it fails.
+    pub(crate) in_step: Vec<u64>,
+    /// Steps in a row that failed; the engine gives up after a few.
+    pub(crate) consecutive_faults: usize,
+    pub(crate) health: tokio::sync::watch::Sender<Health>,
 }
 
 impl Engine {
-    /// Starts the engine thread and returns the handle to it.
-    pub fn start(model: LlavaModel, tokenizer: Arc<PromptTokenizer>, config: EngineConfig) -> EngineHandle {
+    /// Builds the engine without starting its thread: [`Engine::start`] runs it, and the
+    /// simulation tests drive it step by step with [`Engine::tick`].
+    pub fn new(model: LlavaModel, tokenizer: Arc<PromptTokenizer>, config: EngineConfig) -> (Engine, EngineHandle) {
         let cfg = model.config().clone();
         let bytes_per_token = model.new_cache().bytes_per_token();
         let kv_tokens = (config.kv_cache_memory / bytes_per_token).max(1);
@@ -80,8 +88,10 @@ impl Engine {
         };
         let stats = Arc::new(EngineStats::default());
         stats.kv_capacity_tokens.store(kv_tokens, Relaxed);
+        stats.kv_budget_bytes.store(kv_tokens * bytes_per_token, Relaxed);
         let config = Arc::new(config);
         let (tx, rx) = std::sync::mpsc::channel();
+        let (health, health_rx) = tokio::sync::watch::channel(Health::Serving);
         let engine = Engine {
             model,
             tokenizer,
@@ -99,33 +109,62 @@ impl Engine {
             waiting: VecDeque::new(),
             prefix: PrefixCache::new(),
             next_id: 0,
+            commands: rx,
+            in_step: Vec::new(),
+            consecutive_faults: 0,
+            health,
         };
-        std::thread::Builder::new()
-            .name("weft-engine".into())
-            .spawn(move || engine.run(rx))
-            .expect("spawn the engine thread");
-        EngineHandle { commands: tx, stats, config, bounds: Arc::new(bounds) }
+        let handle = EngineHandle { commands: tx, stats, config, bounds: Arc::new(bounds), health: health_rx };
+        (engine, handle)
     }
 
-    fn run(mut self, commands: Receiver<Command>) {
-        loop {
+    /// Starts the engine thread and returns the handle to it.
+    pub fn start(model: LlavaModel, tokenizer: Arc<PromptTokenizer>, config: EngineConfig) -> EngineHandle {
+        let (engine, handle) = Engine::new(model, tokenizer, config);
+        std::thread::Builder::new()
+            .name("weft-engine".into())
+            .spawn(move || engine.run())
+            .expect("spawn the engine thread");
+        handle
+    }
+
+    fn run(mut self) {
+        let health = self.health.clone();
+        // Faults inside a step are contained by `step`; this catches the rest (a panic while
+        // handling a command, or in recovery itself), so the health watch never lies.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || loop {
             // Sleep while there is nothing to do; otherwise take whatever arrived and step.
             if self.seqs.is_empty() {
-                match commands.recv() {
+                match self.commands.recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => return,
                 }
             }
-            loop {
-                match commands.try_recv() {
-                    Ok(cmd) => self.handle(cmd),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) if self.seqs.is_empty() => return,
-                    Err(TryRecvError::Disconnected) => break,
-                }
+            if !self.tick() {
+                return;
             }
-            self.step();
+        }));
+        if let Err(payload) = outcome {
+            let why = crate::recovery::panic_text(payload.as_ref());
+            tracing::error!(why, "the engine thread panicked outside a step");
+            health.send_replace(Health::Failed(why));
         }
+    }
+
+    /// Takes every command that has arrived, then runs one step. Returns false once the engine
+    /// has stopped for good (its handles are gone, or it failed).
+    #[doc(hidden)]
+    pub fn tick(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(cmd) => self.handle(cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) if self.seqs.is_empty() => return false,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        self.step();
+        !matches!(*self.health.borrow(), Health::Failed(_))
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -135,6 +174,9 @@ impl Engine {
     }
 
     fn enqueue(&mut self, s: Submission) {
+        if matches!(*self.health.borrow(), Health::Failed(_)) {
+            return; // dropping the sender ends the stream; the handle refuses new work
+        }
         let tpi = self.model.config().tokens_per_image();
         let image_token = self.model.config().image_token_id;
         let prompt = s.request.prompt_ids.clone();
@@ -174,7 +216,7 @@ impl Engine {
         );
     }
 
-    fn new_id(&mut self) -> u64 {
+    pub(crate) fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
     }
@@ -186,50 +228,83 @@ impl Engine {
     /// Tokens the prefix cache could supply for a waiting sequence (at least one token is
     /// always computed, so that its logits exist).
     fn reusable_prefix(&self, seq: &Sequence) -> usize {
-        if !self.config.prefix_caching || seq.computed() > 0 || self.prefix.tokens() == 0 {
+        if !self.config.prefix_caching || seq.computed() > 0 || self.prefix.is_empty() {
             return 0;
         }
         let keys = self.seq_keys(seq);
         self.prefix.peek(&keys, seq.tokens.len() - 1)
     }
 
-    fn seq_keys(&self, seq: &Sequence) -> Vec<TokenKey> {
+    pub(crate) fn seq_keys(&self, seq: &Sequence) -> Vec<TokenKey> {
         let req = &self.requests[&seq.req_id];
         let mut keys = req.keys.clone();
         keys.extend(seq.tokens[req.prompt.len()..].iter().map(|&t| text_key(t)));
         keys
     }
 
-    fn step(&mut self) {
-        let running: Vec<RunningView> = self
-            .running
+    /// Storage the other choices of a request will fork from its prompt, while they are not
+    /// spawned yet.
+    fn sibling_reserve(&self, seq: &Sequence) -> usize {
+        let req = &self.requests[&seq.req_id];
+        if req.choices_spawned {
+            0
+        } else {
+            (req.spec.n - 1) * grown_capacity(0, req.prompt.len(), self.limits.kv_tokens)
+        }
+    }
+
+    fn running_views(&self) -> Vec<RunningView> {
+        self.running
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
-                RunningView { id: *id, computed: s.computed(), pending: s.pending(), cancelled: self.cancelled(s) }
+                let cache = s.cache.as_ref().expect("a running sequence holds its cache between steps");
+                let reserved = cache.capacity_after(s.tokens.len()) + self.sibling_reserve(s);
+                RunningView { id: *id, computed: s.computed(), pending: s.pending(), reserved }
             })
-            .collect();
-        let waiting: Vec<WaitingView> = self
-            .waiting
+            .collect()
+    }
+
+    fn waiting_views(&self) -> Vec<WaitingView> {
+        self.waiting
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
                 let cached = self.reusable_prefix(s);
-                WaitingView { id: *id, to_compute: s.tokens.len() - cached, cached, cancelled: self.cancelled(s) }
+                let max = self.limits.kv_tokens;
+                let own = grown_capacity(grown_capacity(0, cached, max), s.tokens.len(), max);
+                WaitingView { id: *id, to_compute: s.tokens.len() - cached, need: own + self.sibling_reserve(s) }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Removes every sequence whose client has gone away, before anything is planned, so that
+    /// their KV (kept by the prefix cache) is counted by this step's plan.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<u64> =
+            self.running.iter().chain(&self.waiting).copied().filter(|id| self.cancelled(&self.seqs[id])).collect();
+        for id in gone {
+            self.waiting.retain(|w| *w != id);
+            self.remove_seq(id, true);
+        }
+    }
+
+    /// One step: plan, preempt, admit, and one forward pass. Errors fail the step's requests.
+    pub(crate) fn step_inner(&mut self) -> weft_model::Result<()> {
+        self.drop_cancelled();
+        let running = self.running_views();
+        let mut waiting = self.waiting_views();
         // The prefix cache lives in whatever KV budget the running sequences and the head of
         // the queue leave free.
-        let committed: usize = running.iter().filter(|r| !r.cancelled).map(|r| r.computed + r.pending).sum();
-        let head = waiting.iter().find(|w| !w.cancelled).map_or(0, |w| w.to_compute);
-        self.prefix.shrink_to(self.limits.kv_tokens.saturating_sub(committed + head));
-        let limits = Limits { kv_tokens: self.limits.kv_tokens - self.prefix.tokens(), ..self.limits };
+        let committed: usize = running.iter().map(|r| r.reserved).sum();
+        let head = waiting.first().map_or(0, |w| w.need);
+        if self.prefix.shrink_to(self.limits.kv_tokens.saturating_sub(committed + head)) {
+            waiting = self.waiting_views();
+        }
+        let limits =
+            Limits { kv_tokens: self.limits.kv_tokens.saturating_sub(self.prefix.reserved_tokens()), ..self.limits };
         let plan = scheduler::plan(&running, &waiting, limits);
 
-        for id in &plan.dropped {
-            self.waiting.retain(|w| w != id);
-            self.remove_seq(*id);
-        }
         for id in plan.preempted.iter().rev() {
             self.running.retain(|r| r != id);
             let seq = self.seqs.get_mut(id).expect("planned");
@@ -237,37 +312,33 @@ impl Engine {
             self.waiting.push_front(*id);
             self.stats.preemptions_total.fetch_add(1, Relaxed);
         }
+        let cached: HashMap<u64, usize> =
+            waiting.iter().map(|w| (w.id, self.seqs[&w.id].tokens.len() - w.to_compute)).collect();
         for id in &plan.admitted {
             self.waiting.retain(|w| w != id);
-            self.admit(*id);
+            self.admit(*id, cached[id]);
         }
         self.publish_gauges();
         if plan.chunks.is_empty() {
-            return;
+            return Ok(());
         }
         self.stats.steps_total.fetch_add(1, Relaxed);
-        if let Err(e) = self.run_chunks(&plan.chunks) {
-            tracing::error!(error = %e, "forward pass failed");
-            let ids: Vec<u64> = plan.chunks.iter().map(|c| c.0).collect();
-            for id in ids {
-                if let Some(seq) = self.seqs.get(&id) {
-                    if let Some(req) = self.requests.get(&seq.req_id) {
-                        let _ = req.events.send(Event::Error(EngineError::Model(e.to_string())));
-                    }
-                }
-                self.remove_seq(id);
-            }
-        }
+        self.in_step = plan.chunks.iter().map(|c| c.0).collect();
+        self.run_chunks(&plan.chunks)?;
+        self.in_step.clear();
         self.publish_gauges();
+        Ok(())
     }
 
-    fn admit(&mut self, id: u64) {
-        let mut cache = self.model.new_cache();
+    /// Starts a waiting sequence with at most `planned_cached` tokens from the prefix cache:
+    /// never more than the plan counted, so its chunk always fits what is left to compute.
+    fn admit(&mut self, id: u64, planned_cached: usize) {
+        let max = self.limits.kv_tokens;
+        let mut cache = self.model.new_cache().with_max_capacity(max);
         let mut reused = 0;
-        if self.config.prefix_caching {
-            let seq = &self.seqs[&id];
-            let keys = self.seq_keys(seq);
-            if let Some((len, hit)) = self.prefix.lookup(&keys, seq.tokens.len() - 1) {
+        if self.config.prefix_caching && planned_cached > 0 {
+            let keys = self.seq_keys(&self.seqs[&id]);
+            if let Some((len, hit)) = self.prefix.lookup(&keys, planned_cached) {
                 cache = hit;
                 reused = len;
             }
@@ -283,190 +354,12 @@ impl Engine {
         self.running.push(id);
     }
 
-    /// Ensures the projected features of every image overlapping `[from, to)` of the prompt
-    /// are at hand: from the request, the vision cache, or one batched encode.
-    fn gather_features(&mut self, wanted: &[(u64, usize, usize)]) -> weft_model::Result<()> {
-        let tpi = self.model.config().tokens_per_image();
-        let mut missing: Vec<(u64, usize)> = Vec::new();
-        for &(req_id, from, to) in wanted {
-            let req = self.requests.get_mut(&req_id).expect("live");
-            for (k, &start) in req.image_starts.iter().enumerate() {
-                if start < to && start + tpi > from && req.features[k].is_none() {
-                    match self.vision.get(req.images[k].hash) {
-                        Some(f) => req.features[k] = Some(f),
-                        None => missing.push((req_id, k)),
-                    }
-                }
-            }
-        }
-        for batch in missing.chunks(self.config.max_images_per_encode.max(1)) {
-            let pixels: Vec<Tensor> = batch.iter().map(|(r, k)| self.requests[r].images[*k].pixels.clone()).collect();
-            let started = Instant::now();
-            let features = self.model.encode_images(&Tensor::stack(&pixels, 0)?)?;
-            self.stats.vision_encode_us.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-            self.stats.images_encoded.fetch_add(batch.len() as u64, Relaxed);
-            for (i, (r, k)) in batch.iter().enumerate() {
-                let f = features.get(i)?;
-                let req = self.requests.get_mut(r).expect("live");
-                self.vision.insert(req.images[*k].hash, f.clone());
-                req.features[*k] = Some(f);
-            }
-        }
-        self.stats.vision_cache_hits.store(self.vision.hits, Relaxed);
-        self.stats.vision_cache_misses.store(self.vision.misses, Relaxed);
-        Ok(())
-    }
-
-    /// Embeddings of `seq.tokens[from..to]`, image slots filled from the features.
-    fn chunk_embeddings(&self, seq: &Sequence, from: usize, to: usize) -> weft_model::Result<Tensor> {
-        let req = &self.requests[&seq.req_id];
-        let tpi = self.model.config().tokens_per_image();
-        let mut rows = Vec::new();
-        for (k, &start) in req.image_starts.iter().enumerate() {
-            let (a, b) = (from.max(start), to.min(start + tpi));
-            if a < b {
-                let f = req.features[k].as_ref().expect("gathered before embedding");
-                rows.push(f.narrow(0, a - start, b - a)?);
-            }
-        }
-        let rows = if rows.is_empty() { None } else { Some(Tensor::cat(&rows, 0)?) };
-        // Only the prompt has image slots; generated tokens (recomputed after a preemption, or
-        // fed back one by one) are text even when the model sampled the image token's id.
-        let split = to.min(req.prompt.len()).max(from);
-        let mut parts = Vec::with_capacity(2);
-        if from < split {
-            parts.push(self.model.embed(&seq.tokens[from..split], rows.as_ref())?);
-        }
-        if split < to {
-            parts.push(self.model.embed_generated(&seq.tokens[split..to])?);
-        }
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-
-    fn run_chunks(&mut self, chunks: &[(u64, usize)]) -> weft_model::Result<()> {
-        let wanted: Vec<(u64, usize, usize)> = chunks
-            .iter()
-            .map(|&(id, n)| {
-                let s = &self.seqs[&id];
-                (s.req_id, s.computed(), s.computed() + n)
-            })
-            .filter(|&(req, from, _)| from < self.requests[&req].prompt.len())
-            .collect();
-        self.gather_features(&wanted)?;
-        let mut embeds = Vec::with_capacity(chunks.len());
-        for &(id, n) in chunks {
-            let s = &self.seqs[&id];
-            embeds.push(self.chunk_embeddings(s, s.computed(), s.computed() + n)?);
-        }
-        let mut caches: Vec<KvCache> =
-            chunks.iter().map(|(id, _)| self.seqs.get_mut(id).unwrap().cache.take().expect("running")).collect();
-        let wants: Vec<bool> =
-            chunks.iter().map(|&(id, n)| self.seqs[&id].computed() + n == self.seqs[&id].tokens.len()).collect();
-        let started = Instant::now();
-        let result = {
-            let mut inputs: Vec<SeqInput> = caches
-                .iter_mut()
-                .zip(embeds)
-                .zip(&wants)
-                .map(|((cache, embeds), &want_logits)| SeqInput { embeds, cache, want_logits })
-                .collect();
-            self.model.forward(&mut inputs)
-        };
-        for ((id, _), cache) in chunks.iter().zip(caches) {
-            self.seqs.get_mut(id).unwrap().restore_cache(cache);
-        }
-        let logits = result?;
-        let forward = started.elapsed();
-        let Some(logits) = logits else { return Ok(()) };
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
-        for (id, row) in finishing.into_iter().zip(rows) {
-            self.after_logits(id, &row)?;
-        }
-        tracing::debug!(
-            seqs = chunks.len(),
-            tokens = chunks.iter().map(|c| c.1).sum::<usize>(),
-            forward_ms = forward.as_secs_f64() * 1e3,
-            sample_ms = (started.elapsed() - forward).as_secs_f64() * 1e3,
-            "step"
-        );
-        Ok(())
-    }
-
-    /// Samples the next token of `id` (and, on a request's first logits, of its other choices).
-    fn after_logits(&mut self, id: u64, row: &[f32]) -> weft_model::Result<()> {
-        let req_id = self.seqs[&id].req_id;
-        let req = self.requests.get_mut(&req_id).expect("live");
-        let mut siblings = Vec::new();
-        if !req.choices_spawned {
-            req.choices_spawned = true;
-            req.features.iter_mut().for_each(|f| *f = None); // the prompt is in the KV now
-            req.live_choices = req.spec.n;
-            let spec = req.spec.clone();
-            for choice in 1..spec.n {
-                let seq = &self.seqs[&id];
-                let cache = seq.cache.as_ref().expect("running").fork(seq.computed())?;
-                self.next_id += 1;
-                let sibling = seq.sibling(self.next_id, choice, cache, &spec);
-                siblings.push(sibling.id);
-                self.seqs.insert(sibling.id, sibling);
-                self.running.push(self.next_id);
-            }
-        }
-        for sid in siblings {
-            self.emit(sid, row);
-        }
-        self.emit(id, row);
-        Ok(())
-    }
-
-    fn emit(&mut self, id: u64, row: &[f32]) {
-        let context = self.model.config().text.max_position_embeddings.min(self.limits.kv_tokens);
-        let seq = self.seqs.get_mut(&id).expect("running");
-        let req = self.requests.get(&seq.req_id).expect("live");
-        let out = seq.sample(row, &req.prompt, &req.spec, &self.config.eos_token_ids, context, &*self.tokenizer);
-        self.stats.generation_tokens_total.fetch_add(1, Relaxed);
-        match out {
-            Emitted::Token(event) => {
-                let _ = req.events.send(event);
-            }
-            Emitted::Finished(token_event, reason, text) => {
-                if let Some(event) = token_event {
-                    let _ = req.events.send(event);
-                }
-                self.finish(id, reason, text);
-            }
-        }
-    }
-
-    fn finish(&mut self, id: u64, reason: FinishReason, text: String) {
-        let seq = &self.seqs[&id];
-        let req = &self.requests[&seq.req_id];
-        let image_tokens = req.images.len() * self.model.config().tokens_per_image();
-        let usage = Usage {
-            prompt_tokens: req.prompt.len(),
-            completion_tokens: seq.generated(req.prompt.len()),
-            cached_tokens: seq.reused,
-            image_tokens,
-        };
-        let now = Instant::now();
-        let since = |t: Option<Instant>| t.map_or(0.0, |t| (t - req.submitted).as_secs_f64());
-        let timing = Timing {
-            queue_s: since(seq.admitted_at),
-            first_token_s: since(seq.first_token_at),
-            total_s: (now - req.submitted).as_secs_f64(),
-            inter_token_s: seq.inter_token.clone(),
-        };
-        let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });
-        self.remove_seq(id);
-    }
-
-    /// Forgets a sequence; its KV goes to the prefix cache, and the request goes when its last
-    /// choice does.
-    fn remove_seq(&mut self, id: u64) {
+    /// Forgets a sequence; its KV goes to the prefix cache when `keep_kv` (never after a
+    /// fault), and the request goes when its last choice does.
+    pub(crate) fn remove_seq(&mut self, id: u64, keep_kv: bool) {
         let Some(mut seq) = self.seqs.remove(&id) else { return };
-        if self.config.prefix_caching {
-            if let Some(cache) = seq.cache.take() {
+        if let Some(cache) = seq.cache.take() {
+            if keep_kv && self.config.prefix_caching && self.requests.contains_key(&seq.req_id) {
                 let keys = self.seq_keys(&seq);
                 self.prefix.insert(keys, cache);
             }
@@ -475,6 +368,7 @@ impl Engine {
             self.stats.waiting.fetch_sub(1, Relaxed);
         }
         self.running.retain(|r| *r != id);
+        self.waiting.retain(|w| *w != id);
         // Gauges first, so that whoever sees the stream end also sees the memory freed.
         self.publish_gauges();
         if let Some(req) = self.requests.get_mut(&seq.req_id) {
@@ -485,10 +379,18 @@ impl Engine {
         }
     }
 
-    fn publish_gauges(&self) {
-        let used: usize = self.running.iter().map(|id| self.seqs[id].computed()).sum();
+    pub(crate) fn publish_gauges(&self) {
+        let used: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.computed()).sum();
+        let bpt = self.stats.kv_budget_bytes.load(Relaxed) / self.limits.kv_tokens.max(1);
+        let running_reserved: usize =
+            self.running.iter().filter_map(|id| self.seqs.get(id)?.cache.as_ref()).map(|c| c.capacity()).sum();
         self.stats.running.store(self.running.len(), Relaxed);
         self.stats.kv_used_tokens.store(used, Relaxed);
-        self.stats.prefix_cache_tokens.store(self.prefix.tokens(), Relaxed);
+        self.stats.kv_used_bytes.store(used * bpt, Relaxed);
+        self.stats.kv_running_reserved_bytes.store(running_reserved * bpt, Relaxed);
+        self.stats.kv_reserved_bytes.store(self.model.kv_bytes_reserved(), Relaxed);
+        self.stats.prefix_cache_tokens.store(self.prefix.reserved_tokens(), Relaxed);
+        self.stats.prefix_cache_bytes.store(self.prefix.reserved_tokens() * bpt, Relaxed);
+        self.stats.vision_cache_bytes.store(self.vision.bytes(), Relaxed);
     }
 }

@@ -4,8 +4,10 @@
 pub mod config;
 pub mod detokenize;
 mod engine;
+mod forward;
 mod handle;
 pub mod prefix_cache;
+mod recovery;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -17,6 +19,9 @@ pub mod vision_cache;
 pub use config::EngineConfig;
 pub use engine::Engine;
 pub use handle::{EngineHandle, EventStream};
-pub use request::{EngineError, Event, FinishReason, GenerateRequest, ImageInput, SubmitError, Timing, Usage};
+pub use recovery::Audit;
+pub use request::{
+    EngineError, Event, Fault, FinishReason, GenerateRequest, Health, ImageInput, SubmitError, Timing, Usage,
+};
 pub use sampling::{SamplingParams, TokenLogprobs};
 pub use stats::StatsSnapshot;

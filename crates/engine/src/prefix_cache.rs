@@ -1,19 +1,25 @@
 //! KV caches of finished sequences, kept so that a later request sharing a token prefix (images
 //! identified by content hash) reuses them instead of recomputing: the second turn of a chat
-//! about an image skips both the vision encode and the prefill of the first turn.
+//! about an image skips both the vision encode and the prefill of the first turn. Entries are
+//! counted by the storage they really reserve.
 
 use weft_model::KvCache;
 
-/// A token's identity for prefix matching: its id, or for an image slot the image's content
-/// hash and the slot's offset inside the image.
-pub type TokenKey = u64;
+/// A token's identity for prefix matching: its id, or for an image slot the image's 128-bit
+/// keyed content hash plus the slot's offset inside the image (top bit set, so no text key
+/// can equal an image key).
+pub type TokenKey = u128;
+
+const IMAGE_BIT: u128 = 1 << 127;
 
 pub fn text_key(id: u32) -> TokenKey {
-    id as u64
+    id as u128
 }
 
-pub fn image_key(hash: u64, slot: usize) -> TokenKey {
-    (hash.rotate_left(17) ^ (slot as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | (1 << 63)
+pub fn image_key(hash: u128, slot: usize) -> TokenKey {
+    // The hash is keyed with a per-process secret, so no client can aim two images at keys
+    // that differ by less than an image's slot count.
+    hash.wrapping_add(slot as u128) | IMAGE_BIT
 }
 
 struct Entry {
@@ -22,9 +28,12 @@ struct Entry {
     used: u64,
 }
 
+#[derive(Default)]
 pub struct PrefixCache {
     entries: Vec<Entry>,
     tick: u64,
+    /// Tokens of storage reserved by all entries.
+    reserved: usize,
 }
 
 fn common_prefix(a: &[TokenKey], b: &[TokenKey]) -> usize {
@@ -33,12 +42,25 @@ fn common_prefix(a: &[TokenKey], b: &[TokenKey]) -> usize {
 
 impl PrefixCache {
     pub fn new() -> Self {
-        PrefixCache { entries: Vec::new(), tick: 0 }
+        Self::default()
     }
 
-    /// Tokens held by all entries.
-    pub fn tokens(&self) -> usize {
-        self.entries.iter().map(|e| e.cache.len()).sum()
+    /// Tokens of KV storage held by all entries (capacity, not length).
+    pub fn reserved_tokens(&self) -> usize {
+        self.reserved
+    }
+
+    /// Bytes of KV storage held by all entries.
+    pub fn reserved_bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.cache.reserved_bytes()).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Length of the longest cached prefix of `keys`, at most `max_len`, without using it.
@@ -71,24 +93,36 @@ impl PrefixCache {
         }
         keys.truncate(cache.len());
         self.tick += 1;
-        self.entries.retain(|e| !(e.keys.len() <= keys.len() && keys.starts_with(&e.keys)));
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let covered = e.keys.len() <= keys.len() && keys.starts_with(&e.keys);
+            if covered {
+                freed += e.cache.capacity();
+            }
+            !covered
+        });
+        self.reserved -= freed;
         if self.entries.iter().any(|e| e.keys.starts_with(&keys)) {
             return; // an entry already covers it
         }
+        self.reserved += cache.capacity();
         self.entries.push(Entry { keys, cache, used: self.tick });
     }
 
-    /// Drops least recently used entries until at most `max_tokens` remain.
-    pub fn shrink_to(&mut self, max_tokens: usize) {
-        while self.tokens() > max_tokens && !self.entries.is_empty() {
+    /// Drops least recently used entries until at most `max_tokens` of storage remain.
+    pub fn shrink_to(&mut self, max_tokens: usize) -> bool {
+        let before = self.entries.len();
+        while self.reserved > max_tokens && !self.entries.is_empty() {
             let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used).expect("non-empty");
-            self.entries.swap_remove(oldest);
+            let gone = self.entries.swap_remove(oldest);
+            self.reserved -= gone.cache.capacity();
         }
+        self.entries.len() != before
     }
-}
 
-impl Default for PrefixCache {
-    fn default() -> Self {
-        Self::new()
+    /// Drops every entry.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.reserved = 0;
     }
 }

@@ -8,7 +8,20 @@ use candle_core::Tensor;
 pub struct ImageInput {
     /// `[3, size, size]`, f32, normalised.
     pub pixels: Tensor,
-    pub hash: u64,
+    /// 128-bit keyed (or cryptographic) hash of the decoded pixels: the vision and prefix
+    /// caches trust it as the image's identity, so it must not be forgeable.
+    pub hash: u128,
+}
+
+/// A fault to inject, for tests of fault containment only (the server sets it only when
+/// started with `WEFT_FAULT_INJECTION=1`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Panic inside the step that runs this request.
+    Panic,
+    /// Panic, and leave the engine unable to rebuild its state.
+    Fatal,
 }
 
 /// A prompt ready to run: token ids with every image slot expanded, and its images in order.
@@ -27,6 +40,8 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Do not stop at the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
 }
 
 impl GenerateRequest {
@@ -40,6 +55,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            fault: None,
         }
     }
 }
@@ -102,11 +118,17 @@ pub enum Event {
     Error(EngineError),
 }
 
-/// A failure inside the engine, sent to every request it affects.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// A failure inside the engine after a request was accepted, sent to every request it affects.
+/// Everything a client can get wrong is refused earlier, at submission ([`SubmitError`]), so
+/// these are the server's own faults.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("model error: {0}")]
-    Model(String),
+    /// A step failed (a model error, or a panic that was contained); the engine goes on.
+    #[error("internal error in the engine: {0}")]
+    Internal(String),
+    /// The engine could not recover and has stopped; the process is about to exit.
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
 }
 
 /// Why a request was refused at submission.
@@ -116,8 +138,17 @@ pub enum SubmitError {
     PromptTooLong { tokens: usize, limit: usize, why: &'static str },
     #[error("the server is overloaded: {waiting} requests are already waiting")]
     Overloaded { waiting: usize },
-    #[error("{0}")]
-    Invalid(String),
+    /// The request is wrong; `param` names the field at fault, as the client sent it.
+    #[error("{message}")]
+    Invalid { param: &'static str, message: String },
     #[error("the engine has stopped")]
     Stopped,
+}
+
+/// Whether the engine can serve; published on a watch channel for readiness probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Serving,
+    /// The engine gave up (why); every request from now on is refused.
+    Failed(String),
 }

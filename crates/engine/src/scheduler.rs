@@ -1,7 +1,8 @@
 //! The batching policy as a pure function: given the running and waiting sequences and the
 //! limits, decide what runs in the next step. Decodes go first, prefills are chunked into the
-//! leftover token budget, admission is first-come-first-served and bounded by KV memory, and
-//! when memory runs out the newest running sequence is preempted (to be recomputed later).
+//! leftover token budget, admission is first-come-first-served and bounded by the KV storage
+//! really reserved, and when memory runs out the newest running sequence is preempted (to be
+//! recomputed later).
 
 /// Limits of one engine step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,11 +11,11 @@ pub struct Limits {
     pub max_batched_tokens: usize,
     /// Sequences that may be running at once.
     pub max_seqs: usize,
-    /// Tokens the KV budget can hold across all running sequences.
+    /// Tokens of KV storage the budget can reserve across all running sequences.
     pub kv_tokens: usize,
 }
 
-/// A running sequence as the policy sees it.
+/// A running sequence as the policy sees it (cancelled ones were removed before planning).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunningView {
     pub id: u64,
@@ -22,14 +23,9 @@ pub struct RunningView {
     pub computed: usize,
     /// Tokens still to feed: the rest of the prompt while prefilling, 1 while decoding.
     pub pending: usize,
-    pub cancelled: bool,
-}
-
-impl RunningView {
-    /// KV tokens it holds once its pending tokens are in.
-    fn commitment(&self) -> usize {
-        self.computed + self.pending
-    }
+    /// Tokens of KV storage it holds once its pending tokens are in (capacity, not length:
+    /// what the allocator really reserves, plus the copies its other choices will fork).
+    pub reserved: usize,
 }
 
 /// A waiting request as the policy sees it (queue order = arrival order).
@@ -38,16 +34,13 @@ pub struct WaitingView {
     pub id: u64,
     /// Tokens it needs computed (its prompt less any prefix-cache hit).
     pub to_compute: usize,
-    /// Tokens it reuses from the prefix cache (they occupy KV too).
-    pub cached: usize,
-    pub cancelled: bool,
+    /// Tokens of KV storage it reserves once its prompt is in (all of its choices).
+    pub need: usize,
 }
 
-/// What the next step does. Every id appears in at most one of the lists.
+/// What the next step does. Every id appears in at most one of `preempted` and `admitted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Cancelled sequences to drop (their KV is freed).
-    pub dropped: Vec<u64>,
     /// Running sequences to preempt: KV freed, recomputed when readmitted.
     pub preempted: Vec<u64>,
     /// Waiting requests to start.
@@ -59,21 +52,14 @@ pub struct Plan {
 /// Decides the next step. `running` is in arrival order (oldest first), `waiting` in queue order.
 pub fn plan(running: &[RunningView], waiting: &[WaitingView], limits: Limits) -> Plan {
     let mut plan = Plan::default();
-    let mut live: Vec<&RunningView> = Vec::new();
-    for r in running {
-        if r.cancelled {
-            plan.dropped.push(r.id);
-        } else {
-            live.push(r);
-        }
-    }
-    plan.dropped.extend(waiting.iter().filter(|w| w.cancelled).map(|w| w.id));
+    let mut live: Vec<&RunningView> = running.iter().collect();
 
-    // Memory first: preempt the newest until everyone's next tokens fit (the oldest always stays).
-    let mut kv_used: usize = live.iter().map(|r| r.commitment()).sum();
+    // Memory first: preempt the newest until everyone's next tokens fit (the oldest always
+    // stays; its storage is capped at the budget, so it fits alone).
+    let mut kv_used: usize = live.iter().map(|r| r.reserved).sum();
     while kv_used > limits.kv_tokens && live.len() > 1 {
         let newest = live.pop().expect("len > 1");
-        kv_used -= newest.commitment();
+        kv_used -= newest.reserved;
         plan.preempted.push(newest.id);
     }
 
@@ -92,16 +78,15 @@ pub fn plan(running: &[RunningView], waiting: &[WaitingView], limits: Limits) ->
     // Admission: strictly in queue order so that a large request at the head is never starved
     // by smaller ones behind it; nothing is admitted in a step that had to preempt.
     if plan.preempted.is_empty() {
-        for (seqs, w) in (live.len()..).zip(waiting.iter().filter(|w| !w.cancelled)) {
-            let need = w.cached + w.to_compute;
-            if seqs >= limits.max_seqs || budget == 0 || kv_used + need > limits.kv_tokens {
+        for (seqs, w) in (live.len()..).zip(waiting) {
+            if seqs >= limits.max_seqs || budget == 0 || kv_used + w.need > limits.kv_tokens {
                 break;
             }
             let n = w.to_compute.min(budget);
             plan.admitted.push(w.id);
             plan.chunks.push((w.id, n));
             budget -= n;
-            kv_used += need;
+            kv_used += w.need;
         }
     }
     plan
@@ -112,13 +97,13 @@ mod tests {
     use super::*;
 
     fn decode(id: u64, computed: usize) -> RunningView {
-        RunningView { id, computed, pending: 1, cancelled: false }
+        RunningView { id, computed, pending: 1, reserved: computed + 1 }
     }
     fn prefill(id: u64, computed: usize, pending: usize) -> RunningView {
-        RunningView { id, computed, pending, cancelled: false }
+        RunningView { id, computed, pending, reserved: computed + pending }
     }
     fn waiting(id: u64, to_compute: usize) -> WaitingView {
-        WaitingView { id, to_compute, cached: 0, cancelled: false }
+        WaitingView { id, to_compute, need: to_compute }
     }
     const ROOMY: Limits = Limits { max_batched_tokens: 512, max_seqs: 16, kv_tokens: 1 << 20 };
 
@@ -146,17 +131,6 @@ mod tests {
     }
 
     #[test]
-    fn dropped_receivers_are_removed_and_use_no_budget() {
-        let mut gone = decode(1, 5);
-        gone.cancelled = true;
-        let mut left = waiting(3, 4);
-        left.cancelled = true;
-        let p = plan(&[gone, decode(2, 5)], &[left, waiting(4, 4)], ROOMY);
-        assert_eq!(p.dropped, vec![1, 3]);
-        assert_eq!(p.chunks, vec![(2, 1), (4, 4)]);
-    }
-
-    #[test]
     fn memory_pressure_preempts_the_newest() {
         let limits = Limits { kv_tokens: 100, ..ROOMY };
         let running = [decode(1, 40), decode(2, 40), decode(3, 40)];
@@ -167,15 +141,19 @@ mod tests {
     }
 
     #[test]
-    fn admission_respects_kv_memory_and_counts_cached_tokens() {
+    fn admission_respects_kv_memory_reserved_not_just_computed() {
         let limits = Limits { kv_tokens: 100, ..ROOMY };
         let mut w = waiting(2, 30);
-        w.cached = 30;
+        w.need = 60;
         // 40 + 1 held by the runner; 60 more would exceed 100.
         let p = plan(&[decode(1, 40)], &[w.clone()], limits);
         assert!(p.admitted.is_empty());
-        w.cached = 20;
-        assert_eq!(plan(&[decode(1, 40)], &[w], limits).admitted, vec![2]);
+        w.need = 50;
+        assert_eq!(plan(&[decode(1, 40)], &[w.clone()], limits).admitted, vec![2]);
+        // A runner whose storage doubled holds its capacity, not its length.
+        let mut grown = decode(1, 40);
+        grown.reserved = 64;
+        assert!(plan(&[grown], &[w], limits).admitted.is_empty());
     }
 
     #[test]

@@ -19,6 +19,19 @@ pub struct EngineStats {
     pub cached_tokens_total: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Steps that failed (an error or a contained panic).
+    pub faults_total: AtomicU64,
+    /// The KV budget in bytes.
+    pub kv_budget_bytes: AtomicUsize,
+    /// Bytes of KV holding running sequences' tokens.
+    pub kv_used_bytes: AtomicUsize,
+    /// Bytes of KV storage reserved by running sequences (their capacity).
+    pub kv_running_reserved_bytes: AtomicUsize,
+    /// Bytes of KV storage reserved by every live cache (running and prefix cache), from the
+    /// model's ledger.
+    pub kv_reserved_bytes: AtomicUsize,
+    pub prefix_cache_bytes: AtomicUsize,
+    pub vision_cache_bytes: AtomicUsize,
 }
 
 /// A consistent-enough copy of [`EngineStats`] for reporting.
@@ -38,15 +51,22 @@ pub struct StatsSnapshot {
     pub cached_tokens_total: u64,
     pub preemptions_total: u64,
     pub steps_total: u64,
+    pub faults_total: u64,
+    pub kv_budget_bytes: usize,
+    pub kv_used_bytes: usize,
+    pub kv_running_reserved_bytes: usize,
+    pub kv_reserved_bytes: usize,
+    pub prefix_cache_bytes: usize,
+    pub vision_cache_bytes: usize,
 }
 
 impl StatsSnapshot {
-    /// Fraction of the KV budget held by running sequences.
+    /// Fraction of the KV budget reserved by running sequences.
     pub fn kv_usage(&self) -> f64 {
-        if self.kv_capacity_tokens == 0 {
+        if self.kv_budget_bytes == 0 {
             0.0
         } else {
-            self.kv_used_tokens as f64 / self.kv_capacity_tokens as f64
+            self.kv_running_reserved_bytes as f64 / self.kv_budget_bytes as f64
         }
     }
 }
@@ -68,6 +88,13 @@ impl EngineStats {
             cached_tokens_total: self.cached_tokens_total.load(Relaxed),
             preemptions_total: self.preemptions_total.load(Relaxed),
             steps_total: self.steps_total.load(Relaxed),
+            faults_total: self.faults_total.load(Relaxed),
+            kv_budget_bytes: self.kv_budget_bytes.load(Relaxed),
+            kv_used_bytes: self.kv_used_bytes.load(Relaxed),
+            kv_running_reserved_bytes: self.kv_running_reserved_bytes.load(Relaxed),
+            kv_reserved_bytes: self.kv_reserved_bytes.load(Relaxed),
+            prefix_cache_bytes: self.prefix_cache_bytes.load(Relaxed),
+            vision_cache_bytes: self.vision_cache_bytes.load(Relaxed),
         }
     }
 }

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 
 pub struct VisionCache {
-    entries: HashMap<u64, (Tensor, u64)>,
+    entries: HashMap<u128, (Tensor, u64)>,
     bytes: usize,
     budget: usize,
     tick: u64,
@@ -23,7 +23,7 @@ impl VisionCache {
     }
 
     /// Looks `hash` up, counting the hit or miss.
-    pub fn get(&mut self, hash: u64) -> Option<Tensor> {
+    pub fn get(&mut self, hash: u128) -> Option<Tensor> {
         self.tick += 1;
         match self.entries.get_mut(&hash) {
             Some((t, used)) => {
@@ -38,7 +38,7 @@ impl VisionCache {
         }
     }
 
-    pub fn insert(&mut self, hash: u64, features: Tensor) {
+    pub fn insert(&mut self, hash: u128, features: Tensor) {
         let size = size_of(&features);
         if size > self.budget {
             return;
@@ -57,6 +57,25 @@ impl VisionCache {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Bytes of every entry, summed afresh (the simulation checks it against [`Self::bytes`]).
+    pub fn counted_bytes(&self) -> usize {
+        self.entries.values().map(|(t, _)| size_of(t)).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drops every entry (after a fault, when an entry may be half-written).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
     }
 }
 

@@ -35,7 +35,7 @@ fn image(s: &Setup, name: &str) -> ImageInput {
     let pixels = s.processor.batch(&[img], &Device::Cpu).unwrap().squeeze(0).unwrap();
     // Any stable hash of the pixels will do for the tests.
     let hash = name.bytes().fold(1469598103934665603u64, |h, b| (h ^ b as u64).wrapping_mul(1099511628211));
-    ImageInput { pixels, hash }
+    ImageInput { pixels, hash: hash as u128 }
 }
 
 fn request(s: &Setup, messages: &[Message], images: &[&str], max_tokens: usize) -> GenerateRequest {
@@ -134,16 +134,17 @@ fn preemption_under_a_tiny_kv_budget_keeps_outputs() {
 fn a_sampled_image_token_is_just_a_token() {
     let s = start(EngineConfig { prefix_caching: false, ..Default::default() });
     let image_token = s.tokenizer.image_token_id();
-    let mut r = ask(&s, "What is this?", &["square.png"], 6);
+    let mut r = ask(&s, "What is this?", &["square.png"], 24);
     r.sampling.logit_bias.insert(image_token, 100.0);
     let out = run_one(&s, r.clone());
-    assert_eq!(out.ids, vec![image_token; 6], "the bias makes the image token the greedy choice");
+    assert_eq!(out.ids, vec![image_token; 24], "the bias makes the image token the greedy choice");
     // Recomputed after preemption too: the generated ones are embedded as text, the prompt's
     // slots from the image.
     let bytes_per_token = 2 * 2 * 2 * 16 * 4; // as in the preemption test
     let tight = start(EngineConfig {
         prefix_caching: false,
-        kv_cache_memory: (2 * r.prompt_ids.len() + 4) * bytes_per_token,
+        // Both prompts fit (KV storage grows in steps of 16 tokens), their answers do not.
+        kv_cache_memory: 2 * (r.prompt_ids.len() + 1).div_ceil(16) * 16 * bytes_per_token,
         ..Default::default()
     });
     let streams: Vec<_> = (0..2).map(|_| tight.handle.submit(r.clone()).unwrap()).collect();
@@ -248,5 +249,5 @@ fn refusals_are_precise() {
     assert!(err.to_string().contains("context"), "{err}");
     let mut missing_image = ask(&s, "Hi", &["square.png"], 4);
     missing_image.images.clear();
-    assert!(matches!(s.handle.submit(missing_image), Err(weft_engine::SubmitError::Invalid(_))));
+    assert!(matches!(s.handle.submit(missing_image), Err(weft_engine::SubmitError::Invalid { param: "messages", .. })));
 }

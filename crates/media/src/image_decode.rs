@@ -43,20 +43,19 @@ pub fn decode(bytes: &[u8], declared: Option<&str>, max_pixels: u64) -> Result<D
     reader.decode().map_err(|e| ImageError::Decode(e.to_string()))
 }
 
-/// A content hash of decoded pixels (FNV-1a over the geometry, layout and samples), so that the
-/// same picture sent twice, in any encoding that decodes identically, is recognised.
-pub fn pixel_hash(image: &DynamicImage) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    feed(&image.width().to_le_bytes());
-    feed(&image.height().to_le_bytes());
-    feed(format!("{:?}", image.color()).as_bytes());
-    feed(image.as_bytes());
-    h
+/// A content hash of decoded pixels: SHA-256 over the geometry, layout and samples, cut to 128
+/// bits, so that the same picture sent twice, in any encoding that decodes identically, is
+/// recognised, and no client can craft a different picture with the same hash (the vision and
+/// prefix caches trust it as the image's identity).
+pub fn pixel_hash(image: &DynamicImage) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(image.width().to_le_bytes());
+    h.update(image.height().to_le_bytes());
+    h.update(format!("{:?}", image.color()).as_bytes());
+    h.update(image.as_bytes());
+    let digest = h.finalize();
+    u128::from_le_bytes(digest[..16].try_into().expect("32-byte digest"))
 }
 
 #[cfg(test)]

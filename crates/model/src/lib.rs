@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use config::LlavaConfig;
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{grown_capacity, KvCache, KvLedger};
 pub use linear::LinearFormat;
 pub use llava::{LlavaModel, LoadOptions};
 pub use qwen2::SeqInput;

@@ -159,6 +159,11 @@ impl LlavaModel {
         self.lm.new_cache()
     }
 
+    /// Bytes reserved by every KV cache of this model that is still alive.
+    pub fn kv_bytes_reserved(&self) -> usize {
+        self.lm.kv_ledger().bytes()
+    }
+
     /// One ragged forward pass of the language model; see [`Qwen2::forward`].
     pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
         weft_kernels::on_compute_pool(|| self.lm.forward(seqs))

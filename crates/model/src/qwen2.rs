@@ -3,7 +3,7 @@
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvLedger};
 use crate::layers::{silu_mul, softmax_f32, RmsNorm};
 use crate::linear::Linear;
 use crate::weights::Scope;
@@ -199,6 +199,8 @@ pub struct Qwen2 {
     lm_head: Linear,
     rotary: Rotary,
     cfg: TextConfig,
+    /// Bytes reserved by every cache made by [`Qwen2::new_cache`] and their forks.
+    kv_ledger: KvLedger,
 }
 
 impl Qwen2 {
@@ -225,7 +227,7 @@ impl Qwen2 {
             Linear::new(embed_tokens.clone(), None, lm_head.linear_format())?
         };
         let rotary = Rotary::new(cfg, embed_tokens.device())?;
-        Ok(Qwen2 { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
+        Ok(Qwen2 { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone(), kv_ledger: KvLedger::default() })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -254,6 +256,11 @@ impl Qwen2 {
             dtype,
             self.embed_tokens.device(),
         )
+        .with_ledger(&self.kv_ledger)
+    }
+
+    pub fn kv_ledger(&self) -> &KvLedger {
+        &self.kv_ledger
     }
 
     /// Runs every sequence's new tokens through the decoder in one pass and returns the logits

@@ -76,14 +76,13 @@ impl ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
-        let kind = match &e {
-            SubmitError::PromptTooLong { .. } => ErrorKind::ContextLength,
-            SubmitError::Overloaded { .. } => ErrorKind::Overloaded,
-            SubmitError::Invalid(_) => ErrorKind::InvalidRequest,
-            SubmitError::Stopped => ErrorKind::NotReady,
+        let (kind, param) = match &e {
+            SubmitError::PromptTooLong { .. } => (ErrorKind::ContextLength, Some("messages")),
+            SubmitError::Overloaded { .. } => (ErrorKind::Overloaded, None),
+            SubmitError::Invalid { param, .. } => (ErrorKind::InvalidRequest, Some(*param)),
+            SubmitError::Stopped => (ErrorKind::NotReady, None),
         };
-        let param = matches!(e, SubmitError::PromptTooLong { .. }).then(|| "messages".to_string());
-        ApiError { kind, message: e.to_string(), param }
+        ApiError { kind, message: e.to_string(), param: param.map(str::to_string) }
     }
 }
 

@@ -1,0 +1,222 @@
+//! The work of one step once it is planned: gather image features (vision cache or one batched
+//! encode), embed each chunk, one ragged forward pass, then sample and stream every sequence
+//! that produced logits.
+
+use crate::engine::Engine;
+use crate::request::{Event, Fault, FinishReason, Timing, Usage};
+use crate::sequence::Emitted;
+use candle_core::Tensor;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+use weft_model::{KvCache, SeqInput};
+
+impl Engine {
+    /// Ensures the projected features of every image overlapping `[from, to)` of the prompt
+    /// are at hand: from the request, the vision cache, or one batched encode.
+    fn gather_features(&mut self, wanted: &[(u64, usize, usize)]) -> weft_model::Result<()> {
+        let tpi = self.model.config().tokens_per_image();
+        let mut missing: Vec<(u64, usize)> = Vec::new();
+        for &(req_id, from, to) in wanted {
+            let req = self.requests.get_mut(&req_id).expect("live");
+            for (k, &start) in req.image_starts.iter().enumerate() {
+                if start < to && start + tpi > from && req.features[k].is_none() {
+                    match self.vision.get(req.images[k].hash) {
+                        Some(f) => req.features[k] = Some(f),
+                        None => missing.push((req_id, k)),
+                    }
+                }
+            }
+        }
+        for batch in missing.chunks(self.config.max_images_per_encode.max(1)) {
+            let pixels: Vec<Tensor> = batch.iter().map(|(r, k)| self.requests[r].images[*k].pixels.clone()).collect();
+            let started = Instant::now();
+            let features = self.model.encode_images(&Tensor::stack(&pixels, 0)?)?;
+            self.stats.vision_encode_us.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+            self.stats.images_encoded.fetch_add(batch.len() as u64, Relaxed);
+            for (i, (r, k)) in batch.iter().enumerate() {
+                let f = features.get(i)?;
+                let req = self.requests.get_mut(r).expect("live");
+                self.vision.insert(req.images[*k].hash, f.clone());
+                req.features[*k] = Some(f);
+            }
+        }
+        self.stats.vision_cache_hits.store(self.vision.hits, Relaxed);
+        self.stats.vision_cache_misses.store(self.vision.misses, Relaxed);
+        Ok(())
+    }
+
+    /// Embeddings of `seq.tokens[from..to]`, image slots filled from the features.
+    fn chunk_embeddings(&self, id: u64, from: usize, to: usize) -> weft_model::Result<Tensor> {
+        let seq = &self.seqs[&id];
+        let req = &self.requests[&seq.req_id];
+        let tpi = self.model.config().tokens_per_image();
+        let mut rows = Vec::new();
+        for (k, &start) in req.image_starts.iter().enumerate() {
+            let (a, b) = (from.max(start), to.min(start + tpi));
+            if a < b {
+                let f = req.features[k].as_ref().expect("gathered before embedding");
+                rows.push(f.narrow(0, a - start, b - a)?);
+            }
+        }
+        let rows = if rows.is_empty() { None } else { Some(Tensor::cat(&rows, 0)?) };
+        // Only the prompt has image slots; generated tokens (recomputed after a preemption, or
+        // fed back one by one) are text even when the model sampled the image token's id.
+        let split = to.min(req.prompt.len()).max(from);
+        let mut parts = Vec::with_capacity(2);
+        if from < split {
+            parts.push(self.model.embed(&seq.tokens[from..split], rows.as_ref())?);
+        }
+        if split < to {
+            parts.push(self.model.embed_generated(&seq.tokens[split..to])?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    pub(crate) fn run_chunks(&mut self, chunks: &[(u64, usize)]) -> weft_model::Result<()> {
+        for &(id, n) in chunks {
+            let s = &self.seqs[&id];
+            // The plan is computed from the same state; a chunk past the sequence's tokens
+            // would be an engine bug, refused here before it can index out of range.
+            assert!(
+                n >= 1 && s.computed() + n <= s.tokens.len(),
+                "chunk of {n} after {} of {}",
+                s.computed(),
+                s.tokens.len()
+            );
+            if self.requests[&s.req_id].spec.fault.is_some() {
+                panic!("fault injected into the step of sequence {id}");
+            }
+        }
+        let wanted: Vec<(u64, usize, usize)> = chunks
+            .iter()
+            .map(|&(id, n)| {
+                let s = &self.seqs[&id];
+                (s.req_id, s.computed(), s.computed() + n)
+            })
+            .filter(|&(req, from, _)| from < self.requests[&req].prompt.len())
+            .collect();
+        self.gather_features(&wanted)?;
+        let mut embeds = Vec::with_capacity(chunks.len());
+        for &(id, n) in chunks {
+            let from = self.seqs[&id].computed();
+            embeds.push(self.chunk_embeddings(id, from, from + n)?);
+        }
+        let mut caches: Vec<KvCache> = chunks
+            .iter()
+            .map(|(id, _)| {
+                let seq = self.seqs.get_mut(id).unwrap();
+                let mut cache = seq.cache.take().expect("running");
+                // What the scheduler counted: storage for all of its tokens (a whole prompt).
+                cache.reserve(seq.tokens.len());
+                cache
+            })
+            .collect();
+        let wants: Vec<bool> =
+            chunks.iter().map(|&(id, n)| self.seqs[&id].computed() + n == self.seqs[&id].tokens.len()).collect();
+        let started = Instant::now();
+        let result = {
+            let mut inputs: Vec<SeqInput> = caches
+                .iter_mut()
+                .zip(embeds)
+                .zip(&wants)
+                .map(|((cache, embeds), &want_logits)| SeqInput { embeds, cache, want_logits })
+                .collect();
+            self.model.forward(&mut inputs)
+        };
+        for ((id, _), cache) in chunks.iter().zip(caches) {
+            self.seqs.get_mut(id).unwrap().restore_cache(cache);
+        }
+        let logits = result?;
+        let forward = started.elapsed();
+        let Some(logits) = logits else { return Ok(()) };
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
+        for (id, row) in finishing.into_iter().zip(rows) {
+            self.after_logits(id, &row)?;
+        }
+        tracing::debug!(
+            seqs = chunks.len(),
+            tokens = chunks.iter().map(|c| c.1).sum::<usize>(),
+            forward_ms = forward.as_secs_f64() * 1e3,
+            sample_ms = (started.elapsed() - forward).as_secs_f64() * 1e3,
+            "step"
+        );
+        Ok(())
+    }
+
+    /// Samples the next token of `id` (and, on a request's first logits, of its other choices).
+    fn after_logits(&mut self, id: u64, row: &[f32]) -> weft_model::Result<()> {
+        let req_id = self.seqs[&id].req_id;
+        let req = self.requests.get_mut(&req_id).expect("live");
+        let mut siblings = Vec::new();
+        if !req.choices_spawned {
+            req.choices_spawned = true;
+            req.features.iter_mut().for_each(|f| *f = None); // the prompt is in the KV now
+            req.live_choices = req.spec.n;
+            let spec = req.spec.clone();
+            for choice in 1..spec.n {
+                let cache = {
+                    let seq = &self.seqs[&id];
+                    seq.cache.as_ref().expect("running").fork(seq.computed())?
+                };
+                let sibling_id = self.new_id();
+                let sibling = self.seqs[&id].sibling(sibling_id, choice, cache, &spec);
+                siblings.push(sibling_id);
+                self.seqs.insert(sibling_id, sibling);
+                self.running.push(sibling_id);
+                self.in_step.push(sibling_id);
+            }
+        }
+        for sid in siblings {
+            self.emit(sid, row);
+        }
+        self.emit(id, row);
+        Ok(())
+    }
+
+    fn emit(&mut self, id: u64, row: &[f32]) {
+        let context = self.model.config().text.max_position_embeddings.min(self.limits.kv_tokens);
+        let seq = self.seqs.get_mut(&id).expect("running");
+        let req = self.requests.get(&seq.req_id).expect("live");
+        let out = seq.sample(row, &req.prompt, &req.spec, &self.config.eos_token_ids, context, &*self.tokenizer);
+        self.stats.generation_tokens_total.fetch_add(1, Relaxed);
+        match out {
+            Emitted::Token(event) => {
+                let _ = req.events.send(event);
+            }
+            Emitted::Finished(token_event, reason, text) => {
+                if let Some(event) = token_event {
+                    let _ = req.events.send(event);
+                }
+                self.finish(id, reason, text);
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u64, reason: FinishReason, text: String) {
+        let seq = &self.seqs[&id];
+        let req = &self.requests[&seq.req_id];
+        let image_tokens = req.images.len() * self.model.config().tokens_per_image();
+        let usage = Usage {
+            prompt_tokens: req.prompt.len(),
+            completion_tokens: seq.generated(req.prompt.len()),
+            cached_tokens: seq.reused,
+            image_tokens,
+        };
+        let now = Instant::now();
+        let since = |t: Option<Instant>| t.map_or(0.0, |t| (t - req.submitted).as_secs_f64());
+        let timing = Timing {
+            queue_s: since(seq.admitted_at),
+            first_token_s: since(seq.first_token_at),
+            total_s: (now - req.submitted).as_secs_f64(),
+            inter_token_s: seq.inter_token.clone(),
+        };
+        let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });
+        self.remove_seq(id, true);
+    }
+}
+
+/// Whether a request asked for an injected fault that leaves the engine unrecoverable.
+pub(crate) fn is_fatal(fault: Option<Fault>) -> bool {
+    fault == Some(Fault::Fatal)
+}
