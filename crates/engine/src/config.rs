@@ -1,4 +1,19 @@
-//! Engine limits, with their defaults in one place.
+//! Engine limits, with their defaults in one place: the constants below are also the defaults
+//! of `weft serve`'s flags and of `config/weft.toml` (a test checks that file against them).
+
+/// Defaults of the engine's settings.
+pub mod defaults {
+    pub const MAX_NUM_BATCHED_TOKENS: usize = 2048;
+    pub const MAX_NUM_SEQS: usize = 64;
+    /// KV cache bytes when the memory available cannot be read (the server otherwise takes
+    /// [`KV_CACHE_FRACTION`] of what is available at start).
+    pub const KV_CACHE_MEMORY: usize = 4 << 30;
+    /// Share of the memory available at start that the server gives the KV cache.
+    pub const KV_CACHE_FRACTION: f64 = 0.4;
+    pub const VISION_CACHE_MEMORY: usize = 512 << 20;
+    pub const MAX_WAITING: usize = 256;
+    pub const MAX_IMAGES_PER_ENCODE: usize = 8;
+}
 
 /// How the engine batches and how much memory it may use.
 #[derive(Debug, Clone, PartialEq)]
@@ -7,7 +22,8 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Sequences running at once.
     pub max_num_seqs: usize,
-    /// Bytes of KV cache for running sequences and the prefix cache together.
+    /// Bytes of KV storage for running sequences and the prefix cache together (reserved
+    /// storage, not just the tokens in it).
     pub kv_cache_memory: usize,
     /// Bytes of projected image features kept by content hash.
     pub vision_cache_memory: usize,
@@ -24,13 +40,13 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 64,
-            kv_cache_memory: 4 << 30,
-            vision_cache_memory: 512 << 20,
-            max_waiting: 256,
+            max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
+            max_num_seqs: defaults::MAX_NUM_SEQS,
+            kv_cache_memory: defaults::KV_CACHE_MEMORY,
+            vision_cache_memory: defaults::VISION_CACHE_MEMORY,
+            max_waiting: defaults::MAX_WAITING,
             prefix_caching: true,
-            max_images_per_encode: 8,
+            max_images_per_encode: defaults::MAX_IMAGES_PER_ENCODE,
             eos_token_ids: Vec::new(),
         }
     }

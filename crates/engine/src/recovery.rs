@@ -102,6 +102,8 @@ impl Engine {
     fn give_up(&mut self, why: &str) {
         let why = format!("{why} (the engine could not recover and has stopped)");
         tracing::error!(why, "engine failed");
+        // Unhealthy first: whoever sees the error event and asks the readiness probe sees it.
+        self.health.send_replace(Health::Failed(why.clone()));
         for req in self.requests.values() {
             let _ = req.events.send(Event::Error(EngineError::Stopped(why.clone())));
         }
@@ -113,7 +115,6 @@ impl Engine {
         self.vision.clear();
         self.stats.waiting.store(0, Relaxed);
         self.publish_gauges();
-        self.health.send_replace(Health::Failed(why));
     }
 
     /// The engine's structural invariants: every running sequence holds a cache as long as its

@@ -21,6 +21,12 @@ pub struct DataUri {
     pub bytes: Vec<u8>,
 }
 
+/// Bytes the payload of a data URI decodes to (at most; 0 if it is not one), known before
+/// decoding it.
+pub fn decoded_len(uri: &str) -> usize {
+    uri.split_once(',').map_or(0, |(_, payload)| payload.trim().len() / 4 * 3)
+}
+
 /// Parses `data:<type>[;params];base64,<payload>`, refusing payloads over `max_bytes` before
 /// decoding them.
 pub fn parse(uri: &str, max_bytes: usize) -> Result<DataUri, DataUriError> {

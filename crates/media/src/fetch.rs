@@ -4,6 +4,7 @@
 //! and `file://` under an allow-listed directory.
 
 use crate::addr::non_public_reason;
+use crate::budget::{ByteBudget, OverBudget};
 use crate::data_uri::{self, DataUriError};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub enum FetchError {
     DomainNotAllowed(String),
     #[error("the media is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
     #[error("fetching the media took longer than {0:?}")]
     Timeout(Duration),
     #[error("more than {0} redirects")]
@@ -91,15 +94,17 @@ pub enum FetchError {
     LocalRead(String),
 }
 
-/// Fetches `url` within `timeout`, reading at most `max_bytes`.
+/// Fetches `url` within `timeout`, reading at most `max_bytes`, every byte charged to `budget`
+/// as it arrives.
 pub async fn fetch(
     url: &str,
     policy: &FetchPolicy,
     max_bytes: usize,
     timeout: Duration,
+    budget: &ByteBudget,
 ) -> Result<Fetched, FetchError> {
     let started = Instant::now();
-    let result = match tokio::time::timeout(timeout, fetch_inner(url, policy, max_bytes)).await {
+    let result = match tokio::time::timeout(timeout, fetch_inner(url, policy, max_bytes, budget)).await {
         Ok(r) => r,
         Err(_) => Err(FetchError::Timeout(timeout)),
     };
@@ -111,15 +116,25 @@ pub async fn fetch(
     result
 }
 
-async fn fetch_inner(url: &str, policy: &FetchPolicy, max_bytes: usize) -> Result<Fetched, FetchError> {
+async fn fetch_inner(
+    url: &str,
+    policy: &FetchPolicy,
+    max_bytes: usize,
+    budget: &ByteBudget,
+) -> Result<Fetched, FetchError> {
     if url.starts_with("data:") {
-        let d = data_uri::parse(url, max_bytes)?;
+        budget.take(data_uri::decoded_len(url))?;
+        // Base64 of megabytes is CPU work: not on an async worker.
+        let url = url.to_string();
+        let d = tokio::task::spawn_blocking(move || data_uri::parse(&url, max_bytes))
+            .await
+            .map_err(|e| FetchError::Network(e.to_string()))??;
         return Ok(Fetched { bytes: d.bytes, declared_type: Some(d.media_type), kind: SourceKind::Data });
     }
     let parsed = url::Url::parse(url).map_err(|e| FetchError::BadUrl(e.to_string()))?;
     match parsed.scheme() {
-        "http" | "https" => fetch_http(parsed, policy, max_bytes).await,
-        "file" => read_local(&parsed, policy, max_bytes),
+        "http" | "https" => fetch_http(parsed, policy, max_bytes, budget).await,
+        "file" => read_local(&parsed, policy, max_bytes, budget).await,
         _ => Err(FetchError::Scheme),
     }
 }
@@ -168,7 +183,12 @@ async fn resolve(url: &url::Url, policy: &FetchPolicy) -> Result<(String, Vec<So
     Ok((host, addrs))
 }
 
-async fn fetch_http(mut url: url::Url, policy: &FetchPolicy, max_bytes: usize) -> Result<Fetched, FetchError> {
+async fn fetch_http(
+    mut url: url::Url,
+    policy: &FetchPolicy,
+    max_bytes: usize,
+    budget: &ByteBudget,
+) -> Result<Fetched, FetchError> {
     for _ in 0..=policy.max_redirects {
         let (host, addrs) = resolve(&url, policy).await?;
         // The connection goes to the addresses just checked, never to a second DNS answer.
@@ -210,6 +230,7 @@ async fn fetch_http(mut url: url::Url, policy: &FetchPolicy, max_bytes: usize) -
             if bytes.len() + chunk.len() > max_bytes {
                 return Err(FetchError::TooLarge { limit: max_bytes });
             }
+            budget.take(chunk.len())?;
             bytes.extend_from_slice(&chunk);
         }
         return Ok(Fetched { bytes, declared_type, kind: SourceKind::Http });
@@ -217,21 +238,30 @@ async fn fetch_http(mut url: url::Url, policy: &FetchPolicy, max_bytes: usize) -
     Err(FetchError::TooManyRedirects(policy.max_redirects))
 }
 
-fn read_local(url: &url::Url, policy: &FetchPolicy, max_bytes: usize) -> Result<Fetched, FetchError> {
+async fn read_local(
+    url: &url::Url,
+    policy: &FetchPolicy,
+    max_bytes: usize,
+    budget: &ByteBudget,
+) -> Result<Fetched, FetchError> {
     let root = policy.allowed_local_path.as_ref().ok_or(FetchError::LocalNotAllowed)?;
-    let root = root.canonicalize().map_err(|e| FetchError::LocalRead(e.to_string()))?;
+    let root = tokio::fs::canonicalize(root).await.map_err(|e| FetchError::LocalRead(e.to_string()))?;
     let path = url.to_file_path().map_err(|_| FetchError::BadUrl("not a local path".into()))?;
-    let canonical = path.canonicalize().map_err(|_| FetchError::LocalRead("no such file".into()))?;
+    let canonical = tokio::fs::canonicalize(&path).await.map_err(|_| FetchError::LocalRead("no such file".into()))?;
     if !canonical.starts_with(&root) {
         return Err(FetchError::LocalOutside);
     }
-    let meta = std::fs::metadata(&canonical).map_err(|e| FetchError::LocalRead(e.to_string()))?;
+    let meta = tokio::fs::metadata(&canonical).await.map_err(|e| FetchError::LocalRead(e.to_string()))?;
     if !meta.is_file() {
         return Err(FetchError::LocalRead("not a regular file".into()));
     }
     if meta.len() as usize > max_bytes {
         return Err(FetchError::TooLarge { limit: max_bytes });
     }
-    let bytes = std::fs::read(&canonical).map_err(|e| FetchError::LocalRead(e.to_string()))?;
+    budget.take(meta.len() as usize)?;
+    let bytes = tokio::fs::read(&canonical).await.map_err(|e| FetchError::LocalRead(e.to_string()))?;
+    if bytes.len() > max_bytes {
+        return Err(FetchError::TooLarge { limit: max_bytes }); // it grew after the check
+    }
     Ok(Fetched { bytes, declared_type: None, kind: SourceKind::File })
 }

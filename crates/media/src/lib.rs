@@ -3,6 +3,7 @@
 //! refusal says which limit or rule it hit.
 
 pub mod addr;
+pub mod budget;
 pub mod data_uri;
 pub mod fetch;
 pub mod image_decode;

@@ -21,6 +21,8 @@ pub enum VideoError {
     Timeout(Duration),
     #[error("video frames are {width}x{height}, more than the limit of {limit} pixels")]
     TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("the video has more than {limit} frames")]
+    TooManyFrames { limit: usize },
 }
 
 /// Container formats, recognised from the bytes.
@@ -52,8 +54,13 @@ pub fn container(bytes: &[u8]) -> Option<Container> {
 #[derive(Debug, Clone)]
 pub struct VideoLimits {
     pub max_pixels: u64,
+    /// Frames the video may have in all (they are read, if not kept, up to the last sampled).
+    pub max_frames: usize,
     pub timeout: Duration,
 }
+
+/// Width or height a video frame may have at most (FFmpeg's own limit is 16384 too).
+const MAX_SIDE: u64 = 16_384;
 
 /// Decodes a video of any accepted format and samples `n` frames uniformly.
 pub async fn sample_video(
@@ -65,7 +72,7 @@ pub async fn sample_video(
     let result = match container(&bytes) {
         Some(Container::Gif) | Some(Container::WebP) => {
             let limits = limits.clone();
-            tokio::task::spawn_blocking(move || sample_animation(&bytes, n, limits.max_pixels))
+            tokio::task::spawn_blocking(move || sample_animation(&bytes, n, &limits))
                 .await
                 .map_err(|e| VideoError::Decode(e.to_string()))?
         }
@@ -91,13 +98,49 @@ pub fn sample_indices(total: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| if i == n - 1 { total - 1 } else { (i as f64 * step) as usize }).collect()
 }
 
-/// Decodes an animated GIF or WebP in-process (frames composited, as a viewer shows them)
-/// and keeps `n` of them sampled with [`sample_indices`].
+/// Frames of an animated GIF or WebP, counted without decoding their pixels.
+fn count_frames(bytes: &[u8], limit: usize) -> Result<usize, VideoError> {
+    let count = match container(bytes) {
+        Some(Container::Gif) => {
+            let mut options = gif::DecodeOptions::new();
+            options.skip_frame_decoding(true);
+            let mut decoder = options.read_info(Cursor::new(bytes)).map_err(|e| VideoError::Decode(e.to_string()))?;
+            let mut n = 0;
+            while decoder.read_next_frame().map_err(|e| VideoError::Decode(e.to_string()))?.is_some() {
+                n += 1;
+                if n > limit {
+                    break; // no need to read the rest
+                }
+            }
+            n
+        }
+        Some(Container::WebP) => {
+            let decoder =
+                image_webp::WebPDecoder::new(Cursor::new(bytes)).map_err(|e| VideoError::Decode(e.to_string()))?;
+            if decoder.is_animated() {
+                decoder.num_frames() as usize
+            } else {
+                1
+            }
+        }
+        _ => return Err(VideoError::UnknownFormat),
+    };
+    if count > limit {
+        return Err(VideoError::TooManyFrames { limit });
+    }
+    Ok(count)
+}
+
+/// Decodes an animated GIF or WebP in-process and keeps `n` frames sampled with
+/// [`sample_indices`] (composited, as a viewer shows them). Frames are counted first without
+/// decoding; then only the frames up to the last sampled one are decoded, one at a time, and
+/// only the sampled ones are kept, all within the limits' frame cap and deadline.
 pub fn sample_animation(
     bytes: &[u8],
     n: usize,
-    max_pixels: u64,
+    limits: &VideoLimits,
 ) -> Result<(Vec<usize>, Vec<DynamicImage>), VideoError> {
+    let deadline = std::time::Instant::now() + limits.timeout;
     let decode_err = |e: image::ImageError| VideoError::Decode(e.to_string());
     let (width, height) = match container(bytes) {
         Some(Container::Gif) => image::ImageReader::with_format(Cursor::new(bytes), image::ImageFormat::Gif),
@@ -106,25 +149,45 @@ pub fn sample_animation(
     }
     .into_dimensions()
     .map_err(decode_err)?;
-    if width as u64 * height as u64 > max_pixels {
-        return Err(VideoError::TooManyPixels { width, height, limit: max_pixels });
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(VideoError::TooManyPixels { width, height, limit: limits.max_pixels });
     }
-    let frames: Vec<image::Frame> = match container(bytes) {
-        Some(Container::Gif) => GifDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames().collect_frames(),
-        _ => WebPDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames().collect_frames(),
-    }
-    .map_err(decode_err)?;
-    if frames.is_empty() {
+    let total = count_frames(bytes, limits.max_frames)?;
+    if total == 0 {
         return Err(VideoError::Empty);
     }
-    let indices = sample_indices(frames.len(), n.min(frames.len()));
-    let picked = indices.iter().map(|&i| DynamicImage::ImageRgba8(frames[i].buffer().clone())).collect();
+    let indices = sample_indices(total, n.min(total));
+    let frames: Box<dyn Iterator<Item = image::ImageResult<image::Frame>>> = match container(bytes) {
+        Some(Container::Gif) => Box::new(GifDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames()),
+        _ => Box::new(WebPDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames()),
+    };
+    let mut picked = Vec::with_capacity(indices.len());
+    let mut wanted = indices.iter().peekable();
+    for (i, frame) in frames.enumerate() {
+        let Some(&&next) = wanted.peek() else { break };
+        if std::time::Instant::now() > deadline {
+            return Err(VideoError::Timeout(limits.timeout));
+        }
+        let frame = frame.map_err(decode_err)?;
+        while wanted.peek() == Some(&&i) {
+            picked.push(DynamicImage::ImageRgba8(frame.buffer().clone()));
+            wanted.next();
+        }
+        debug_assert!(i <= next);
+    }
+    if picked.len() != indices.len() {
+        return Err(VideoError::Decode(format!("expected {} frames, decoded {}", indices.len(), picked.len())));
+    }
     Ok((indices, picked))
 }
 
-/// Kept for callers that only handle GIFs (the CLI).
+/// Kept for callers that only handle GIFs (the CLI and tests).
 pub fn sample_gif(bytes: &[u8], n: usize) -> Result<(Vec<usize>, Vec<DynamicImage>), VideoError> {
-    sample_animation(bytes, n, u64::MAX)
+    sample_animation(
+        bytes,
+        n,
+        &VideoLimits { max_pixels: u64::MAX, max_frames: usize::MAX, timeout: Duration::from_secs(3600) },
+    )
 }
 
 /// Whether `ffmpeg` and `ffprobe` can be run.
@@ -174,10 +237,10 @@ async fn sample_with_ffmpeg(
     limits: &VideoLimits,
 ) -> Result<(Vec<usize>, Vec<DynamicImage>), VideoError> {
     let dir = std::env::temp_dir().join(format!("weft-video-{}-{:x}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).map_err(|e| VideoError::Decode(e.to_string()))?;
+    tokio::fs::create_dir_all(&dir).await.map_err(|e| VideoError::Decode(e.to_string()))?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let input = dir.join("input");
-    std::fs::write(&input, bytes).map_err(|e| VideoError::Decode(e.to_string()))?;
+    tokio::fs::write(&input, bytes).await.map_err(|e| VideoError::Decode(e.to_string()))?;
     let input = input.to_string_lossy().into_owned();
     let probe = run(
         "ffprobe",
@@ -203,11 +266,19 @@ async fn sample_with_ffmpeg(
     let [width, height, total] = fields[..] else {
         return Err(VideoError::Decode(format!("no video stream found ({})", probe.trim())));
     };
-    if width * height > limits.max_pixels {
-        return Err(VideoError::TooManyPixels { width: width as u32, height: height as u32, limit: limits.max_pixels });
+    // ffprobe reports what the container claims: check it before sizing anything by it.
+    if width == 0 || height == 0 {
+        return Err(VideoError::Decode(format!("the video stream claims a size of {width}x{height}")));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE || width * height > limits.max_pixels {
+        let side = |v: u64| v.min(u32::MAX as u64) as u32;
+        return Err(VideoError::TooManyPixels { width: side(width), height: side(height), limit: limits.max_pixels });
     }
     if total == 0 {
         return Err(VideoError::Empty);
+    }
+    if total > limits.max_frames as u64 {
+        return Err(VideoError::TooManyFrames { limit: limits.max_frames });
     }
     let indices = sample_indices(total as usize, n.min(total as usize));
     let select = indices.iter().map(|i| format!("eq(n\\,{i})")).collect::<Vec<_>>().join("+");

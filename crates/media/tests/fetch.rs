@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_media::budget::ByteBudget;
 use weft_media::fetch::{check_addresses, check_domain, fetch, FetchError, FetchPolicy, SourceKind};
 
 /// A canned HTTP/1.1 server: answers by path, then closes the connection.
@@ -51,31 +52,50 @@ fn local_policy() -> FetchPolicy {
 
 const T: Duration = Duration::from_secs(5);
 
+fn unlimited() -> ByteBudget {
+    ByteBudget::new(usize::MAX)
+}
+
 #[tokio::test]
 async fn fetches_and_follows_redirects() {
     let addr = serve().await;
-    let f = fetch(&format!("http://{addr}/img.png"), &local_policy(), 1 << 20, T).await.unwrap();
+    let f = fetch(&format!("http://{addr}/img.png"), &local_policy(), 1 << 20, T, &unlimited()).await.unwrap();
     assert_eq!((f.bytes, f.declared_type.as_deref(), f.kind), (tiny_png(), Some("image/png"), SourceKind::Http));
-    let f = fetch(&format!("http://{addr}/redirect"), &local_policy(), 1 << 20, T).await.unwrap();
+    let f = fetch(&format!("http://{addr}/redirect"), &local_policy(), 1 << 20, T, &unlimited()).await.unwrap();
     assert_eq!(f.bytes, tiny_png());
-    let err = fetch(&format!("http://{addr}/loop"), &local_policy(), 1 << 20, T).await.unwrap_err();
+    let err = fetch(&format!("http://{addr}/loop"), &local_policy(), 1 << 20, T, &unlimited()).await.unwrap_err();
     assert_eq!(err, FetchError::TooManyRedirects(3));
-    let err = fetch(&format!("http://{addr}/missing"), &local_policy(), 1 << 20, T).await.unwrap_err();
+    let err = fetch(&format!("http://{addr}/missing"), &local_policy(), 1 << 20, T, &unlimited()).await.unwrap_err();
     assert_eq!(err, FetchError::Status(404));
 }
 
 #[tokio::test]
 async fn byte_cap_holds_without_content_length() {
     let addr = serve().await;
-    let err = fetch(&format!("http://{addr}/big-no-length"), &local_policy(), 1000, T).await.unwrap_err();
+    let err = fetch(&format!("http://{addr}/big-no-length"), &local_policy(), 1000, T, &unlimited()).await.unwrap_err();
     assert_eq!(err, FetchError::TooLarge { limit: 1000 });
+}
+
+/// One request's budget is shared by its fetches and charged while reading: the second fetch
+/// stops at the byte that crosses it, whatever each fetch's own cap allows.
+#[tokio::test]
+async fn the_request_budget_holds_across_fetches_while_reading() {
+    let addr = serve().await;
+    let budget = ByteBudget::new(15_000);
+    fetch(&format!("http://{addr}/big-no-length"), &local_policy(), 1 << 20, T, &budget).await.unwrap();
+    let err = fetch(&format!("http://{addr}/big-no-length"), &local_policy(), 1 << 20, T, &budget).await.unwrap_err();
+    assert!(matches!(err, FetchError::OverBudget(_)), "{err}");
+    let data = format!("data:image/png;base64,{}", "AAAA".repeat(2000));
+    let err = fetch(&data, &local_policy(), 1 << 20, T, &ByteBudget::new(5999)).await.unwrap_err();
+    assert!(matches!(err, FetchError::OverBudget(_)), "decoded size is charged before decoding: {err}");
 }
 
 #[tokio::test]
 async fn slow_servers_time_out() {
     let addr = serve().await;
-    let err =
-        fetch(&format!("http://{addr}/slow"), &local_policy(), 1000, Duration::from_millis(300)).await.unwrap_err();
+    let err = fetch(&format!("http://{addr}/slow"), &local_policy(), 1000, Duration::from_millis(300), &unlimited())
+        .await
+        .unwrap_err();
     assert_eq!(err, FetchError::Timeout(Duration::from_millis(300)));
 }
 
@@ -83,20 +103,23 @@ async fn slow_servers_time_out() {
 async fn every_redirect_hop_is_checked_again() {
     let addr = serve().await;
     let policy = FetchPolicy { allowed_domains: vec!["127.0.0.1".into()], ..local_policy() };
-    assert!(fetch(&format!("http://{addr}/img.png"), &policy, 1 << 20, T).await.is_ok());
-    let err = fetch(&format!("http://{addr}/to-localhost"), &policy, 1 << 20, T).await.unwrap_err();
+    assert!(fetch(&format!("http://{addr}/img.png"), &policy, 1 << 20, T, &unlimited()).await.is_ok());
+    let err = fetch(&format!("http://{addr}/to-localhost"), &policy, 1 << 20, T, &unlimited()).await.unwrap_err();
     assert_eq!(err, FetchError::DomainNotAllowed("localhost".into()));
 }
 
 #[tokio::test]
 async fn private_addresses_are_refused_by_default_before_connecting() {
     let addr = serve().await;
-    let err = fetch(&format!("http://{addr}/img.png"), &FetchPolicy::default(), 1 << 20, T).await.unwrap_err();
+    let err =
+        fetch(&format!("http://{addr}/img.png"), &FetchPolicy::default(), 1 << 20, T, &unlimited()).await.unwrap_err();
     assert!(matches!(err, FetchError::Blocked { reason: "loopback", .. }), "{err}");
-    let err = fetch("http://[::ffff:127.0.0.1]:9/x.png", &FetchPolicy::default(), 1 << 20, T).await.unwrap_err();
+    let err = fetch("http://[::ffff:127.0.0.1]:9/x.png", &FetchPolicy::default(), 1 << 20, T, &unlimited())
+        .await
+        .unwrap_err();
     assert!(matches!(err, FetchError::Blocked { .. }), "{err}");
     // Host names are resolved and their addresses checked, not just literal IPs.
-    let err = fetch("http://localhost:9/x.png", &FetchPolicy::default(), 1 << 20, T).await.unwrap_err();
+    let err = fetch("http://localhost:9/x.png", &FetchPolicy::default(), 1 << 20, T, &unlimited()).await.unwrap_err();
     assert!(matches!(err, FetchError::Blocked { reason: "loopback", .. }), "{err}");
 }
 
@@ -133,17 +156,17 @@ async fn local_files_only_under_the_allowed_directory() {
     std::fs::write(root.join("secret.png"), tiny_png()).unwrap();
     let policy = FetchPolicy { allowed_local_path: Some(inside.clone()), ..Default::default() };
     let url = |p: &std::path::Path| format!("file://{}", p.display());
-    assert_eq!(fetch(&url(&inside.join("a.png")), &policy, 1 << 20, T).await.unwrap().bytes, tiny_png());
+    assert_eq!(fetch(&url(&inside.join("a.png")), &policy, 1 << 20, T, &unlimited()).await.unwrap().bytes, tiny_png());
     let escape = format!("file://{}/../secret.png", inside.display());
-    assert_eq!(fetch(&escape, &policy, 1 << 20, T).await.unwrap_err(), FetchError::LocalOutside);
+    assert_eq!(fetch(&escape, &policy, 1 << 20, T, &unlimited()).await.unwrap_err(), FetchError::LocalOutside);
     assert_eq!(
-        fetch(&url(&inside.join("a.png")), &FetchPolicy::default(), 1 << 20, T).await.unwrap_err(),
+        fetch(&url(&inside.join("a.png")), &FetchPolicy::default(), 1 << 20, T, &unlimited()).await.unwrap_err(),
         FetchError::LocalNotAllowed
     );
     assert_eq!(
-        fetch(&url(&inside.join("a.png")), &policy, 10, T).await.unwrap_err(),
+        fetch(&url(&inside.join("a.png")), &policy, 10, T, &unlimited()).await.unwrap_err(),
         FetchError::TooLarge { limit: 10 }
     );
-    assert_eq!(fetch("ftp://x/y", &policy, 10, T).await.unwrap_err(), FetchError::Scheme);
+    assert_eq!(fetch("ftp://x/y", &policy, 10, T, &unlimited()).await.unwrap_err(), FetchError::Scheme);
     let _ = std::fs::remove_dir_all(&root);
 }

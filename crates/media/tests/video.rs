@@ -6,7 +6,7 @@ use std::time::Duration;
 use weft_media::video::{container, sample_video, Container, VideoError, VideoLimits};
 
 fn limits() -> VideoLimits {
-    VideoLimits { max_pixels: 1 << 20, timeout: Duration::from_secs(60) }
+    VideoLimits { max_pixels: 1 << 20, max_frames: 1000, timeout: Duration::from_secs(60) }
 }
 
 /// A 30-frame test clip (10 fps, 3 s) made by FFmpeg itself.
@@ -66,4 +66,29 @@ async fn oversized_frames_truncated_files_and_unknown_formats_are_refused() {
     let truncated = bytes[..bytes.len() / 3].to_vec();
     assert!(sample_video(truncated, 4, &limits()).await.is_err());
     assert_eq!(sample_video(b"not a video".to_vec(), 4, &limits()).await.unwrap_err(), VideoError::UnknownFormat);
+}
+
+/// Animations are counted without decoding and decoded only up to the last sampled frame, one
+/// frame at a time; the frames kept are exactly those a full decode would give.
+#[tokio::test]
+async fn animations_keep_only_the_sampled_frames_and_obey_the_frame_cap() {
+    use image::AnimationDecoder;
+    let gif = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images/clip.gif")).unwrap();
+    let all: Vec<image::Frame> = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(&gif))
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    let (indices, frames) = sample_video(gif.clone(), 3, &limits()).await.unwrap();
+    assert_eq!(indices, weft_media::video::sample_indices(all.len(), 3));
+    for (i, f) in indices.iter().zip(&frames) {
+        assert_eq!(f.to_rgba8().as_raw(), all[*i].buffer().as_raw(), "frame {i}");
+    }
+    let capped = VideoLimits { max_frames: all.len() - 1, ..limits() };
+    assert_eq!(sample_video(gif, 3, &capped).await.unwrap_err(), VideoError::TooManyFrames { limit: all.len() - 1 });
+    let webp = make_clip("webp", &["-c:v", "libwebp_anim", "-loop", "0"]);
+    let capped = VideoLimits { max_frames: 29, ..limits() };
+    assert_eq!(sample_video(webp, 4, &capped).await.unwrap_err(), VideoError::TooManyFrames { limit: 29 });
+    let mp4 = make_clip("mp4", &["-c:v", "mpeg4"]);
+    assert_eq!(sample_video(mp4, 4, &capped).await.unwrap_err(), VideoError::TooManyFrames { limit: 29 });
 }

@@ -1,24 +1,29 @@
 //! `POST /v1/completions`: raw text prompts (one or a list, or token ids), no chat template.
+//! Streams through the same state machine as chat (`sse.rs`); this file writes its chunks.
 
-use crate::chat::usage_body;
+use crate::admission::Admission;
+use crate::config::api_limits::{MAX_COMPLETION_LOGPROBS, MAX_PROMPTS};
 use crate::error::{ApiError, ApiJson, ErrorKind};
 use crate::prepare::generation;
-use crate::routes::{check_model, fingerprint, loaded, now_secs, record_finished, request_id};
-use crate::state::Shared;
+use crate::routes::{check_model, fingerprint, loaded, now_secs, request_id};
+use crate::sse::{ChunkFormat, StreamSpec};
+use crate::state::{Loaded, Shared};
 use crate::wire::*;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use std::collections::HashMap;
-use weft_engine::{Event, Usage};
+use std::sync::Arc;
+use weft_engine::{FinishReason, TokenLogprobs};
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, description = "A completion, or an SSE stream of them", body = Completion),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 408, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 500, body = ErrorBody), (status = 503, body = ErrorBody),
+              (status = 504, body = ErrorBody)))]
 pub async fn completions(
     State(shared): State<Shared>,
+    permit: Admission,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -32,152 +37,136 @@ pub async fn completions(
     }
     let logprobs = match req.logprobs {
         None => None,
-        Some(k) if (0..=5).contains(&k) => Some(k as usize),
-        Some(_) => return Err(ApiError::invalid("logprobs", "must be between 0 and 5")),
+        Some(k) if k >= 0 && k as usize <= MAX_COMPLETION_LOGPROBS => Some(k as usize),
+        Some(_) => {
+            return Err(ApiError::invalid("logprobs", format!("must be between 0 and {MAX_COMPLETION_LOGPROBS}")))
+        }
     };
-    let prompts: Vec<Vec<u32>> = match &req.prompt {
-        PromptField::Text(t) => vec![encode(&state, t)?],
-        PromptField::Texts(list) => list.iter().map(|t| encode(&state, t)).collect::<Result<_, _>>()?,
-        PromptField::Tokens(ids) => vec![ids.clone()],
-        PromptField::TokenLists(lists) => lists.clone(),
+    let count = match &req.prompt {
+        PromptField::Text(_) | PromptField::Tokens(_) => 1,
+        PromptField::Texts(list) => list.len(),
+        PromptField::TokenLists(lists) => lists.len(),
     };
-    if prompts.is_empty() || prompts.len() > 64 {
-        return Err(ApiError::invalid("prompt", "between 1 and 64 prompts"));
+    if count == 0 || count > MAX_PROMPTS {
+        return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts")));
     }
+    // Tokenizing up to 64 long prompts is CPU work: not on an async worker.
+    let (st, prompt) = (state.clone(), req.prompt.clone());
+    let prompts = tokio::task::spawn_blocking(move || tokenize(&st, &prompt))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let image_id = state.tokenizer.image_token_id();
     if prompts.iter().any(|p| p.contains(&image_id)) {
         return Err(ApiError::invalid("prompt", "text completions take no images; use /v1/chat/completions"));
     }
     let n = req.sampling.n.unwrap_or(1).max(1) as usize;
-    let mut streams = Vec::new();
-    for (i, ids) in prompts.into_iter().enumerate() {
+    let mut streams = Vec::with_capacity(prompts.len());
+    for ids in prompts {
         let request = generation(&state, &req.sampling, req.sampling.max_tokens, ids, logprobs)?;
-        let offset = i * n;
-        let events = state.engine.submit(request).map_err(|e| ApiError::from(e).with_param("prompt"))?;
-        streams.push(
-            futures_util::stream::unfold(events, |mut ev| async move { ev.next_event().await.map(|e| (e, ev)) })
-                .map(move |e| (offset, e))
-                .boxed(),
-        );
+        let param = |e: ApiError| if e.param.as_deref() == Some("messages") { e.with_param("prompt") } else { e };
+        streams.push(state.engine.submit(request).map_err(|e| param(ApiError::from(e)))?);
     }
     let total = streams.len() * n;
-    let merged = futures_util::stream::select_all(streams);
-    let id = format!("cmpl-{}", request_id(&headers));
-    let (model, created) = (shared.model_name.clone(), now_secs());
-    let tok = state.tokenizer.clone();
-    let token_text = move |id: u32| tok.decode(&[id], false).unwrap_or_default();
-    let make = move |choices: Vec<CompletionChoice>, usage: Option<UsageBody>| Completion {
-        id: id.clone(),
-        object: "text_completion",
-        created,
-        model: model.clone(),
-        system_fingerprint: fingerprint(),
-        choices,
-        usage,
+    let events = crate::sse::merge(streams, n);
+    let format = Format {
+        id: format!("cmpl-{}", request_id(&headers)),
+        model: shared.model_name.clone(),
+        created: now_secs(),
+        state: state.clone(),
     };
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let mut usage_total: Option<(Usage, usize)> = None;
-        let body = merged
-            .filter_map(move |(offset, event)| {
-                let out = match event {
-                    Event::Token { index, text, .. } if !text.is_empty() => Some(make(
-                        vec![CompletionChoice { index: offset + index, text, logprobs: None, finish_reason: None }],
-                        None,
-                    )),
-                    Event::Finished { index, reason, text, usage, timing } => {
-                        record_finished(&usage, &timing);
-                        let entry = usage_total.get_or_insert((Usage::default(), 0));
-                        entry.0.prompt_tokens += if index == 0 { usage.prompt_tokens } else { 0 };
-                        entry.0.cached_tokens += if index == 0 { usage.cached_tokens } else { 0 };
-                        entry.1 += usage.completion_tokens;
-                        let mut c = make(
-                            vec![CompletionChoice {
-                                index: offset + index,
-                                text,
-                                logprobs: None,
-                                finish_reason: Some(reason.as_str()),
-                            }],
-                            None,
-                        );
-                        if include_usage {
-                            c.usage = Some(usage_body(&entry.0, entry.1));
-                        }
-                        Some(c)
-                    }
-                    _ => None,
-                };
-                let event = out.map(|c| {
-                    Ok::<_, std::convert::Infallible>(
-                        SseEvent::default().data(serde_json::to_string(&c).expect("serializable")),
-                    )
-                });
-                async move { event }
-            })
-            .chain(futures_util::stream::once(async { Ok(SseEvent::default().data("[DONE]")) }));
-        return Ok(Sse::new(body).keep_alive(KeepAlive::default()).into_response());
+        let spec = StreamSpec { include_usage, want_logprobs: logprobs.is_some(), n, total };
+        return Ok(crate::sse::stream(format, events, spec, permit));
     }
-    let events: Vec<(usize, Event)> = merged.collect().await;
-    let mut texts = vec![String::new(); total];
-    let mut reasons = vec![None; total];
-    let mut lps: Vec<CompletionLogprobs> = (0..total)
-        .map(|_| CompletionLogprobs {
-            tokens: vec![],
-            token_logprobs: vec![],
-            top_logprobs: vec![],
-            text_offset: vec![],
-        })
-        .collect();
-    let mut usage = Usage::default();
-    let mut completion_tokens = 0;
-    for (offset, event) in events {
-        match event {
-            Event::Token { index, id, text, logprobs } => {
-                let i = offset + index;
-                if let Some(lp) = logprobs {
-                    lps[i].text_offset.push(texts[i].len());
-                    lps[i].tokens.push(token_text(id));
-                    lps[i].token_logprobs.push(lp.logprob);
-                    lps[i]
-                        .top_logprobs
-                        .push(lp.top.iter().map(|&(t, l)| (token_text(t), l)).collect::<HashMap<_, _>>());
-                }
-                texts[i].push_str(&text);
-            }
-            Event::Finished { index, reason, text, usage: u, timing } => {
-                record_finished(&u, &timing);
-                texts[offset + index].push_str(&text);
-                reasons[offset + index] = Some(reason.as_str());
-                if index == 0 {
-                    usage.prompt_tokens += u.prompt_tokens;
-                    usage.cached_tokens += u.cached_tokens;
-                }
-                completion_tokens += u.completion_tokens;
-            }
-            Event::Error(e) => return Err(ApiError::new(ErrorKind::Internal, e.to_string())),
-        }
-    }
+    let timeout = state.limits.request_timeout;
+    let collected = tokio::time::timeout(timeout, crate::sse::collect(events, n, total))
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::Timeout, format!("the request took longer than {timeout:?}")))??;
     let choices = (0..total)
         .map(|i| CompletionChoice {
             index: i,
-            text: std::mem::take(&mut texts[i]),
+            text: collected.texts[i].clone(),
             logprobs: logprobs.map(|_| {
-                std::mem::replace(
-                    &mut lps[i],
-                    CompletionLogprobs {
-                        tokens: vec![],
-                        token_logprobs: vec![],
-                        top_logprobs: vec![],
-                        text_offset: vec![],
-                    },
-                )
+                let tokens = &collected.logprobs[i];
+                format.logprobs(tokens.iter().map(|(id, lp, offset)| (*id, lp, *offset)))
             }),
-            finish_reason: reasons[i],
+            finish_reason: collected.reasons[i].map(FinishReason::as_str),
         })
         .collect();
-    Ok(axum::Json(make(choices, Some(usage_body(&usage, completion_tokens)))).into_response())
+    Ok(axum::Json(format.completion(choices, Some(collected.tally.body()))).into_response())
 }
 
-fn encode(state: &crate::state::Loaded, text: &str) -> Result<Vec<u32>, ApiError> {
-    state.tokenizer.encode(text).map_err(|e| ApiError::invalid("prompt", e.to_string()))
+fn tokenize(state: &Loaded, prompt: &PromptField) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| state.tokenizer.encode(text).map_err(|e| ApiError::invalid("prompt", e.to_string()));
+    Ok(match prompt {
+        PromptField::Text(t) => vec![encode(t)?],
+        PromptField::Texts(list) => list.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        PromptField::Tokens(ids) => vec![ids.clone()],
+        PromptField::TokenLists(lists) => lists.clone(),
+    })
+}
+
+/// What every completion object of one response repeats.
+struct Format {
+    id: String,
+    model: String,
+    created: u64,
+    state: Arc<Loaded>,
+}
+
+impl Format {
+    fn completion(&self, choices: Vec<CompletionChoice>, usage: Option<UsageBody>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: fingerprint(),
+            choices,
+            usage,
+        }
+    }
+
+    fn text(&self, id: u32) -> String {
+        self.state.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The legacy completions logprobs shape for `(token, logprobs, text offset)` triples.
+    fn logprobs<'a>(&self, tokens: impl Iterator<Item = (u32, &'a TokenLogprobs, usize)>) -> CompletionLogprobs {
+        let mut out =
+            CompletionLogprobs { tokens: vec![], token_logprobs: vec![], top_logprobs: vec![], text_offset: vec![] };
+        for (id, lp, offset) in tokens {
+            out.tokens.push(self.text(id));
+            out.token_logprobs.push(lp.logprob);
+            out.top_logprobs.push(lp.top.iter().map(|&(t, l)| (self.text(t), l)).collect::<HashMap<_, _>>());
+            out.text_offset.push(offset);
+        }
+        out
+    }
+
+    fn json(&self, choices: Vec<CompletionChoice>, usage: Option<UsageBody>) -> String {
+        serde_json::to_string(&self.completion(choices, usage)).expect("serializable")
+    }
+}
+
+impl ChunkFormat for Format {
+    fn opening(&self) -> Option<String> {
+        None
+    }
+
+    fn delta(&self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> String {
+        let logprobs = token.map(|(id, lp)| self.logprobs(std::iter::once((id, lp, offset))));
+        self.json(vec![CompletionChoice { index, text, logprobs, finish_reason: None }], None)
+    }
+
+    fn finish(&self, index: usize, reason: FinishReason) -> String {
+        let choice =
+            CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason.as_str()) };
+        self.json(vec![choice], None)
+    }
+
+    fn usage(&self, usage: UsageBody) -> String {
+        self.json(Vec::new(), Some(usage))
+    }
 }

@@ -1,12 +1,36 @@
 //! `weft serve` configuration: one struct holds every setting and its default; values come
 //! from flags, then `WEFT_*` environment variables, then the TOML file of `--config`, then the
-//! defaults written here.
+//! defaults written here (the engine's come from `weft_engine::config::defaults`), which
+//! `config/weft.toml` documents (a test checks that it says exactly these values).
 
 use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use weft_engine::config::defaults as engine;
+
+/// Fixed limits of the API (not settings): the same numbers OpenAI and vLLM use.
+pub mod api_limits {
+    /// `top_logprobs` of a chat request.
+    pub const MAX_TOP_LOGPROBS: usize = weft_engine::sampling::MAX_TOP_LOGPROBS;
+    /// `logprobs` of a text completion request.
+    pub const MAX_COMPLETION_LOGPROBS: usize = 5;
+    /// Strings in `stop`.
+    pub const MAX_STOP_SEQUENCES: usize = 8;
+    /// Prompts in one `/v1/completions` request.
+    pub const MAX_PROMPTS: usize = 64;
+}
+
+/// A byte count as the size strings the settings take ("512MiB").
+pub fn bytes_text(n: usize) -> String {
+    for (unit, size) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    n.to_string()
+}
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct ServeArgs {
@@ -46,19 +70,21 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
     /// Tokens one forward pass may carry (decode tokens plus prefill chunks).
-    #[arg(long, env = "WEFT_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = "WEFT_MAX_NUM_BATCHED_TOKENS", default_value_t = engine::MAX_NUM_BATCHED_TOKENS)]
     pub max_num_batched_tokens: usize,
     /// Sequences running at once.
-    #[arg(long, env = "WEFT_MAX_NUM_SEQS", default_value_t = 64)]
+    #[arg(long, env = "WEFT_MAX_NUM_SEQS", default_value_t = engine::MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
-    /// KV cache memory, e.g. 4GiB (default: 40% of the memory available at start).
+    /// KV cache memory, e.g. 4GiB: storage for running sequences and the prefix cache together
+    /// (default: 40% of the memory available at start).
     #[arg(long, env = "WEFT_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
     /// Memory for cached image features.
-    #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value = "512MiB")]
+    #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value_t = bytes_text(engine::VISION_CACHE_MEMORY))]
     pub vision_cache_memory: String,
-    /// Requests that may wait before new ones get 429.
-    #[arg(long, env = "WEFT_MAX_WAITING", default_value_t = 256)]
+    /// Requests that may wait (fetching media, or queued for the engine) besides the
+    /// `max_num_seqs` running ones, before new ones get 429.
+    #[arg(long, env = "WEFT_MAX_WAITING", default_value_t = engine::MAX_WAITING)]
     pub max_waiting: usize,
     /// Turn off reuse of KV across requests with a common prefix.
     #[arg(long, env = "WEFT_NO_PREFIX_CACHING")]
@@ -84,6 +110,9 @@ pub struct ServeArgs {
     /// Pixels of one image, checked from its header before decoding.
     #[arg(long, env = "WEFT_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+    /// Frames a video or animation may have in all (they are read up to the last sampled one).
+    #[arg(long, env = "WEFT_MAX_VIDEO_FRAMES", default_value_t = 20_000)]
+    pub max_video_frames: usize,
     /// Frames sampled from a video part that does not say.
     #[arg(long, env = "WEFT_VIDEO_FRAMES", default_value_t = 16)]
     pub video_frames: usize,
@@ -105,9 +134,20 @@ pub struct ServeArgs {
     /// Largest request body.
     #[arg(long, env = "WEFT_MAX_BODY", default_value = "64MiB")]
     pub max_body: String,
-    /// Seconds a non-streaming request may take.
+    /// Seconds a non-streaming request may take (then 504).
     #[arg(long, env = "WEFT_REQUEST_TIMEOUT", default_value_t = 600)]
     pub request_timeout: u64,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "WEFT_HEADER_TIMEOUT", default_value_t = 15)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body (then 408).
+    #[arg(long, env = "WEFT_BODY_TIMEOUT", default_value_t = 60)]
+    pub body_timeout: u64,
+    /// Requests whose media are fetched and decoded at once; the rest wait their turn (bounds
+    /// the memory decoded pictures take).
+    #[arg(long, env = "WEFT_MEDIA_CONCURRENCY", default_value_t = 4)]
+    pub media_concurrency: usize,
     /// Seconds in-flight requests get to finish after SIGTERM or SIGINT.
     #[arg(long, env = "WEFT_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -133,6 +173,13 @@ pub fn parse_bytes(field: &str, text: &str) -> Result<usize> {
 }
 
 impl ServeArgs {
+    /// Every setting at its default (as if no flag, variable or file set it).
+    #[cfg(test)]
+    pub fn defaults() -> Self {
+        let matches = ServeArgs::augment_args(clap::Command::new("serve")).get_matches_from(["serve"]);
+        ServeArgs::from_arg_matches(&matches).expect("the defaults parse")
+    }
+
     /// Fills every setting the command line and environment left at its default from the
     /// TOML file, if one is named.
     pub fn from_matches(matches: &ArgMatches) -> Result<Self> {
@@ -158,5 +205,40 @@ impl ServeArgs {
             .with_context(|| format!("{}: a setting has the wrong type", path.display()))?;
         out.config = args.config;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_round_trip() {
+        assert_eq!(bytes_text(512 << 20), "512MiB");
+        assert_eq!(bytes_text(4 << 30), "4GiB");
+        assert_eq!(bytes_text(1000), "1000");
+        assert_eq!(parse_bytes("x", &bytes_text(engine::VISION_CACHE_MEMORY)).unwrap(), engine::VISION_CACHE_MEMORY);
+    }
+
+    /// `config/weft.toml` is the documentation of the defaults: every setting appears in it
+    /// (set, or commented out where it has no fixed default) with exactly the default value.
+    #[test]
+    fn the_example_config_documents_exactly_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/weft.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let file: toml::Table = toml::from_str(&text).unwrap();
+        let defaults = serde_json::to_value(ServeArgs::defaults()).unwrap();
+        let defaults = defaults.as_object().unwrap();
+        for (key, value) in &file {
+            let want = defaults.get(key).unwrap_or_else(|| panic!("weft.toml sets unknown `{key}`"));
+            assert_eq!(&serde_json::to_value(value).unwrap(), want, "weft.toml: `{key}`");
+        }
+        for (key, value) in defaults {
+            let commented = text.lines().any(|l| l.trim_start().starts_with(&format!("# {key} =")));
+            assert!(
+                file.contains_key(key) || (value.is_null() && commented),
+                "weft.toml does not document `{key}` (default {value})"
+            );
+        }
     }
 }

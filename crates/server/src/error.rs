@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use weft_engine::SubmitError;
+use weft_engine::{EngineError, SubmitError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -20,6 +20,8 @@ pub enum ErrorKind {
     UnsupportedMediaType,
     MediaUnprocessable,
     Overloaded,
+    RequestTimeout,
+    Timeout,
     NotReady,
     Internal,
 }
@@ -41,6 +43,8 @@ impl ErrorKind {
             }
             MediaUnprocessable => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "invalid_media"),
             Overloaded => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded"),
+            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
+            Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", "timeout"),
             NotReady => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "not_ready"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal_error"),
         }
@@ -86,6 +90,16 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let kind = match e {
+            EngineError::Internal(_) => ErrorKind::Internal,
+            EngineError::Stopped(_) => ErrorKind::NotReady,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.kind.table();
@@ -104,7 +118,7 @@ impl IntoResponse for ApiError {
 /// -> 413, malformed JSON or a wrong field type -> 400 naming the field.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: DeserializeOwned + Send + 'static> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -119,36 +133,56 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "the body must be JSON (Content-Type: application/json)",
             ));
         }
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(ErrorKind::PayloadTooLarge, "the request body is larger than the server accepts")
-            } else {
-                ApiError::new(ErrorKind::InvalidRequest, format!("cannot read the body: {rejection}"))
-            }
-        })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(de) {
-            Ok(value) => Ok(ApiJson(value)),
-            Err(e) => {
-                let mut path = e.path().to_string();
-                let inner = e.into_inner();
-                if (path.is_empty() || path == ".") && inner.is_data() {
-                    // serde loses the path inside `#[serde(flatten)]` fields: look for the
-                    // offending field in the flattened sampling fields directly.
-                    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                        if let Err(e) = serde_path_to_error::deserialize::<_, crate::wire::SamplingFields>(value) {
-                            path = e.path().to_string();
-                        }
+        let deadline = req.extensions().get::<BodyDeadline>().map_or(std::time::Duration::MAX, |d| d.0);
+        let read = axum::body::Bytes::from_request(req, state);
+        let bytes = tokio::time::timeout(deadline, read)
+            .await
+            .map_err(|_| ApiError::new(ErrorKind::RequestTimeout, "the request body did not arrive in time"))?
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(ErrorKind::PayloadTooLarge, "the request body is larger than the server accepts")
+                } else {
+                    ApiError::new(ErrorKind::InvalidRequest, format!("cannot read the body: {rejection}"))
+                }
+            })?;
+        // Large bodies (images as data URIs) take milliseconds to parse: not on an async worker.
+        if bytes.len() > 1 << 20 {
+            return tokio::task::spawn_blocking(move || parse(&bytes))
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        }
+        parse(&bytes)
+    }
+}
+
+/// How long a request's body may take to arrive in all (set by the router's body guard).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
+/// JSON -> `T`, naming the offending field in the error.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<ApiJson<T>, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(de) {
+        Ok(value) => Ok(ApiJson(value)),
+        Err(e) => {
+            let mut path = e.path().to_string();
+            let inner = e.into_inner();
+            if (path.is_empty() || path == ".") && inner.is_data() {
+                // serde loses the path inside `#[serde(flatten)]` fields: look for the
+                // offending field in the flattened sampling fields directly.
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+                    if let Err(e) = serde_path_to_error::deserialize::<_, crate::wire::SamplingFields>(value) {
+                        path = e.path().to_string();
                     }
                 }
-                let message = if inner.is_syntax() || inner.is_eof() {
-                    format!("the body is not valid JSON: {inner}")
-                } else {
-                    format!("invalid value: {inner}")
-                };
-                let err = ApiError::new(ErrorKind::InvalidRequest, message);
-                Err(if path == "." || path.is_empty() { err } else { err.with_param(path) })
             }
+            let message = if inner.is_syntax() || inner.is_eof() {
+                format!("the body is not valid JSON: {inner}")
+            } else {
+                format!("invalid value: {inner}")
+            };
+            let err = ApiError::new(ErrorKind::InvalidRequest, message);
+            Err(if path == "." || path.is_empty() { err } else { err.with_param(path) })
         }
     }
 }

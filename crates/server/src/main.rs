@@ -1,15 +1,18 @@
 //! The `weft` binary: command-line entry point.
 
+mod admission;
 mod bench;
 mod chat;
 mod completions;
 mod config;
 mod error;
 mod generate;
+mod listen;
 mod media;
 mod prepare;
 mod routes;
 mod serve;
+mod sse;
 mod state;
 mod wire;
 
@@ -90,5 +93,14 @@ fn keep_freed_buffers() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Returns the heap's free pages to the system (the server calls it when it goes idle).
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

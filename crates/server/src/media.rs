@@ -1,12 +1,15 @@
 //! The media parts of a chat request: found and checked against the per-request budget before
-//! anything is fetched, then fetched and decoded concurrently under one deadline, in the order
-//! the client sent them. Dropping the future (client gone) cancels every fetch and decoder.
+//! anything is fetched, then fetched and decoded concurrently under one deadline and one byte
+//! budget charged while reading, in the order the client sent them, by at most
+//! `media_concurrency` requests at once. Dropping the future (client gone) cancels every
+//! fetch and decoder.
 
 use crate::error::{ApiError, ErrorKind};
 use crate::state::Loaded;
 use crate::wire::{ChatMessage, ContentPart, MessageContent};
 use image::DynamicImage;
 use std::time::Instant;
+use weft_media::budget::ByteBudget;
 use weft_media::fetch::{fetch, FetchError};
 use weft_media::video::{sample_video, VideoError, VideoLimits};
 
@@ -84,7 +87,9 @@ pub fn media_refs(state: &Loaded, messages: &[ChatMessage]) -> Result<Vec<MediaR
 fn fetch_error(param: &str, e: FetchError) -> ApiError {
     use FetchError::*;
     let kind = match &e {
-        TooLarge { .. } | DataUri(weft_media::data_uri::DataUriError::TooLarge { .. }) => ErrorKind::PayloadTooLarge,
+        TooLarge { .. } | OverBudget(_) | DataUri(weft_media::data_uri::DataUriError::TooLarge { .. }) => {
+            ErrorKind::PayloadTooLarge
+        }
         Timeout(_) | TooManyRedirects(_) | Status(_) | Network(_) | Dns(_) | LocalRead(_) => {
             ErrorKind::MediaUnprocessable
         }
@@ -96,7 +101,7 @@ fn fetch_error(param: &str, e: FetchError) -> ApiError {
 fn video_error(param: &str, e: VideoError) -> ApiError {
     let kind = match &e {
         VideoError::UnknownFormat | VideoError::FfmpegMissing => ErrorKind::UnsupportedMediaType,
-        VideoError::TooManyPixels { .. } => ErrorKind::PayloadTooLarge,
+        VideoError::TooManyPixels { .. } | VideoError::TooManyFrames { .. } => ErrorKind::PayloadTooLarge,
         _ => ErrorKind::MediaUnprocessable,
     };
     ApiError { kind, message: e.to_string(), param: Some(param.to_string()) }
@@ -112,12 +117,11 @@ fn image_error(param: &str, e: weft_media::image_decode::ImageError) -> ApiError
     ApiError { kind, message: e.to_string(), param: Some(param.to_string()) }
 }
 
-async fn resolve_one(state: &Loaded, r: &MediaRef) -> Result<(Resolved, usize), ApiError> {
+async fn resolve_one(state: &Loaded, r: &MediaRef, budget: &ByteBudget) -> Result<Resolved, ApiError> {
     let limits = &state.limits;
-    let fetched = fetch(&r.url, &state.fetch_policy, limits.max_image_bytes, limits.media_timeout)
+    let fetched = fetch(&r.url, &state.fetch_policy, limits.max_image_bytes, limits.media_timeout, budget)
         .await
         .map_err(|e| fetch_error(&r.param, e))?;
-    let size = fetched.bytes.len();
     let started = Instant::now();
     let resolved = match r.frames {
         None => {
@@ -133,39 +137,36 @@ async fn resolve_one(state: &Loaded, r: &MediaRef) -> Result<(Resolved, usize), 
             Resolved::Image(image)
         }
         Some(n) => {
-            let video_limits = VideoLimits { max_pixels: limits.max_image_pixels, timeout: limits.media_timeout };
+            let video_limits = VideoLimits {
+                max_pixels: limits.max_image_pixels,
+                max_frames: limits.max_video_frames,
+                timeout: limits.media_timeout,
+            };
             let (indices, frames) =
                 sample_video(fetched.bytes, n, &video_limits).await.map_err(|e| video_error(&r.param, e))?;
             Resolved::Video { indices, frames }
         }
     };
-    Ok((resolved, size))
+    Ok(resolved)
 }
 
-/// Fetches and decodes every part concurrently, within the request's time and byte budgets.
+/// Fetches and decodes every part concurrently, within the request's time and byte budgets,
+/// once one of the `media_concurrency` slots is free.
 pub async fn resolve_media(state: &Loaded, refs: &[MediaRef]) -> Result<Vec<Resolved>, ApiError> {
     if refs.is_empty() {
         return Ok(Vec::new());
     }
     let limits = &state.limits;
-    let all = futures_util::future::try_join_all(refs.iter().map(|r| resolve_one(state, r)));
-    let results = tokio::time::timeout(limits.media_timeout, all).await.map_err(|_| {
+    let budget = ByteBudget::new(limits.max_media_bytes_per_request);
+    // Waiting for a slot is not the client's time: the deadline starts once work starts (the
+    // wait is bounded by the admission places, and ends if the client goes away).
+    let _slot = state.media_slots.acquire().await.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    let work = futures_util::future::try_join_all(refs.iter().map(|r| resolve_one(state, r, &budget)));
+    tokio::time::timeout(limits.media_timeout, work).await.map_err(|_| {
         ApiError::new(
             ErrorKind::MediaUnprocessable,
             format!("fetching the media took longer than {:?}", limits.media_timeout),
         )
         .with_param("messages")
-    })??;
-    let total: usize = results.iter().map(|(_, size)| size).sum();
-    if total > limits.max_media_bytes_per_request {
-        return Err(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            format!(
-                "the media add up to {total} bytes, more than the limit of {} per request",
-                limits.max_media_bytes_per_request
-            ),
-        )
-        .with_param("messages"));
-    }
-    Ok(results.into_iter().map(|(r, _)| r).collect())
+    })?
 }

@@ -2,6 +2,7 @@
 //! decoded, preprocessed and hashed, in the order sent), sampling fields -> sampling params,
 //! every rejected field named in `param`.
 
+use crate::config::api_limits::{MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS};
 use crate::error::{ApiError, ErrorKind};
 use crate::media::Resolved;
 use crate::state::AppState;
@@ -161,8 +162,8 @@ pub fn generation(
         Some(m) => return Err(ApiError::invalid("max_tokens", format!("{m} is outside 1..={}", limits.max_tokens))),
     };
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 8 {
-        return Err(ApiError::invalid("stop", "at most 8 stop sequences"));
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid("stop", format!("at most {MAX_STOP_SEQUENCES} stop sequences")));
     }
     let mut r = GenerateRequest::new(prompt_ids, max_tokens);
     r.sampling = sampling(f, logprobs)?;
@@ -170,6 +171,14 @@ pub fn generation(
     r.stop = stop;
     r.stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
     r.ignore_eos = f.ignore_eos;
+    if state.fault_injection {
+        // Test-only: the server was started with WEFT_FAULT_INJECTION=1.
+        r.fault = match f.user.as_deref() {
+            Some("weft-fault:panic") => Some(weft_engine::Fault::Panic),
+            Some("weft-fault:fatal") => Some(weft_engine::Fault::Fatal),
+            _ => None,
+        };
+    }
     Ok(r)
 }
 
@@ -228,8 +237,8 @@ pub fn prepare_chat(
 ) -> Result<Prepared, ApiError> {
     let logprobs = if req.logprobs {
         let k = req.top_logprobs.unwrap_or(0);
-        if !(0..=20).contains(&k) {
-            return Err(ApiError::invalid("top_logprobs", "must be between 0 and 20"));
+        if k < 0 || k as usize > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid("top_logprobs", format!("must be between 0 and {MAX_TOP_LOGPROBS}")));
         }
         Some(k as usize)
     } else {

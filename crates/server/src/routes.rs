@@ -1,7 +1,7 @@
 //! The router: routes, authentication, request ids, body limits, and the small endpoints
 //! (models, health, readiness, version, tokenize, metrics, OpenAPI).
 
-use crate::error::{ApiError, ApiJson, ErrorKind};
+use crate::error::{ApiError, ApiJson, BodyDeadline, ErrorKind};
 use crate::state::{Loaded, Shared};
 use crate::wire::*;
 use axum::extract::{Path, Request, State};
@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
 use utoipa::OpenApi;
-use weft_engine::{Timing, Usage};
+use weft_engine::{Health, Timing, Usage};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -45,7 +45,15 @@ pub const REQUEST_ID: &str = "x-request-id";
 )]
 pub struct ApiDoc;
 
-pub fn router(shared: Shared, body_limit: usize) -> Router {
+/// Limits on request bodies, enforced before and while they are read.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// The whole body must arrive within this time.
+    pub timeout: std::time::Duration,
+}
+
+pub fn router(shared: Shared, body: BodyLimits) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(crate::chat::chat_completions))
         .route("/v1/completions", post(crate::completions::completions))
@@ -64,7 +72,8 @@ pub fn router(shared: Shared, body_limit: usize) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorKind::MethodNotAllowed, "method not allowed on this route")
         })
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::extract::DefaultBodyLimit::max(body.max_bytes))
+        .layer(middleware::from_fn_with_state(body, guard_body))
         .layer(middleware::from_fn(request_ids))
         .with_state(shared)
 }
@@ -84,6 +93,19 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
     let mut response = tracing::Instrument::instrument(next.run(req), span).await;
     response.headers_mut().insert(REQUEST_ID, value);
     response
+}
+
+/// Refuses a body whose declared length is over the limit before reading any of it (a client
+/// declaring 300 MB and sending nothing gets its 413 at once), and gives the body extractor
+/// its deadline.
+async fn guard_body(State(limits): State<BodyLimits>, mut req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        return ApiError::new(ErrorKind::PayloadTooLarge, "the request body is larger than the server accepts")
+            .into_response();
+    }
+    req.extensions_mut().insert(BodyDeadline(limits.timeout));
+    next.run(req).await
 }
 
 /// Constant-time comparison, so that timing does not reveal how much of a key matched.
@@ -115,7 +137,12 @@ pub fn loaded(shared: &Shared) -> Result<Arc<Loaded>, ApiError> {
     if shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ApiError::new(ErrorKind::NotReady, "the server is shutting down"));
     }
-    shared.loaded.get().cloned().ok_or_else(|| ApiError::new(ErrorKind::NotReady, "the model is still loading"))
+    let state =
+        shared.loaded.get().cloned().ok_or_else(|| ApiError::new(ErrorKind::NotReady, "the model is still loading"))?;
+    if let Health::Failed(why) = &*state.engine.health().borrow() {
+        return Err(ApiError::new(ErrorKind::NotReady, format!("the engine has failed: {why}")));
+    }
+    Ok(state)
 }
 
 /// Requests name the served model; any other name is a 404 naming `param`.
@@ -176,13 +203,18 @@ pub async fn get_model(
     Ok(axum::Json(card(&shared)))
 }
 
-/// Liveness: the process answers.
-#[utoipa::path(get, path = "/health", responses((status = 200)))]
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+/// Liveness: the process answers and its engine has not failed (503 once it has: the process
+/// is then about to exit).
+#[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = ErrorBody)))]
+pub async fn health(State(shared): State<Shared>) -> Result<StatusCode, ApiError> {
+    match shared.loaded.get().map(|l| l.engine.health().borrow().clone()) {
+        Some(Health::Failed(why)) => Err(ApiError::new(ErrorKind::NotReady, format!("the engine has failed: {why}"))),
+        _ => Ok(StatusCode::OK),
+    }
 }
 
-/// Readiness: 200 once the model is loaded and warm, 503 before and while shutting down.
+/// Readiness: 200 once the model is loaded and warm, 503 before, while shutting down, and once
+/// the engine has failed.
 #[utoipa::path(get, path = "/ready", responses((status = 200), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(shared): State<Shared>) -> Result<StatusCode, ApiError> {
     loaded(&shared).map(|_| StatusCode::OK)
@@ -196,6 +228,7 @@ pub async fn version() -> axum::Json<serde_json::Value> {
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorBody)))]
 pub async fn tokenize(
     State(shared): State<Shared>,
+    _place: crate::admission::Admission,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<axum::Json<TokenizeResponse>, ApiError> {
     let state = loaded(&shared)?;
@@ -247,6 +280,15 @@ pub async fn metrics_endpoint(State(shared): State<Shared>) -> Response {
         metrics::counter!("weft:vision_cache_misses_total").absolute(s.vision_cache_misses);
         metrics::counter!("weft:vision_encode_seconds_total").absolute(s.vision_encode_seconds as u64);
         metrics::counter!("weft:preemptions_total").absolute(s.preemptions_total);
+        metrics::counter!("weft:engine_faults_total").absolute(s.faults_total);
+        metrics::gauge!("weft:kv_cache_budget_bytes").set(s.kv_budget_bytes as f64);
+        metrics::gauge!("weft:kv_cache_used_bytes").set(s.kv_used_bytes as f64);
+        metrics::gauge!("weft:kv_cache_reserved_bytes").set(s.kv_reserved_bytes as f64);
+        metrics::gauge!("weft:kv_cache_running_reserved_bytes").set(s.kv_running_reserved_bytes as f64);
+        metrics::gauge!("weft:prefix_cache_bytes").set(s.prefix_cache_bytes as f64);
+        metrics::gauge!("weft:vision_cache_bytes").set(s.vision_cache_bytes as f64);
+        let in_progress = shared.admission_capacity - shared.admission.available_permits();
+        metrics::gauge!("weft:num_requests_in_progress").set(in_progress as f64);
     }
     let body = shared.prometheus.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -2,15 +2,16 @@
 //! API, and on SIGTERM/SIGINT stop accepting, let in-flight requests finish, then exit.
 
 use crate::config::{parse_bytes, ServeArgs};
+use crate::routes::BodyLimits;
 use crate::state::{Loaded, RequestLimits, Shared};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_engine::{Engine, EngineConfig, GenerateRequest};
+use weft_engine::config::defaults as engine_defaults;
+use weft_engine::{Engine, EngineConfig, GenerateRequest, Health};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
@@ -80,7 +81,8 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     };
     let kv_cache_memory = match &args.kv_cache_memory {
         Some(text) => parse_bytes("kv_cache_memory", text)?,
-        None => available_memory().map_or(4 << 30, |m| m * 2 / 5),
+        None => available_memory()
+            .map_or(engine_defaults::KV_CACHE_MEMORY, |m| (m as f64 * engine_defaults::KV_CACHE_FRACTION) as usize),
     };
     let engine_config = EngineConfig {
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -113,6 +115,7 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         max_image_bytes: parse_bytes("max_image_bytes", &args.max_image_bytes)?,
         max_image_pixels: args.max_image_pixels,
         video_frames: args.video_frames,
+        max_video_frames: args.max_video_frames,
         request_timeout: Duration::from_secs(args.request_timeout),
         media_timeout: Duration::from_secs(args.media_timeout),
         max_media_bytes_per_request: parse_bytes("max_media_bytes_per_request", &args.max_media_bytes_per_request)?,
@@ -124,7 +127,17 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         ..Default::default()
     };
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "ready");
-    Ok(Loaded { engine, tokenizer, processor, renderer, fetch_policy, context_len, limits })
+    Ok(Loaded {
+        engine,
+        tokenizer,
+        processor,
+        renderer,
+        fetch_policy,
+        context_len,
+        limits,
+        media_slots: Arc::new(tokio::sync::Semaphore::new(args.media_concurrency.max(1))),
+        fault_injection: std::env::var("WEFT_FAULT_INJECTION").is_ok_and(|v| v == "1"),
+    })
 }
 
 pub fn served_name(args: &ServeArgs, model_dir: &Path) -> String {
@@ -172,8 +185,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         loaded: Arc::new(std::sync::OnceLock::new()),
         shutting_down: Arc::new(AtomicBool::new(false)),
         prometheus: prometheus(),
+        admission: Arc::new(tokio::sync::Semaphore::new(admission_capacity(&args))),
+        admission_capacity: admission_capacity(&args),
     };
-    let app = crate::routes::router(shared.clone(), parse_bytes("max_body", &args.max_body)?);
+    let body = BodyLimits {
+        max_bytes: parse_bytes("max_body", &args.max_body)?,
+        timeout: Duration::from_secs(args.body_timeout),
+    };
+    let app = crate::routes::router(shared.clone(), body);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -189,10 +208,28 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             Ok(())
         })
     };
-    // A checkpoint that cannot load ends the process with a one-line error.
+    // A checkpoint that cannot load ends the process with a one-line error; so does an engine
+    // that fails for good later (readiness has turned 503 by then).
+    let watched = shared.clone();
     tokio::spawn(async move {
         let failure = match loading.await {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                let loaded = watched.loaded.get().expect("set by the loader").clone();
+                tokio::spawn(release_memory_when_idle(watched.clone()));
+                let mut health = loaded.engine.health();
+                let why = loop {
+                    if let Health::Failed(why) = &*health.borrow_and_update() {
+                        break why.clone();
+                    }
+                    if health.changed().await.is_err() {
+                        break "the engine thread has gone".into();
+                    }
+                };
+                watched.shutting_down.store(true, Ordering::Relaxed);
+                // A moment for the failed requests' error events to reach their clients.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                format!("the engine failed and could not recover: {why}")
+            }
             Ok(Err(e)) => format!("{e:#}"),
             Err(e) => e.to_string(),
         };
@@ -201,15 +238,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     });
     let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
     let flag = shared.shutting_down.clone();
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                eprintln!("weft: shutting down (in-flight requests get {shutdown_timeout:?})");
-                flag.store(true, Ordering::Relaxed);
-            })
-            .into_future(),
-    );
+    let header_timeout = Duration::from_secs(args.header_timeout);
+    let server = tokio::spawn(crate::listen::serve(listener, app, header_timeout, async move {
+        shutdown_signal().await;
+        eprintln!("weft: shutting down (in-flight requests get {shutdown_timeout:?})");
+        flag.store(true, Ordering::Relaxed);
+    }));
     let flag = shared.shutting_down.clone();
     let drain_deadline = async move {
         while !flag.load(Ordering::Relaxed) {
@@ -218,7 +252,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         tokio::time::sleep(shutdown_timeout).await;
     };
     tokio::select! {
-        result = server => result??,
+        result = server => result?,
         _ = drain_deadline => eprintln!("weft: shutdown timeout reached; exiting"),
     }
     Ok(())
@@ -237,4 +271,31 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Generation requests that may be in progress at once: every running sequence plus every
+/// waiting one (fetching media, or queued in the engine).
+fn admission_capacity(args: &ServeArgs) -> usize {
+    args.max_num_seqs + args.max_waiting
+}
+
+/// After a burst, hands the heap's free memory back to the system once the server is idle:
+/// glibc keeps freed buffers (we ask it to, for speed under load), which would otherwise stay
+/// resident after every peak.
+async fn release_memory_when_idle(shared: Shared) {
+    let mut trimmed = true;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(loaded) = shared.loaded.get() else { continue };
+        let s = loaded.engine.stats();
+        let idle =
+            s.running == 0 && s.waiting == 0 && shared.admission.available_permits() == shared.admission_capacity;
+        if !idle {
+            trimmed = false;
+        } else if !trimmed {
+            tokio::task::spawn_blocking(crate::release_free_heap);
+            trimmed = true;
+        }
+    }
 }

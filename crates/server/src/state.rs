@@ -18,6 +18,7 @@ pub struct RequestLimits {
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
     pub video_frames: usize,
+    pub max_video_frames: usize,
     pub request_timeout: std::time::Duration,
     /// Wall time for fetching and decoding all media of one request.
     pub media_timeout: std::time::Duration,
@@ -33,6 +34,11 @@ pub struct Loaded {
     pub fetch_policy: weft_media::fetch::FetchPolicy,
     pub context_len: usize,
     pub limits: RequestLimits,
+    /// Requests whose media are being fetched and decoded at once.
+    pub media_slots: Arc<tokio::sync::Semaphore>,
+    /// Honour the test-only fault requests (`user: "weft-fault:panic"`); set from the
+    /// environment (`WEFT_FAULT_INJECTION=1`) at start, never by a request.
+    pub fault_injection: bool,
 }
 
 /// Shared by all handlers; cheap to clone.
@@ -46,6 +52,9 @@ pub struct Shared {
     pub loaded: Arc<std::sync::OnceLock<Arc<Loaded>>>,
     pub shutting_down: Arc<AtomicBool>,
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    /// Places for generation requests in progress (see `admission.rs`).
+    pub admission: Arc<tokio::sync::Semaphore>,
+    pub admission_capacity: usize,
 }
 
 pub type AppState = Loaded;

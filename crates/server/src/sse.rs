@@ -1,0 +1,239 @@
+//! Engine events -> responses, for both `/v1/chat/completions` and `/v1/completions`: one SSE
+//! state machine (first chunk, content deltas with logprobs, one finish per choice, one usage
+//! chunk at the end, an error event in the OpenAI shape if the engine fails, then `[DONE]`
+//! exactly once) and one collector for JSON answers. The endpoints differ only in how a chunk
+//! is written ([`ChunkFormat`]). The admission permit lives as long as the response.
+
+use crate::admission::Admission;
+use crate::error::ApiError;
+use crate::routes::record_finished;
+use crate::wire::{PromptTokensDetails, UsageBody};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{BoxStream, StreamExt};
+use weft_engine::{Event, EventStream, FinishReason, TokenLogprobs, Usage};
+
+/// The events of every prompt of a request, with choice indices made global (prompt `i`'s
+/// choice `j` is `i * n + j`).
+pub type Events = BoxStream<'static, Event>;
+
+/// Merges the streams of several prompts (completions may send up to 64).
+pub fn merge(streams: Vec<EventStream>, n: usize) -> Events {
+    let tagged = streams.into_iter().enumerate().map(|(i, s)| {
+        s.map(move |event| match event {
+            Event::Token { index, id, text, logprobs } => Event::Token { index: i * n + index, id, text, logprobs },
+            Event::Finished { index, reason, text, usage, timing } => {
+                Event::Finished { index: i * n + index, reason, text, usage, timing }
+            }
+            error => error,
+        })
+        .boxed()
+    });
+    futures_util::stream::select_all(tagged).boxed()
+}
+
+/// Usage summed over prompts and choices: each prompt's tokens once, every choice's output.
+#[derive(Debug, Default)]
+pub struct Tally {
+    usage: Usage,
+    completion_tokens: usize,
+}
+
+impl Tally {
+    /// Counts a finished choice; `n` is the choices per prompt.
+    pub fn add(&mut self, index: usize, n: usize, usage: &Usage) {
+        if index.is_multiple_of(n) {
+            self.usage.prompt_tokens += usage.prompt_tokens;
+            self.usage.cached_tokens += usage.cached_tokens;
+            self.usage.image_tokens += usage.image_tokens;
+        }
+        self.completion_tokens += usage.completion_tokens;
+    }
+
+    pub fn body(&self) -> UsageBody {
+        UsageBody {
+            prompt_tokens: self.usage.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.usage.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.usage.cached_tokens,
+                image_tokens: self.usage.image_tokens,
+            },
+        }
+    }
+}
+
+/// How one endpoint writes its chunks (JSON text of one `data:` line each).
+pub trait ChunkFormat: Send + 'static {
+    /// Sent before any token (chat: the assistant role of every choice).
+    fn opening(&self) -> Option<String>;
+    /// New text of a choice; `offset` is where it starts in the choice's text so far.
+    fn delta(&self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> String;
+    fn finish(&self, index: usize, reason: FinishReason) -> String;
+    fn usage(&self, usage: UsageBody) -> String;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Opening,
+    Tokens,
+    Usage,
+    Done,
+    Closed,
+}
+
+/// One request's SSE stream in progress.
+struct StreamState<F: ChunkFormat> {
+    format: F,
+    events: Events,
+    phase: Phase,
+    include_usage: bool,
+    want_logprobs: bool,
+    /// Choices per prompt, and choices in all.
+    n: usize,
+    finished: Vec<bool>,
+    text_len: Vec<usize>,
+    tally: Tally,
+    _permit: Admission,
+}
+
+fn data(text: String) -> SseEvent {
+    SseEvent::default().data(text)
+}
+
+fn error_event(e: &ApiError) -> SseEvent {
+    data(serde_json::to_string(&e.body()).expect("serializable"))
+}
+
+impl<F: ChunkFormat> StreamState<F> {
+    /// The next SSE events to send (possibly none), or `None` once the stream is over.
+    async fn next(&mut self) -> Option<Vec<SseEvent>> {
+        match self.phase {
+            Phase::Opening => {
+                self.phase = Phase::Tokens;
+                Some(self.format.opening().into_iter().map(data).collect())
+            }
+            Phase::Tokens => match self.events.next().await {
+                Some(Event::Token { index, id, text, logprobs }) => {
+                    let lp = logprobs.filter(|_| self.want_logprobs);
+                    if text.is_empty() && lp.is_none() {
+                        return Some(Vec::new());
+                    }
+                    let offset = self.text_len[index];
+                    self.text_len[index] += text.len();
+                    Some(vec![data(self.format.delta(index, text, lp.as_ref().map(|l| (id, l)), offset))])
+                }
+                Some(Event::Finished { index, reason, text, usage, timing }) => {
+                    record_finished(&usage, &timing);
+                    self.tally.add(index, self.n, &usage);
+                    self.finished[index] = true;
+                    let mut out = Vec::new();
+                    if !text.is_empty() {
+                        let offset = self.text_len[index];
+                        self.text_len[index] += text.len();
+                        out.push(data(self.format.delta(index, text, None, offset)));
+                    }
+                    out.push(data(self.format.finish(index, reason)));
+                    Some(out)
+                }
+                Some(Event::Error(e)) => {
+                    self.phase = Phase::Done;
+                    Some(vec![error_event(&ApiError::from(e))])
+                }
+                None if self.finished.iter().all(|&f| f) => {
+                    self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
+                    Some(Vec::new())
+                }
+                None => {
+                    // The engine went away without finishing: say so rather than end quietly.
+                    self.phase = Phase::Done;
+                    Some(vec![error_event(&ApiError::from(weft_engine::EngineError::Stopped(
+                        "the stream ended before every choice finished".into(),
+                    )))])
+                }
+            },
+            Phase::Usage => {
+                self.phase = Phase::Done;
+                Some(vec![data(self.format.usage(self.tally.body()))])
+            }
+            Phase::Done => {
+                self.phase = Phase::Closed;
+                Some(vec![data("[DONE]".into())])
+            }
+            Phase::Closed => None,
+        }
+    }
+}
+
+/// What the SSE response of one request needs besides its events.
+pub struct StreamSpec {
+    pub include_usage: bool,
+    pub want_logprobs: bool,
+    /// Choices per prompt, and choices in all.
+    pub n: usize,
+    pub total: usize,
+}
+
+/// The SSE response for `events`, written with `format`.
+pub fn stream<F: ChunkFormat>(format: F, events: Events, spec: StreamSpec, permit: Admission) -> Response {
+    let state = StreamState {
+        format,
+        events,
+        phase: Phase::Opening,
+        include_usage: spec.include_usage,
+        want_logprobs: spec.want_logprobs,
+        n: spec.n,
+        finished: vec![false; spec.total],
+        text_len: vec![0; spec.total],
+        tally: Tally::default(),
+        _permit: permit,
+    };
+    let events = futures_util::stream::unfold(state, |mut st| async move {
+        let batch = st.next().await?;
+        Some((futures_util::stream::iter(batch.into_iter().map(Ok::<_, std::convert::Infallible>)), st))
+    });
+    Sse::new(events.flatten()).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Everything a JSON answer needs, per choice.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub texts: Vec<String>,
+    /// `(token id, logprobs, offset of its text)` per generated token, when asked for.
+    pub logprobs: Vec<Vec<(u32, TokenLogprobs, usize)>>,
+    pub reasons: Vec<Option<FinishReason>>,
+    pub tally: Tally,
+}
+
+/// Reads every event of a request; an engine error becomes the response's error.
+pub async fn collect(mut events: Events, n: usize, total: usize) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        texts: vec![String::new(); total],
+        logprobs: vec![Vec::new(); total],
+        reasons: vec![None; total],
+        tally: Tally::default(),
+    };
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Token { index, id, text, logprobs } => {
+                if let Some(lp) = logprobs {
+                    c.logprobs[index].push((id, lp, c.texts[index].len()));
+                }
+                c.texts[index].push_str(&text);
+            }
+            Event::Finished { index, reason, text, usage, timing } => {
+                record_finished(&usage, &timing);
+                c.texts[index].push_str(&text);
+                c.reasons[index] = Some(reason);
+                c.tally.add(index, n, &usage);
+            }
+            Event::Error(e) => return Err(ApiError::from(e)),
+        }
+    }
+    if c.reasons.iter().any(Option::is_none) {
+        return Err(ApiError::from(weft_engine::EngineError::Stopped(
+            "the engine ended the request before every choice finished".into(),
+        )));
+    }
+    Ok(c)
+}
