@@ -72,7 +72,9 @@ impl Engine {
         );
         failed.sort_unstable();
         failed.dedup();
-        let fatal = failed.iter().any(|r| crate::forward::is_fatal(self.requests.get(r).and_then(|r| r.spec.fault)));
+        if failed.iter().any(|r| crate::forward::is_fatal(self.requests.get(r).and_then(|r| r.spec.fault))) {
+            return false; // the caller gives up, failing every request
+        }
         for req_id in failed {
             self.fail_request(req_id, EngineError::Internal(why.to_string()));
         }
@@ -82,7 +84,7 @@ impl Engine {
             self.vision.clear();
         }
         self.publish_gauges();
-        !fatal && self.check().is_ok()
+        self.check().is_ok()
     }
 
     /// Sends `error` to a request and removes all of its choices (their KV is not reused).

@@ -89,7 +89,8 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         max_num_seqs: args.max_num_seqs,
         kv_cache_memory,
         vision_cache_memory: parse_bytes("vision_cache_memory", &args.vision_cache_memory)?,
-        max_waiting: args.max_waiting,
+        // The server's places bound the queue; the engine's own bound is only a backstop.
+        max_waiting: admission_capacity(args),
         prefix_caching: !args.no_prefix_caching,
         eos_token_ids: stop_token_ids(model_dir, &tokenizer)?,
         ..EngineConfig::default()
