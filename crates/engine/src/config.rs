@@ -11,6 +11,7 @@ pub mod defaults {
     /// Share of the memory available at start that the server gives the KV cache.
     pub const KV_CACHE_FRACTION: f64 = 0.4;
     pub const VISION_CACHE_MEMORY: usize = 512 << 20;
+    pub const PREFIX_CACHE_MEMORY: usize = 1 << 30;
     pub const MAX_WAITING: usize = 256;
     pub const MAX_IMAGES_PER_ENCODE: usize = 8;
 }
@@ -27,6 +28,9 @@ pub struct EngineConfig {
     pub kv_cache_memory: usize,
     /// Bytes of projected image features kept by content hash.
     pub vision_cache_memory: usize,
+    /// Bytes of KV storage the prefix cache may keep from finished requests (within
+    /// `kv_cache_memory`, and only while running requests leave it free).
+    pub prefix_cache_memory: usize,
     /// Requests that may wait for admission before new ones are refused as overloaded.
     pub max_waiting: usize,
     /// Reuse the KV of earlier requests that share a prompt prefix.
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             max_num_seqs: defaults::MAX_NUM_SEQS,
             kv_cache_memory: defaults::KV_CACHE_MEMORY,
             vision_cache_memory: defaults::VISION_CACHE_MEMORY,
+            prefix_cache_memory: defaults::PREFIX_CACHE_MEMORY,
             max_waiting: defaults::MAX_WAITING,
             prefix_caching: true,
             max_images_per_encode: defaults::MAX_IMAGES_PER_ENCODE,

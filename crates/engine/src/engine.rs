@@ -55,6 +55,8 @@ pub struct Engine {
     pub(crate) config: Arc<EngineConfig>,
     pub(crate) stats: Arc<EngineStats>,
     pub(crate) limits: Limits,
+    /// Tokens of storage the prefix cache may keep at most.
+    prefix_limit: usize,
     pub(crate) requests: HashMap<u64, Request>,
     pub(crate) seqs: HashMap<u64, Sequence>,
     /// Seq ids in arrival order.
@@ -100,6 +102,7 @@ impl Engine {
                 max_seqs: config.max_num_seqs.max(1),
                 kv_tokens,
             },
+            prefix_limit: (config.prefix_cache_memory / bytes_per_token).min(kv_tokens),
             vision: VisionCache::new(config.vision_cache_memory),
             config: config.clone(),
             stats: stats.clone(),
@@ -298,7 +301,7 @@ impl Engine {
         // the queue leave free.
         let committed: usize = running.iter().map(|r| r.reserved).sum();
         let head = waiting.first().map_or(0, |w| w.need);
-        if self.prefix.shrink_to(self.limits.kv_tokens.saturating_sub(committed + head)) {
+        if self.prefix.shrink_to(self.limits.kv_tokens.saturating_sub(committed + head).min(self.prefix_limit)) {
             waiting = self.waiting_views();
         }
         let limits =
@@ -362,6 +365,7 @@ impl Engine {
             if keep_kv && self.config.prefix_caching && self.requests.contains_key(&seq.req_id) {
                 let keys = self.seq_keys(&seq);
                 self.prefix.insert(keys, cache);
+                self.prefix.shrink_to(self.prefix_limit);
             }
         }
         if seq.admitted_at.is_none() {

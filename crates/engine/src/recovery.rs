@@ -35,6 +35,7 @@ pub struct Audit {
     pub kv_reachable_bytes: usize,
     pub kv_budget_bytes: usize,
     pub prefix_entries: usize,
+    pub prefix_bytes: usize,
     pub vision_entries: usize,
     pub vision_bytes: usize,
 }
@@ -199,6 +200,7 @@ impl Engine {
             kv_reachable_bytes: running_bytes + self.prefix.reserved_bytes(),
             kv_budget_bytes: self.stats.kv_budget_bytes.load(Relaxed),
             prefix_entries: self.prefix.len(),
+            prefix_bytes: self.prefix.reserved_bytes(),
             vision_entries: self.vision.len(),
             vision_bytes: self.vision.counted_bytes(),
         }

@@ -120,6 +120,7 @@ fn random_config(w: &World, rng: &mut StdRng) -> EngineConfig {
         max_num_seqs: [2, 4, 16][rng.random_range(0..3)],
         kv_cache_memory: rng.random_range(4_000..12_000) * bytes_per_token,
         vision_cache_memory: rng.random_range(1..4) * 729 * 64 * 4,
+        prefix_cache_memory: rng.random_range(0..6_000) * bytes_per_token,
         max_waiting: 64,
         prefix_caching: rng.random_bool(0.75),
         max_images_per_encode: rng.random_range(1..4),
@@ -196,6 +197,12 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
             fail(step, e);
         }
         let audit = engine.audit();
+        if audit.prefix_bytes > config.prefix_cache_memory {
+            fail(
+                step,
+                format!("the prefix cache holds {} bytes over its {}", audit.prefix_bytes, config.prefix_cache_memory),
+            );
+        }
         if audit.kv_ledger_bytes > audit.kv_budget_bytes {
             fail(
                 step,

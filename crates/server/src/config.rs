@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Memory for cached image features.
     #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value_t = bytes_text(engine::VISION_CACHE_MEMORY))]
     pub vision_cache_memory: String,
+    /// KV storage the prefix cache may keep from finished requests, within the KV cache memory
+    /// and only while running requests leave it free.
+    #[arg(long, env = "WEFT_PREFIX_CACHE_MEMORY", default_value_t = bytes_text(engine::PREFIX_CACHE_MEMORY))]
+    pub prefix_cache_memory: String,
     /// Requests that may wait (fetching media, or queued for the engine) besides the
     /// `max_num_seqs` running ones, before new ones get 429.
     #[arg(long, env = "WEFT_MAX_WAITING", default_value_t = engine::MAX_WAITING)]

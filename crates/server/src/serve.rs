@@ -89,6 +89,7 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         max_num_seqs: args.max_num_seqs,
         kv_cache_memory,
         vision_cache_memory: parse_bytes("vision_cache_memory", &args.vision_cache_memory)?,
+        prefix_cache_memory: parse_bytes("prefix_cache_memory", &args.prefix_cache_memory)?,
         // The server's places bound the queue; the engine's own bound is only a backstop.
         max_waiting: admission_capacity(args),
         prefix_caching: !args.no_prefix_caching,
