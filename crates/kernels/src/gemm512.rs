@@ -1,0 +1,138 @@
+//! The many-row product for bf16 weights on AVX-512 BF16 (prefill, the vision tower, batched
+//! decode): an outer-product register tile of 12 weight rows by 32 activation rows, where each
+//! `vdpbf16ps` multiplies a pair of inputs for 16 activation rows by the same pair of one
+//! weight row (broadcast) and adds both products into 16 f32 sums: 24 of them per pair of
+//! inputs, for 2 vector loads and 12 broadcasts, into 24 of the 32 registers.
+//!
+//! Activations are rounded to bf16 once, as torch's bf16 and the AVX-512 tiles do (sums stay
+//! f32), and packed into panels of 32 rows, pair-interleaved (`[kp / 2][32][2]`), so one load
+//! brings 16 rows' values of two inputs. Weights are read where they lie: bf16 rows store each
+//! pair of inputs side by side already, so no widening pass is needed.
+
+use crate::matmul::SharedOut;
+use crate::packed::PackedWeight;
+use rayon::prelude::*;
+
+/// Weight rows per register tile.
+const JR: usize = 12;
+/// Activation rows per register tile (two 16-lane registers).
+const IR: usize = 32;
+/// Weight rows per parallel block at most: 12 rows of 4,864 bf16 inputs are 114 KiB, so a block
+/// of 96 stays within a 1 MiB L2 next to one panel.
+const MAX_BLOCK_ROWS: usize = 96;
+
+/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights `bits` of `w`.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 BF16.
+pub(crate) unsafe fn gemm_bf16(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bits: &[u16],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    debug_assert!(kp.is_multiple_of(32) && bits.len() >= n * kp && x.len() >= m * k);
+    let panels = pack_panels(x, m, k, kp);
+    let block = block_rows(n);
+    let out = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+        for (panel, xs) in panels.chunks_exact(kp * IR).enumerate() {
+            let rows = IR.min(m - panel * IR);
+            for g in (j0..j1).step_by(JR) {
+                let jr = JR.min(j1 - g);
+                let mut sums = [[0.0f32; IR]; JR];
+                // SAFETY: the caller vouches for the CPU; `xs` is one panel, `bits` holds rows
+                // g..g + jr of kp values.
+                unsafe { x86::tile(xs.as_ptr(), bits[g * kp..].as_ptr(), kp, jr, &mut sums) };
+                for (c, column) in sums.iter().enumerate().take(jr) {
+                    let b = bias.map_or(0.0, |b| b[g + c]);
+                    for (r, &v) in column.iter().enumerate().take(rows) {
+                        // SAFETY: inside `out`, and only this block writes column g + c.
+                        unsafe { out.write((panel * IR + r) * n + g + c, v + b) };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Weight rows per parallel block: at most [`MAX_BLOCK_ROWS`], a multiple of [`JR`], in a
+/// number of blocks that the threads share evenly (at least two each, for balance).
+fn block_rows(n: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let blocks = n.div_ceil(MAX_BLOCK_ROWS).max(2 * threads).div_ceil(threads) * threads;
+    (n.div_ceil(blocks).div_ceil(JR) * JR).clamp(JR, MAX_BLOCK_ROWS)
+}
+
+/// `x` rounded to bf16 as panels of 32 rows, `[kp / 2][32][2]` each (row `r`, input `p` at
+/// `(p / 2) * 64 + r * 2 + p % 2`), zero-padded to `kp` inputs and to whole panels; packed in
+/// parallel, panel by panel.
+fn pack_panels(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+    let mut panels = vec![0u16; m.div_ceil(IR) * kp * IR];
+    if k == 0 {
+        return panels;
+    }
+    panels.par_chunks_mut(kp * IR).zip(x.par_chunks(k * IR)).for_each(|(panel, rows)| {
+        for (r, row) in rows.chunks_exact(k).enumerate() {
+            for (p, &v) in row.iter().enumerate() {
+                panel[(p / 2) * 2 * IR + r * 2 + p % 2] = half::bf16::from_f32(v).to_bits();
+            }
+        }
+    });
+    panels
+}
+
+mod x86 {
+    use super::{IR, JR};
+    use std::arch::x86_64::*;
+
+    /// `sums[c][r] = sum_p w[c][p] * x[r][p]` for `jr` weight rows of `kp` and one panel.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `xs` holds a panel of `kp * 32` values and `w`
+    /// `jr` rows of `kp`.
+    #[inline]
+    pub(super) unsafe fn tile(xs: *const u16, w: *const u16, kp: usize, jr: usize, sums: &mut [[f32; IR]; JR]) {
+        match jr {
+            1 => tile_const::<1>(xs, w, kp, sums),
+            2 => tile_const::<2>(xs, w, kp, sums),
+            3 => tile_const::<3>(xs, w, kp, sums),
+            4 => tile_const::<4>(xs, w, kp, sums),
+            5 => tile_const::<5>(xs, w, kp, sums),
+            6 => tile_const::<6>(xs, w, kp, sums),
+            7 => tile_const::<7>(xs, w, kp, sums),
+            8 => tile_const::<8>(xs, w, kp, sums),
+            9 => tile_const::<9>(xs, w, kp, sums),
+            10 => tile_const::<10>(xs, w, kp, sums),
+            11 => tile_const::<11>(xs, w, kp, sums),
+            JR => tile_const::<JR>(xs, w, kp, sums),
+            _ => unreachable!("no {jr}-row tile"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_const<const R: usize>(xs: *const u16, w: *const u16, kp: usize, sums: &mut [[f32; IR]; JR]) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+        for q in 0..kp / 2 {
+            let x_lo = bh(_mm512_loadu_si512(xs.add(q * 2 * IR) as *const __m512i));
+            let x_hi = bh(_mm512_loadu_si512(xs.add(q * 2 * IR + IR) as *const __m512i));
+            for c in 0..R {
+                // Inputs 2q and 2q + 1 of weight row c, side by side: one 32-bit broadcast.
+                let pair = (w.add(c * kp + 2 * q) as *const i32).read_unaligned();
+                let wv = bh(_mm512_set1_epi32(pair));
+                lo[c] = _mm512_dpbf16_ps(lo[c], x_lo, wv);
+                hi[c] = _mm512_dpbf16_ps(hi[c], x_hi, wv);
+            }
+        }
+        for c in 0..R {
+            _mm512_storeu_ps(sums[c].as_mut_ptr(), lo[c]);
+            _mm512_storeu_ps(sums[c].as_mut_ptr().add(16), hi[c]);
+        }
+    }
+}
