@@ -35,7 +35,8 @@ pub(crate) unsafe fn gemm_bf16(
 ) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(kp.is_multiple_of(32) && bits.len() >= n * kp && x.len() >= m * k);
-    let panels = pack_panels(x, m, k, kp);
+    // SAFETY: the caller vouches for the CPU.
+    let panels = unsafe { pack_panels(x, m, k, kp) };
     let block = block_rows(n);
     let out = SharedOut(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
@@ -70,16 +71,24 @@ fn block_rows(n: usize) -> usize {
 
 /// `x` rounded to bf16 as panels of 32 rows, `[kp / 2][32][2]` each (row `r`, input `p` at
 /// `(p / 2) * 64 + r * 2 + p % 2`), zero-padded to `kp` inputs and to whole panels; packed in
-/// parallel, panel by panel.
-fn pack_panels(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+/// parallel, panel by panel. Each row is rounded 32 values at a time, then its pairs are
+/// spread to their places as 32-bit units (a scalar rounding loop took a sixth of the GEMM).
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 BF16.
+unsafe fn pack_panels(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut panels = vec![0u16; m.div_ceil(IR) * kp * IR];
     if k == 0 {
         return panels;
     }
     panels.par_chunks_mut(kp * IR).zip(x.par_chunks(k * IR)).for_each(|(panel, rows)| {
+        let mut row_bits = vec![0u16; kp];
         for (r, row) in rows.chunks_exact(k).enumerate() {
-            for (p, &v) in row.iter().enumerate() {
-                panel[(p / 2) * 2 * IR + r * 2 + p % 2] = half::bf16::from_f32(v).to_bits();
+            // SAFETY: the caller vouches for the CPU.
+            unsafe { x86::round_row(row, &mut row_bits) };
+            for (q, pair) in row_bits.chunks_exact(2).enumerate() {
+                panel[q * 2 * IR + r * 2] = pair[0];
+                panel[q * 2 * IR + r * 2 + 1] = pair[1];
             }
         }
     });
@@ -89,6 +98,24 @@ fn pack_panels(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
 mod x86 {
     use super::{IR, JR};
     use std::arch::x86_64::*;
+
+    /// `row` rounded to bf16 (to nearest, ties to even) into the start of `out`, 32 at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `out` is at least as long as `row`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_row(row: &[f32], out: &mut [u16]) {
+        let whole = row.len() / 32 * 32;
+        for p in (0..whole).step_by(32) {
+            let lo = _mm512_loadu_ps(row.as_ptr().add(p));
+            let hi = _mm512_loadu_ps(row.as_ptr().add(p + 16));
+            let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(p) as *mut __m512i, bits);
+        }
+        for p in whole..row.len() {
+            out[p] = half::bf16::from_f32(row[p]).to_bits();
+        }
+    }
 
     /// `sums[c][r] = sum_p w[c][p] * x[r][p]` for `jr` weight rows of `kp` and one panel.
     ///
