@@ -104,6 +104,14 @@ impl Linear {
         self.out_dim
     }
 
+    /// How Weft's kernels hold the weights (`None` when candle computes this layer).
+    pub fn kernel_format(&self) -> Option<WeightFormat> {
+        match &self.backend {
+            Backend::Packed(w) => Some(w.format()),
+            _ => None,
+        }
+    }
+
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
