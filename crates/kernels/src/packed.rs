@@ -49,7 +49,7 @@ impl PackedWeight {
         let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
         let storage = match format {
             WeightFormat::F32 => Storage::F32(pad_rows(values, n, k, kp, 0.0, |v| v)),
-            WeightFormat::Bf16 => Storage::Bf16(pad_rows(values, n, k, kp, 0, |v| bf16::from_f32(v).to_bits())),
+            WeightFormat::Bf16 => Storage::Bf16(bf16_rows(values, n, k, kp)),
             WeightFormat::Q8 => quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v)),
         };
         PackedWeight { n, k, kp, storage }
@@ -115,6 +115,25 @@ fn pad_rows<S: Copy, T: Copy>(
     out
 }
 
+/// Rows of f32 values rounded to bf16 bits (to nearest, ties to even) and padded to `kp`: 32
+/// at a time on AVX-512 BF16 (the vision tower packs its keys and values this way for every
+/// head of every layer), one by one elsewhere.
+fn bf16_rows(values: &[f32], n: usize, k: usize, kp: usize) -> Vec<u16> {
+    let mut out = vec![0u16; n * kp];
+    for (dst, src) in out.chunks_exact_mut(kp).zip(values.chunks_exact(k.max(1))) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::Isa::detected() == crate::Isa::Avx512Bf16 {
+            // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `dst` (kp) is as long as `src` (k).
+            unsafe { crate::gemm512::round_to_bf16(src, dst) };
+            continue;
+        }
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(s).to_bits();
+        }
+    }
+    out
+}
+
 /// Symmetric 8-bit quantization of padded rows, one scale per block of [`Q8_BLOCK`]: the block's
 /// largest magnitude maps to 127.
 fn quantize_q8(padded: &[f32]) -> Storage {
@@ -128,4 +147,23 @@ fn quantize_q8(padded: &[f32]) -> Storage {
         scales.push(scale);
     }
     Storage::Q8 { values, scales }
+}
+
+#[cfg(test)]
+mod bf16_rounding_tests {
+    use super::*;
+
+    /// The vectorized rounding (AVX-512 BF16, where present) gives exactly `half`'s
+    /// round-to-nearest-even on normal values, ties included.
+    #[test]
+    fn bf16_packing_rounds_to_nearest_even() {
+        let mut values: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0).collect();
+        // Exact ties between two bf16 values, both ways, and the largest normals.
+        values.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -(1.0 + 1.0 / 256.0), f32::MAX, f32::MIN_POSITIVE]);
+        let k = values.len();
+        let packed = PackedWeight::from_f32(&values, 1, k, WeightFormat::Bf16);
+        for (p, &v) in values.iter().enumerate() {
+            assert_eq!(packed.get(0, p).to_bits(), bf16::from_f32(v).to_f32().to_bits(), "{v}");
+        }
+    }
 }
