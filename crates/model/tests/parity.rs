@@ -289,7 +289,11 @@ fn bf16_weights_stay_within_the_bound() {
         check_generation_alone(&f, name);
         check_generation_batched(&f, name);
         report(&f, name);
-        eprintln!("{name} (bf16): greedy compared on {} steps", greedy_steps_compared(&f));
+        let compared = greedy_steps_compared(&f);
+        eprintln!("{name} (bf16): greedy compared on {compared} steps");
+        // The references have 77 (tiny-hub) and 40 (tiny-v5) steps whose margin is above the
+        // tie margin: a test that compares none would pass whatever Weft generates.
+        assert!(compared >= 30, "{name}: greedy compared on only {compared} steps");
     }
 }
 
@@ -299,6 +303,12 @@ fn q8_0_weights_stay_within_the_documented_bound() {
         let f = load_as(name, LinearFormat::Q8_0, Q8_0);
         check_generation_alone(&f, name);
         report(&f, name);
-        eprintln!("{name} (q8_0): greedy compared on {} steps", greedy_steps_compared(&f));
+        let compared = greedy_steps_compared(&f);
+        eprintln!("{name} (q8_0): greedy compared on {compared} steps");
+        // tiny-hub's references have 51 steps above q8_0's tie margin of 0.7; tiny-v5's have
+        // none (its logprob bound still holds), so only tiny-hub can check greedy tokens here.
+        if name == "tiny-hub" {
+            assert!(compared >= 40, "{name}: greedy compared on only {compared} steps");
+        }
     }
 }
