@@ -89,7 +89,6 @@ impl Engine {
             image_size: cfg.vision.image_size,
         };
         let stats = Arc::new(EngineStats::default());
-        stats.kv_capacity_tokens.store(kv_tokens, Relaxed);
         stats.kv_budget_bytes.store(kv_tokens * bytes_per_token, Relaxed);
         let config = Arc::new(config);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -287,7 +286,6 @@ impl Engine {
         let gone: Vec<u64> =
             self.running.iter().chain(&self.waiting).copied().filter(|id| self.cancelled(&self.seqs[id])).collect();
         for id in gone {
-            self.waiting.retain(|w| *w != id);
             self.remove_seq(id, true);
         }
     }
@@ -393,7 +391,6 @@ impl Engine {
         self.stats.kv_used_bytes.store(used * bpt, Relaxed);
         self.stats.kv_running_reserved_bytes.store(running_reserved * bpt, Relaxed);
         self.stats.kv_reserved_bytes.store(self.model.kv_bytes_reserved(), Relaxed);
-        self.stats.prefix_cache_tokens.store(self.prefix.reserved_tokens(), Relaxed);
         self.stats.prefix_cache_bytes.store(self.prefix.reserved_tokens() * bpt, Relaxed);
         self.stats.vision_cache_bytes.store(self.vision.bytes(), Relaxed);
     }

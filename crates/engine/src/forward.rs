@@ -3,7 +3,7 @@
 //! that produced logits.
 
 use crate::engine::Engine;
-use crate::request::{Event, Fault, FinishReason, Timing, Usage};
+use crate::request::{Event, FinishReason, Timing, Usage};
 use crate::sequence::Emitted;
 use candle_core::Tensor;
 use std::sync::atomic::Ordering::Relaxed;
@@ -214,9 +214,4 @@ impl Engine {
         let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });
         self.remove_seq(id, true);
     }
-}
-
-/// Whether a request asked for an injected fault that leaves the engine unrecoverable.
-pub(crate) fn is_fatal(fault: Option<Fault>) -> bool {
-    fault == Some(Fault::Fatal)
 }

@@ -5,7 +5,7 @@
 //! simulation tests run after every step.
 
 use crate::engine::Engine;
-use crate::request::{EngineError, Event, Health};
+use crate::request::{EngineError, Event, Fault, Health};
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -73,7 +73,7 @@ impl Engine {
         );
         failed.sort_unstable();
         failed.dedup();
-        if failed.iter().any(|r| crate::forward::is_fatal(self.requests.get(r).and_then(|r| r.spec.fault))) {
+        if failed.iter().any(|r| self.requests.get(r).is_some_and(|r| r.spec.fault == Some(Fault::Fatal))) {
             return false; // the caller gives up, failing every request
         }
         for req_id in failed {
@@ -85,7 +85,7 @@ impl Engine {
             self.vision.clear();
         }
         self.publish_gauges();
-        self.check().is_ok()
+        self.check_invariants().is_ok()
     }
 
     /// Sends `error` to a request and removes all of its choices (their KV is not reused).
@@ -124,7 +124,9 @@ impl Engine {
     /// computed tokens, with something left to feed; waiting ones hold none; every sequence
     /// belongs to a live request whose choice count matches; every KV byte the model's ledger
     /// counts is reachable from a running sequence or the prefix cache.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    /// (Also run by the simulation tests after every step.)
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
         let mut per_request: HashMap<u64, usize> = HashMap::new();
         for (id, s) in &self.seqs {
             *per_request.entry(s.req_id).or_default() += 1;
@@ -179,12 +181,6 @@ impl Engine {
             ));
         }
         Ok(())
-    }
-
-    /// Checks the invariants (for the simulation tests, after every step).
-    #[doc(hidden)]
-    pub fn check_invariants(&self) -> Result<(), String> {
-        self.check()
     }
 
     /// What the engine holds right now.

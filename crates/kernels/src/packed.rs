@@ -120,9 +120,11 @@ fn pad_rows<S: Copy, T: Copy>(
 /// head of every layer), one by one elsewhere.
 fn bf16_rows(values: &[f32], n: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; n * kp];
+    #[cfg(target_arch = "x86_64")]
+    let vectorized = crate::Isa::detected() == crate::Isa::Avx512Bf16;
     for (dst, src) in out.chunks_exact_mut(kp).zip(values.chunks_exact(k.max(1))) {
         #[cfg(target_arch = "x86_64")]
-        if crate::Isa::detected() == crate::Isa::Avx512Bf16 {
+        if vectorized {
             // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `dst` (kp) is as long as `src` (k).
             unsafe { crate::gemm512::round_to_bf16(src, dst) };
             continue;

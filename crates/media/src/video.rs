@@ -161,19 +161,17 @@ pub fn sample_animation(
         Some(Container::Gif) => Box::new(GifDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames()),
         _ => Box::new(WebPDecoder::new(Cursor::new(bytes)).map_err(decode_err)?.into_frames()),
     };
+    // The indices rise strictly; nothing after the last one needs decoding.
+    let last = *indices.last().expect("at least one frame");
     let mut picked = Vec::with_capacity(indices.len());
-    let mut wanted = indices.iter().peekable();
-    for (i, frame) in frames.enumerate() {
-        let Some(&&next) = wanted.peek() else { break };
+    for (i, frame) in frames.enumerate().take(last + 1) {
         if std::time::Instant::now() > deadline {
             return Err(VideoError::Timeout(limits.timeout));
         }
         let frame = frame.map_err(decode_err)?;
-        while wanted.peek() == Some(&&i) {
+        if indices.binary_search(&i).is_ok() {
             picked.push(DynamicImage::ImageRgba8(frame.buffer().clone()));
-            wanted.next();
         }
-        debug_assert!(i <= next);
     }
     if picked.len() != indices.len() {
         return Err(VideoError::Decode(format!("expected {} frames, decoded {}", indices.len(), picked.len())));

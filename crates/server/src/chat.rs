@@ -75,10 +75,7 @@ pub async fn chat_completions(
         let spec = StreamSpec { include_usage, want_logprobs, n, total: n };
         return Ok(crate::sse::stream(meta, events, spec, permit));
     }
-    let timeout = state.limits.request_timeout;
-    let collected = tokio::time::timeout(timeout, crate::sse::collect(events, n, n))
-        .await
-        .map_err(|_| ApiError::new(ErrorKind::Timeout, format!("the request took longer than {timeout:?}")))??;
+    let collected = crate::sse::collect(events, n, n, state.limits.request_timeout).await?;
     let choices = (0..n)
         .map(|i| ChatChoice {
             index: i,

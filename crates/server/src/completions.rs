@@ -79,10 +79,7 @@ pub async fn completions(
         let spec = StreamSpec { include_usage, want_logprobs: logprobs.is_some(), n, total };
         return Ok(crate::sse::stream(format, events, spec, permit));
     }
-    let timeout = state.limits.request_timeout;
-    let collected = tokio::time::timeout(timeout, crate::sse::collect(events, n, total))
-        .await
-        .map_err(|_| ApiError::new(ErrorKind::Timeout, format!("the request took longer than {timeout:?}")))??;
+    let collected = crate::sse::collect(events, n, total, state.limits.request_timeout).await?;
     let choices = (0..total)
         .map(|i| CompletionChoice {
             index: i,

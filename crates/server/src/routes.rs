@@ -139,10 +139,16 @@ pub fn loaded(shared: &Shared) -> Result<Arc<Loaded>, ApiError> {
     }
     let state =
         shared.loaded.get().cloned().ok_or_else(|| ApiError::new(ErrorKind::NotReady, "the model is still loading"))?;
-    if let Health::Failed(why) = &*state.engine.health().borrow() {
-        return Err(ApiError::new(ErrorKind::NotReady, format!("the engine has failed: {why}")));
-    }
+    engine_alive(&state)?;
     Ok(state)
+}
+
+/// 503 once the engine has failed for good (the process is then about to exit).
+fn engine_alive(state: &Loaded) -> Result<(), ApiError> {
+    match &*state.engine.health().borrow() {
+        Health::Failed(why) => Err(ApiError::new(ErrorKind::NotReady, format!("the engine has failed: {why}"))),
+        Health::Serving => Ok(()),
+    }
 }
 
 /// Requests name the served model; any other name is a 404 naming `param`.
@@ -207,10 +213,8 @@ pub async fn get_model(
 /// is then about to exit).
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = ErrorBody)))]
 pub async fn health(State(shared): State<Shared>) -> Result<StatusCode, ApiError> {
-    match shared.loaded.get().map(|l| l.engine.health().borrow().clone()) {
-        Some(Health::Failed(why)) => Err(ApiError::new(ErrorKind::NotReady, format!("the engine has failed: {why}"))),
-        _ => Ok(StatusCode::OK),
-    }
+    shared.loaded.get().map_or(Ok(()), |l| engine_alive(l))?;
+    Ok(StatusCode::OK)
 }
 
 /// Readiness: 200 once the model is loaded and warm, 503 before, while shutting down, and once

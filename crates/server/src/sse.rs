@@ -5,12 +5,13 @@
 //! is written ([`ChunkFormat`]). The admission permit lives as long as the response.
 
 use crate::admission::Admission;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::routes::record_finished;
 use crate::wire::{PromptTokensDetails, UsageBody};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{BoxStream, StreamExt};
+use std::time::Duration;
 use weft_engine::{Event, EventStream, FinishReason, TokenLogprobs, Usage};
 
 /// The events of every prompt of a request, with choice indices made global (prompt `i`'s
@@ -106,6 +107,13 @@ fn error_event(e: &ApiError) -> SseEvent {
 }
 
 impl<F: ChunkFormat> StreamState<F> {
+    /// A content delta of choice `index`, placed after the text it has sent so far.
+    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>) -> SseEvent {
+        let offset = self.text_len[index];
+        self.text_len[index] += text.len();
+        data(self.format.delta(index, text, token, offset))
+    }
+
     /// The next SSE events to send (possibly none), or `None` once the stream is over.
     async fn next(&mut self) -> Option<Vec<SseEvent>> {
         match self.phase {
@@ -119,9 +127,7 @@ impl<F: ChunkFormat> StreamState<F> {
                     if text.is_empty() && lp.is_none() {
                         return Some(Vec::new());
                     }
-                    let offset = self.text_len[index];
-                    self.text_len[index] += text.len();
-                    Some(vec![data(self.format.delta(index, text, lp.as_ref().map(|l| (id, l)), offset))])
+                    Some(vec![self.delta(index, text, lp.as_ref().map(|l| (id, l)))])
                 }
                 Some(Event::Finished { index, reason, text, usage, timing }) => {
                     record_finished(&usage, &timing);
@@ -129,9 +135,7 @@ impl<F: ChunkFormat> StreamState<F> {
                     self.finished[index] = true;
                     let mut out = Vec::new();
                     if !text.is_empty() {
-                        let offset = self.text_len[index];
-                        self.text_len[index] += text.len();
-                        out.push(data(self.format.delta(index, text, None, offset)));
+                        out.push(self.delta(index, text, None));
                     }
                     out.push(data(self.format.finish(index, reason)));
                     Some(out)
@@ -205,8 +209,15 @@ pub struct Collected {
     pub tally: Tally,
 }
 
-/// Reads every event of a request; an engine error becomes the response's error.
-pub async fn collect(mut events: Events, n: usize, total: usize) -> Result<Collected, ApiError> {
+/// Reads every event of a request within `timeout` (504 past it); an engine error becomes the
+/// response's error.
+pub async fn collect(events: Events, n: usize, total: usize, timeout: Duration) -> Result<Collected, ApiError> {
+    tokio::time::timeout(timeout, collect_all(events, n, total))
+        .await
+        .map_err(|_| ApiError::new(ErrorKind::Timeout, format!("the request took longer than {timeout:?}")))?
+}
+
+async fn collect_all(mut events: Events, n: usize, total: usize) -> Result<Collected, ApiError> {
     let mut c = Collected {
         texts: vec![String::new(); total],
         logprobs: vec![Vec::new(); total],
