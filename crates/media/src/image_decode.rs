@@ -1,7 +1,9 @@
 //! Image bytes -> decoded image, with the format taken from the bytes' magic (never from a
 //! declared type) and the pixel count checked from the header before any pixel is decoded.
+//! JPEGs go through libjpeg-turbo (as in Pillow); an EXIF orientation is applied, as
+//! transformers' `load_image` does with `ImageOps.exif_transpose`.
 
-use image::{DynamicImage, ImageFormat, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use std::io::Cursor;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,15 +34,24 @@ pub fn decode(bytes: &[u8], declared: Option<&str>, max_pixels: u64) -> Result<D
             return Err(ImageError::TypeMismatch { declared: declared.to_string(), actual: actual.to_string() });
         }
     }
-    let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let decode_err = |e: image::ImageError| ImageError::Decode(e.to_string());
+    let mut decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(decode_err)?;
+    let (width, height) = decoder.dimensions();
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
         return Err(ImageError::TooManyPixels { width, height, pixels, limit: max_pixels });
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.no_limits();
-    reader.decode().map_err(|e| ImageError::Decode(e.to_string()))
+    // A broken EXIF block is not worth refusing the picture for: Pillow ignores it too.
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = if format == ImageFormat::Jpeg {
+        crate::jpeg::decode(bytes).map_err(ImageError::Decode)?
+    } else {
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        reader.no_limits();
+        reader.decode().map_err(decode_err)?
+    };
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// A content hash of decoded pixels: SHA-256 over the geometry, layout and samples, cut to 128

@@ -7,4 +7,5 @@ pub mod budget;
 pub mod data_uri;
 pub mod fetch;
 pub mod image_decode;
+pub mod jpeg;
 pub mod video;

@@ -176,13 +176,15 @@ fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter.support() * filter_scale;
+    // Pillow multiplies by the inverse rather than dividing; the last bit can differ.
+    let inv_filter_scale = 1.0 / filter_scale;
     let mut start = Vec::with_capacity(out_size);
     let mut weights = Vec::with_capacity(out_size);
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let raw: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale)).collect();
+        let raw: Vec<f64> = (xmin..xmax).map(|x| filter.weight((x as f64 - center + 0.5) * inv_filter_scale)).collect();
         let total: f64 = raw.iter().sum();
         let fixed = raw
             .iter()
@@ -226,21 +228,27 @@ fn pass(
     }
 }
 
-/// PIL's `Image.resize` for RGB images: a horizontal pass, then a vertical one, each rounded
-/// to 8 bits, skipping a pass whose size does not change.
+/// PIL's `Image.resize` for RGB images: two passes, each rounded to 8 bits, skipping a pass
+/// whose size does not change. Since Pillow 12.3 the vertical pass goes first when the height
+/// shrinks and the width does not (fewer rows for the horizontal pass); the order changes the
+/// rounding, so it is followed exactly.
 pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
+    let horizontal_first = !(out_w >= in_w && out_h < in_h);
     let mut pixels = image.as_raw().clone();
-    if out_w != in_w {
-        let mut out = vec![0u8; out_w * in_h * 3];
-        pass(&pixels, &mut out, &taps(in_w, out_w, filter), in_h, |y, i| y * in_w + i, |y, x| y * out_w + x);
-        pixels = out;
-    }
-    if out_h != in_h {
-        let mut out = vec![0u8; out_w * out_h * 3];
-        pass(&pixels, &mut out, &taps(in_h, out_h, filter), out_w, |x, i| i * out_w + x, |x, y| y * out_w + x);
-        pixels = out;
+    let mut w = in_w;
+    let mut h = in_h;
+    for horizontal in [horizontal_first, !horizontal_first] {
+        if horizontal && out_w != w {
+            let mut out = vec![0u8; out_w * h * 3];
+            pass(&pixels, &mut out, &taps(w, out_w, filter), h, |y, i| y * w + i, |y, x| y * out_w + x);
+            (pixels, w) = (out, out_w);
+        } else if !horizontal && out_h != h {
+            let mut out = vec![0u8; w * out_h * 3];
+            pass(&pixels, &mut out, &taps(h, out_h, filter), w, |x, i| i * w + x, |x, y| y * w + x);
+            (pixels, h) = (out, out_h);
+        }
     }
     RgbImage::from_raw(width, height, pixels).expect("sizes match")
 }

@@ -168,7 +168,8 @@ fn check_prompt_and_pixels(f: &Fixture, fixture: &str) {
                     worst = worst.max((level - px.0[c] as f32).abs());
                 }
             }
-            assert!(worst <= 1.0 + 1e-3, "{fixture}/{name}: pixels differ by {worst} levels from transformers");
+            // Identical 8-bit levels; the tolerance only absorbs the f32 normalisation round trip.
+            assert!(worst < 0.01, "{fixture}/{name}: pixels differ by {worst} levels from transformers");
         }
     }
 }
