@@ -140,3 +140,33 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
         None => y,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn relative_rms(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let base = b.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        (diff / base).sqrt()
+    }
+
+    /// q4k through candle's quantized matmul: the product equals `x W'^T` for the dequantized
+    /// weights W' up to the 8-bit activation blocks, and W' is within 4-bit rounding of W. This
+    /// pins the q4k path itself; the parity test bounds what 4 bits cost a whole network.
+    #[test]
+    fn q4k_is_its_dequantized_weights_up_to_activation_rounding() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (96, 512), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 512), &dev).unwrap();
+        let linear = Linear::new(w.clone(), None, LinearFormat::Q4K).unwrap();
+        let dequantized = QTensor::quantize(&w, GgmlDType::Q4K).unwrap().dequantize(&dev).unwrap();
+        let weight_error = relative_rms(&dequantized, &w);
+        assert!(weight_error > 0.01 && weight_error < 0.1, "q4k weight error {weight_error}");
+        let y = linear.forward(&x).unwrap();
+        let exact = x.matmul(&dequantized.t().unwrap()).unwrap();
+        let product_error = relative_rms(&y, &exact);
+        assert!(product_error < 0.01, "q4k product differs from its dequantized weights by {product_error}");
+    }
+}

@@ -121,6 +121,10 @@ fn causal_attention(
     kv_heads: usize,
     block: usize,
 ) -> Result<Tensor> {
+    // Scores in f32 whatever the run dtype: f16 scores of a few tens already lose hundredths,
+    // which the softmax turns into percent-level errors (torch's attention accumulates in f32 too).
+    let dtype = q.dtype();
+    let (q, keys, values) = (q.to_dtype(DType::F32)?, keys.to_dtype(DType::F32)?, values.to_dtype(DType::F32)?);
     let (heads, t, hd) = q.dims3()?;
     let group = heads / kv_heads;
     let kv_len = keys.dim(1)?;
@@ -140,9 +144,9 @@ fn causal_attention(
             None => scores,
         };
         let probs = softmax_f32(&scores)?;
-        blocks.push(probs.matmul(values)?.reshape((heads, rows, hd))?);
+        blocks.push(probs.matmul(&values)?.reshape((heads, rows, hd))?);
     }
-    Ok(Tensor::cat(&blocks, 1)?)
+    Ok(Tensor::cat(&blocks, 1)?.to_dtype(dtype)?)
 }
 
 /// Query rows per attention block for `heads` heads over `kv_len` keys.

@@ -6,7 +6,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{gelu_tanh, softmax_f32, LayerNorm};
 use crate::linear::Linear;
 use crate::weights::Scope;
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use weft_kernels::{Isa, PackedWeight, WeightFormat};
 
 struct Attention {
@@ -43,10 +43,12 @@ impl Attention {
             let ctx = attention_bf16(&q, &k, &v, self.heads, self.scale as f32)?;
             return self.out.forward(&ctx);
         }
-        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        // In f32 whatever the run dtype, as in the language model's attention.
+        let f32 = |t: Tensor| -> Result<Tensor> { Ok(split(t)?.to_dtype(DType::F32)?) };
+        let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = softmax_f32(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, p, d))?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, p, d))?.to_dtype(x.dtype())?;
         self.out.forward(&ctx)
     }
 }
