@@ -179,6 +179,10 @@ impl Engine {
         let seq = self.seqs.get_mut(&id).expect("running");
         let req = self.requests.get(&seq.req_id).expect("live");
         let out = seq.sample(row, &req.prompt, &req.spec, &self.config.eos_token_ids, context, &*self.tokenizer);
+        if seq.mask_us > 0 || req.spec.constraint.is_some() {
+            self.stats.grammar_mask_us.fetch_add(std::mem::take(&mut seq.mask_us), Relaxed);
+            self.stats.grammar_masks_total.fetch_add(1, Relaxed);
+        }
         self.stats.generation_tokens_total.fetch_add(1, Relaxed);
         match out {
             Emitted::Token(event) => {
@@ -189,6 +193,11 @@ impl Engine {
                     let _ = req.events.send(event);
                 }
                 self.finish(id, reason, text);
+            }
+            Emitted::Failed(message) => {
+                tracing::warn!(%message, "a constrained sequence failed");
+                let _ = req.events.send(Event::Error(crate::request::EngineError::Internal(message)));
+                self.remove_seq(id, false);
             }
         }
     }

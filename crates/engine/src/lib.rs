@@ -2,6 +2,7 @@
 //! tokens streamed back. One thread owns all mutable state; the server holds an [`EngineHandle`].
 
 pub mod config;
+pub mod constraint;
 pub mod detokenize;
 mod engine;
 mod forward;
@@ -17,6 +18,7 @@ pub mod stop;
 pub mod vision_cache;
 
 pub use config::EngineConfig;
+pub use constraint::{Constraint, ConstraintCompiler, Grammar};
 pub use engine::Engine;
 pub use handle::{EngineHandle, EventStream};
 pub use recovery::Audit;

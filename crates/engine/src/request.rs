@@ -1,5 +1,6 @@
 //! What goes into the engine (a generation request) and what comes out (a stream of events).
 
+use crate::constraint::Constraint;
 use crate::sampling::{SamplingParams, TokenLogprobs};
 use candle_core::Tensor;
 
@@ -40,6 +41,8 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Do not stop at the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// A compiled grammar every choice's answer must match (structured outputs).
+    pub constraint: Option<Constraint>,
     #[doc(hidden)]
     pub fault: Option<Fault>,
 }
@@ -55,6 +58,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            constraint: None,
             fault: None,
         }
     }

@@ -74,9 +74,19 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token. `prompt` and `generated` feed the penalties.
-    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> (u32, Option<TokenLogprobs>) {
+    /// Picks the next token. `prompt` and `generated` feed the penalties; `allowed` (bits,
+    /// token `i` at bit `i % 32` of word `i / 32`) restricts the draw to a grammar's tokens.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        prompt: &[u32],
+        generated: &[u32],
+        allowed: Option<&[u32]>,
+    ) -> (u32, Option<TokenLogprobs>) {
         let mut scores = logits.to_vec();
+        if let Some(allowed) = allowed {
+            mask_scores(&mut scores, allowed);
+        }
         apply_penalties(&mut scores, &self.params, prompt, generated);
         for (&id, &bias) in &self.params.logit_bias {
             if let Some(s) = scores.get_mut(id as usize) {
@@ -92,6 +102,21 @@ impl Sampler {
         };
         let logprobs = self.params.top_logprobs.map(|k| logprobs_of(logits, token, k.min(MAX_TOP_LOGPROBS)));
         (token, logprobs)
+    }
+}
+
+/// Sets the score of every token whose bit is clear to minus infinity.
+pub fn mask_scores(scores: &mut [f32], allowed: &[u32]) {
+    for (w, chunk) in scores.chunks_mut(32).enumerate() {
+        let bits = allowed.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (j, s) in chunk.iter_mut().enumerate() {
+            if bits & (1 << j) == 0 {
+                *s = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -215,10 +240,10 @@ mod tests {
     #[test]
     fn greedy_takes_the_maximum_after_bias() {
         let mut s = Sampler::new(params(0.0), 0);
-        assert_eq!(s.sample(&[1.0, 3.0, 2.0], &[], &[]).0, 1);
+        assert_eq!(s.sample(&[1.0, 3.0, 2.0], &[], &[], None).0, 1);
         let mut p = params(0.0);
         p.logit_bias.insert(2, 5.0);
-        assert_eq!(Sampler::new(p, 0).sample(&[1.0, 3.0, 2.0], &[], &[]).0, 2);
+        assert_eq!(Sampler::new(p, 0).sample(&[1.0, 3.0, 2.0], &[], &[], None).0, 2);
     }
 
     #[test]
@@ -226,7 +251,7 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draws = |stream| {
             let mut s = Sampler::new(params(1.0), stream);
-            (0..20).map(|_| s.sample(&logits, &[], &[]).0).collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[], &[], None).0).collect::<Vec<_>>()
         };
         assert_eq!(draws(0), draws(0));
         assert_ne!(draws(0), draws(1));
@@ -266,6 +291,20 @@ mod tests {
         let mut s = vec![0.0; 3];
         apply_penalties(&mut s, &p, &[2], &[0, 0, 1]);
         assert_eq!(s, vec![-2.0, -1.5, 0.0]);
+    }
+
+    #[test]
+    fn a_mask_confines_every_draw() {
+        let logits: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
+        // Tokens 3, 40 and 69 only.
+        let allowed = [1u32 << 3, 1 << (40 - 32), 1 << (69 - 64)];
+        let mut s = Sampler::new(params(1.0), 0);
+        for _ in 0..50 {
+            assert!([3, 40, 69].contains(&s.sample(&logits, &[], &[], Some(&allowed)).0));
+        }
+        let mut greedy = Sampler::new(params(0.0), 0);
+        let best = [3usize, 40, 69].into_iter().max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+        assert_eq!(greedy.sample(&logits, &[], &[], Some(&allowed)).0 as usize, best);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One choice of one request as it moves through the engine: its tokens, its KV cache, its
 //! sampler, its detokenizer and stop matcher, and its timings.
 
+use crate::constraint::Constraint;
 use crate::detokenize::{Decode, IncrementalDecoder};
 use crate::request::{Event, FinishReason, GenerateRequest};
 use crate::sampling::Sampler;
@@ -25,6 +26,10 @@ pub(crate) struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    /// This choice's place in the request's grammar, if it has one.
+    constraint: Option<Constraint>,
+    /// Microseconds spent computing grammar masks since the engine last collected them.
+    pub mask_us: u64,
     pub admitted_at: Option<Instant>,
     pub first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -36,6 +41,8 @@ pub(crate) enum Emitted {
     Token(Event),
     /// The sequence is done: maybe a last token event, the reason, and held-back text.
     Finished(Option<Event>, FinishReason, String),
+    /// The grammar failed (a limit of the matcher): the request ends with this error.
+    Failed(String),
 }
 
 impl Sequence {
@@ -53,6 +60,8 @@ impl Sequence {
             sampler: Sampler::new(spec.sampling.clone(), choice as u64),
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(spec.stop.clone()),
+            constraint: spec.constraint.clone(),
+            mask_us: 0,
             admitted_at: None,
             first_token_at: None,
             last_token_at: None,
@@ -109,7 +118,28 @@ impl Sequence {
         context: usize,
         tokenizer: &impl Decode,
     ) -> Emitted {
-        let (token, logprobs) = self.sampler.sample(logits, prompt, &self.tokens[self.prompt_len..]);
+        let allowed = match self.constraint.as_mut() {
+            Some(constraint) => {
+                let started = Instant::now();
+                let mask = constraint.allowed();
+                self.mask_us += started.elapsed().as_micros() as u64;
+                match mask {
+                    Ok(mut mask) => {
+                        // The grammar knows one end token; the model's others end it as well.
+                        if let Some(&first) = eos_ids.first() {
+                            if mask_allows(&mask, first) {
+                                eos_ids.iter().for_each(|&id| allow(&mut mask, id));
+                            }
+                        }
+                        Some(mask)
+                    }
+                    Err(e) => return Emitted::Failed(format!("structured output: {e}")),
+                }
+            }
+            None => None,
+        };
+        let (token, logprobs) =
+            self.sampler.sample(logits, prompt, &self.tokens[self.prompt_len..], allowed.as_deref());
         let now = Instant::now();
         if let Some(last) = self.last_token_at {
             self.inter_token.push((now - last).as_secs_f64());
@@ -117,16 +147,30 @@ impl Sequence {
         self.first_token_at.get_or_insert(now);
         self.last_token_at = Some(now);
         self.tokens.push(token);
-        let is_stop_token = spec.stop_token_ids.contains(&token) || (!spec.ignore_eos && eos_ids.contains(&token));
+        let is_eos = eos_ids.contains(&token);
+        // Under a grammar an end token is only ever drawn where the answer is complete.
+        let is_stop_token =
+            spec.stop_token_ids.contains(&token) || (is_eos && (!spec.ignore_eos || self.constraint.is_some()));
         if is_stop_token {
             let tail = self.release_tail(tokenizer);
             return Emitted::Finished(None, FinishReason::Stop, tail);
+        }
+        let mut complete = false;
+        if let Some(constraint) = self.constraint.as_mut() {
+            if let Err(e) = constraint.advance(token) {
+                return Emitted::Failed(format!("structured output: {e}"));
+            }
+            complete = constraint.is_complete();
         }
         let delta = self.decoder.push(token, tokenizer);
         let step = self.stop.push(&delta);
         let event = Event::Token { index: self.choice, id: token, text: step.emit, logprobs };
         if step.stopped {
             return Emitted::Finished(Some(event), FinishReason::Stop, String::new());
+        }
+        if complete {
+            let tail = self.release_tail(tokenizer);
+            return Emitted::Finished(Some(event), FinishReason::Stop, tail);
         }
         if self.generated(self.prompt_len) >= self.max_tokens || self.tokens.len() >= context {
             let tail = self.release_tail(tokenizer);
@@ -143,5 +187,15 @@ impl Sequence {
             return step.emit;
         }
         step.emit + &self.stop.finish()
+    }
+}
+
+fn mask_allows(mask: &[u32], token: u32) -> bool {
+    mask.get(token as usize / 32).is_some_and(|w| w & (1 << (token % 32)) != 0)
+}
+
+fn allow(mask: &mut [u32], token: u32) {
+    if let Some(w) = mask.get_mut(token as usize / 32) {
+        *w |= 1 << (token % 32);
     }
 }

@@ -30,6 +30,9 @@ pub struct EngineStats {
     pub kv_reserved_bytes: AtomicUsize,
     pub prefix_cache_bytes: AtomicUsize,
     pub vision_cache_bytes: AtomicUsize,
+    /// Grammar masks computed (one per constrained sequence and step) and the time they took.
+    pub grammar_masks_total: AtomicU64,
+    pub grammar_mask_us: AtomicU64,
 }
 
 /// A consistent-enough copy of [`EngineStats`] for reporting.
@@ -54,6 +57,8 @@ pub struct StatsSnapshot {
     pub kv_reserved_bytes: usize,
     pub prefix_cache_bytes: usize,
     pub vision_cache_bytes: usize,
+    pub grammar_masks_total: u64,
+    pub grammar_mask_seconds: f64,
 }
 
 impl StatsSnapshot {
@@ -89,6 +94,8 @@ impl EngineStats {
             kv_reserved_bytes: self.kv_reserved_bytes.load(Relaxed),
             prefix_cache_bytes: self.prefix_cache_bytes.load(Relaxed),
             vision_cache_bytes: self.vision_cache_bytes.load(Relaxed),
+            grammar_masks_total: self.grammar_masks_total.load(Relaxed),
+            grammar_mask_seconds: self.grammar_mask_us.load(Relaxed) as f64 * 1e-6,
         }
     }
 }

@@ -79,6 +79,11 @@ impl PromptTokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| ModelError::Prompt(format!("detokenizer: {e}")))
     }
 
+    /// The Hugging Face tokenizer itself (for the structured-output vocabulary).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

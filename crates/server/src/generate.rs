@@ -118,7 +118,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let logits = model
             .forward(&mut [SeqInput { embeds, cache: &mut cache, want_logits: true }])?
             .context("the model returned no logits")?;
-        let (next, _) = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &encoded.ids, &generated);
+        let (next, _) = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &encoded.ids, &generated, None);
         first_token_at.get_or_insert_with(Instant::now);
         if !args.ignore_eos && stops.contains(&next) {
             break;
