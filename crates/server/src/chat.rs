@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions`: one JSON answer, or an SSE stream of chunks ending in
-//! `data: [DONE]` exactly once (the stream itself is `sse.rs`; this file writes its chunks).
+//! `data: [DONE]` exactly once (the stream itself is `sse.rs`; this file writes its chunks,
+//! content or tool calls).
 
 use crate::admission::Admission;
 use crate::error::{ApiError, ApiJson, ErrorKind};
@@ -7,6 +8,7 @@ use crate::prepare::prepare_chat;
 use crate::routes::{check_model, loaded, now_secs, request_id};
 use crate::sse::{ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
+use crate::structured::{ToolCallSplitter, ToolMode};
 use crate::wire::*;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -47,6 +49,9 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
     check_model(&shared, &req.model, "model")?;
+    crate::fields::check_chat(&req.other)?;
+    let plan = crate::structured::chat_plan(&req)?;
+    let tool = plan.as_ref().and_then(|p| p.tool.clone());
     if let Some(user) = &req.sampling.user {
         tracing::info!(user = %user, "chat request");
     }
@@ -59,7 +64,7 @@ pub async fn chat_completions(
     let refs = crate::media::media_refs(&state, &req.messages)?;
     let resolved = crate::media::resolve_media(&state, &refs).await?;
     let prep_state = state.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare_chat(&prep_state, &req, resolved))
+    let prepared = tokio::task::spawn_blocking(move || prepare_chat(&prep_state, &req, resolved, plan.as_ref()))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let n = prepared.request.n;
@@ -70,6 +75,8 @@ pub async fn chat_completions(
         created: now_secs(),
         n,
         state: state.clone(),
+        splitters: tool.iter().flat_map(|mode| (0..n).map(|_| ToolCallSplitter::new(mode.clone()))).collect(),
+        tool,
     };
     if stream {
         let spec = StreamSpec { include_usage, want_logprobs, n, total: n };
@@ -77,13 +84,26 @@ pub async fn chat_completions(
     }
     let collected = crate::sse::collect(events, n, n, state.limits.request_timeout).await?;
     let choices = (0..n)
-        .map(|i| ChatChoice {
-            index: i,
-            message: AssistantMessage { role: "assistant", content: collected.texts[i].clone() },
-            logprobs: want_logprobs.then(|| ChoiceLogprobs {
-                content: collected.logprobs[i].iter().map(|(id, lp, _)| wire_logprobs(&state, *id, lp)).collect(),
-            }),
-            finish_reason: collected.reasons[i].map(FinishReason::as_str),
+        .map(|i| {
+            let text = collected.texts[i].clone();
+            let call = meta.tool.clone().and_then(|mode| ToolCallSplitter::whole(mode, &text));
+            let called = call.is_some();
+            let message = match call {
+                Some(function) => AssistantMessage {
+                    role: "assistant",
+                    content: None,
+                    tool_calls: vec![ToolCall { id: meta.call_id(i), kind: "function", function }],
+                },
+                None => AssistantMessage { role: "assistant", content: Some(text), tool_calls: Vec::new() },
+            };
+            ChatChoice {
+                index: i,
+                message,
+                logprobs: want_logprobs.then(|| ChoiceLogprobs {
+                    content: collected.logprobs[i].iter().map(|(id, lp, _)| wire_logprobs(&state, *id, lp)).collect(),
+                }),
+                finish_reason: collected.reasons[i].map(|r| finish_reason(r, called)),
+            }
         })
         .collect();
     Ok(axum::Json(ChatCompletion {
@@ -99,16 +119,44 @@ pub async fn chat_completions(
     .into_response())
 }
 
-/// What every chunk of one chat response repeats.
+/// OpenAI's reason for an answer that is a complete tool call is `tool_calls`.
+fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called => "tool_calls",
+        other => other.as_str(),
+    }
+}
+
+/// What every chunk of one chat response repeats, and each choice's tool call in progress.
 pub struct Meta {
     pub id: String,
     pub model: String,
     pub created: u64,
     pub n: usize,
     pub state: Arc<Loaded>,
+    /// Set when the answer is a tool call; then one splitter per choice.
+    pub tool: Option<ToolMode>,
+    pub splitters: Vec<ToolCallSplitter>,
 }
 
 impl Meta {
+    fn call_id(&self, index: usize) -> String {
+        format!("call_{}_{index}", self.id.trim_start_matches("chatcmpl-"))
+    }
+
+    /// A chunk adding to choice `index`'s tool call: its name first (with the call's id).
+    fn tool_chunk(&self, index: usize, name: Option<String>, arguments: String) -> String {
+        let first = name.is_some();
+        let call = ToolCallDelta {
+            index: 0,
+            id: first.then(|| self.call_id(index)),
+            kind: first.then_some("function"),
+            function: FunctionCallDelta { name, arguments },
+        };
+        let delta = Delta { tool_calls: vec![call], ..Delta::default() };
+        self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None)
+    }
+
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<UsageBody>) -> String {
         let chunk = ChatCompletionChunk {
             id: self.id.clone(),
@@ -128,7 +176,12 @@ impl ChunkFormat for Meta {
         let roles = (0..self.n)
             .map(|i| ChunkChoice {
                 index: i,
-                delta: Delta { role: Some("assistant"), content: Some(String::new()) },
+                // A tool call has no content.
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: self.tool.is_none().then(String::new),
+                    tool_calls: Vec::new(),
+                },
                 logprobs: None,
                 finish_reason: None,
             })
@@ -136,17 +189,43 @@ impl ChunkFormat for Meta {
         Some(self.chunk(roles, None))
     }
 
-    fn delta(&self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, _offset: usize) -> String {
+    fn delta(
+        &mut self,
+        index: usize,
+        text: String,
+        token: Option<(u32, &TokenLogprobs)>,
+        _offset: usize,
+    ) -> Vec<String> {
+        if self.tool.is_some() {
+            let piece = self.splitters[index].push(&text, false);
+            if piece.name.is_none() && piece.arguments.is_empty() {
+                return Vec::new();
+            }
+            return vec![self.tool_chunk(index, piece.name, piece.arguments)];
+        }
         let logprobs = token.map(|(id, lp)| ChoiceLogprobs { content: vec![wire_logprobs(&self.state, id, lp)] });
-        let choice =
-            ChunkChoice { index, delta: Delta { role: None, content: Some(text) }, logprobs, finish_reason: None };
-        self.chunk(vec![choice], None)
+        let delta = Delta { content: Some(text), ..Delta::default() };
+        vec![self.chunk(vec![ChunkChoice { index, delta, logprobs, finish_reason: None }], None)]
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> String {
-        let choice =
-            ChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(reason.as_str()) };
-        self.chunk(vec![choice], None)
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut called = false;
+        if self.tool.is_some() {
+            let piece = self.splitters[index].push("", true);
+            if piece.name.is_some() || !piece.arguments.is_empty() {
+                out.push(self.tool_chunk(index, piece.name, piece.arguments));
+            }
+            called = self.splitters[index].named();
+        }
+        let reason = Some(finish_reason(reason, called));
+        out.push(
+            self.chunk(
+                vec![ChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: reason }],
+                None,
+            ),
+        );
+        out
     }
 
     fn usage(&self, usage: UsageBody) -> String {

@@ -29,9 +29,11 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
     check_model(&shared, &req.model, "model")?;
+    crate::fields::check_completions(&req.other)?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
+    let plan = req.structured_outputs.as_ref().map(crate::structured::from_structured_outputs).transpose()?;
     if let Some(user) = &req.sampling.user {
         tracing::info!(user = %user, "completion request");
     }
@@ -50,11 +52,15 @@ pub async fn completions(
     if count == 0 || count > MAX_PROMPTS {
         return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts")));
     }
-    // Tokenizing up to 64 long prompts is CPU work: not on an async worker.
+    // Tokenizing up to 64 long prompts and compiling a grammar are CPU work: not on an async
+    // worker.
     let (st, prompt) = (state.clone(), req.prompt.clone());
-    let prompts = tokio::task::spawn_blocking(move || tokenize(&st, &prompt))
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+    let (prompts, constraint) = tokio::task::spawn_blocking(move || {
+        let constraint = plan.map(|p| crate::structured::compile(&st, &p)).transpose()?;
+        Ok::<_, ApiError>((tokenize(&st, &prompt)?, constraint))
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
     let image_id = state.tokenizer.image_token_id();
     if prompts.iter().any(|p| p.contains(&image_id)) {
         return Err(ApiError::invalid("prompt", "text completions take no images; use /v1/chat/completions"));
@@ -62,7 +68,8 @@ pub async fn completions(
     let n = req.sampling.n.unwrap_or(1).max(1) as usize;
     let mut streams = Vec::with_capacity(prompts.len());
     for ids in prompts {
-        let request = generation(&state, &req.sampling, req.sampling.max_tokens, ids, logprobs)?;
+        let mut request = generation(&state, &req.sampling, req.sampling.max_tokens, ids, logprobs)?;
+        request.constraint = constraint.clone();
         let param = |e: ApiError| if e.param.as_deref() == Some("messages") { e.with_param("prompt") } else { e };
         streams.push(state.engine.submit(request).map_err(|e| param(ApiError::from(e)))?);
     }
@@ -152,15 +159,21 @@ impl ChunkFormat for Format {
         None
     }
 
-    fn delta(&self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> String {
+    fn delta(
+        &mut self,
+        index: usize,
+        text: String,
+        token: Option<(u32, &TokenLogprobs)>,
+        offset: usize,
+    ) -> Vec<String> {
         let logprobs = token.map(|(id, lp)| self.logprobs(std::iter::once((id, lp, offset))));
-        self.json(vec![CompletionChoice { index, text, logprobs, finish_reason: None }], None)
+        vec![self.json(vec![CompletionChoice { index, text, logprobs, finish_reason: None }], None)]
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> String {
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String> {
         let choice =
             CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason.as_str()) };
-        self.json(vec![choice], None)
+        vec![self.json(vec![choice], None)]
     }
 
     fn usage(&self, usage: UsageBody) -> String {

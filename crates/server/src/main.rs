@@ -6,6 +6,7 @@ mod chat;
 mod completions;
 mod config;
 mod error;
+mod fields;
 mod generate;
 mod listen;
 mod media;
@@ -14,6 +15,7 @@ mod routes;
 mod serve;
 mod sse;
 mod state;
+mod structured;
 mod wire;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

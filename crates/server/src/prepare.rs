@@ -234,6 +234,7 @@ pub fn prepare_chat(
     state: &AppState,
     req: &crate::wire::ChatCompletionRequest,
     resolved: Vec<Resolved>,
+    plan: Option<&crate::structured::Plan>,
 ) -> Result<Prepared, ApiError> {
     let logprobs = if req.logprobs {
         let k = req.top_logprobs.unwrap_or(0);
@@ -257,5 +258,6 @@ pub fn prepare_chat(
         e
     })?;
     request.images = image_inputs(state, &images)?;
+    request.constraint = plan.map(|p| crate::structured::compile(state, p)).transpose()?;
     Ok(Prepared { request, video_frames })
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_engine::config::defaults as engine_defaults;
-use weft_engine::{Engine, EngineConfig, GenerateRequest, Health};
+use weft_engine::{ConstraintCompiler, Engine, EngineConfig, GenerateRequest, Health};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
@@ -97,6 +97,12 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         ..EngineConfig::default()
     };
     let context_len = cfg.text.max_position_embeddings;
+    let compiling = Instant::now();
+    let constraints = ConstraintCompiler::new(tokenizer.clone(), cfg.text.vocab_size, &engine_config.eos_token_ids);
+    match &constraints {
+        Ok(_) => tracing::info!(seconds = compiling.elapsed().as_secs_f64(), "structured outputs ready"),
+        Err(why) => tracing::warn!(%why, "structured outputs are not available"),
+    }
     let engine = Engine::start(model, tokenizer.clone(), engine_config);
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; warming up");
     // One short generation pages the weights in and proves the model runs.
@@ -137,6 +143,7 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         fetch_policy,
         context_len,
         limits,
+        constraints,
         media_slots: Arc::new(tokio::sync::Semaphore::new(args.media_concurrency.max(1))),
         fault_injection: std::env::var("WEFT_FAULT_INJECTION").is_ok_and(|v| v == "1"),
     })

@@ -69,8 +69,11 @@ pub trait ChunkFormat: Send + 'static {
     /// Sent before any token (chat: the assistant role of every choice).
     fn opening(&self) -> Option<String>;
     /// New text of a choice; `offset` is where it starts in the choice's text so far.
-    fn delta(&self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> String;
-    fn finish(&self, index: usize, reason: FinishReason) -> String;
+    /// (Chat's tool calls may hold text back, so a delta may write no chunk.)
+    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize)
+        -> Vec<String>;
+    /// The end of a choice (chat: any tool-call text still held back, then the reason).
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String>;
     fn usage(&self, usage: UsageBody) -> String;
 }
 
@@ -108,10 +111,10 @@ fn error_event(e: &ApiError) -> SseEvent {
 
 impl<F: ChunkFormat> StreamState<F> {
     /// A content delta of choice `index`, placed after the text it has sent so far.
-    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>) -> SseEvent {
+    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>) -> Vec<SseEvent> {
         let offset = self.text_len[index];
         self.text_len[index] += text.len();
-        data(self.format.delta(index, text, token, offset))
+        self.format.delta(index, text, token, offset).into_iter().map(data).collect()
     }
 
     /// The next SSE events to send (possibly none), or `None` once the stream is over.
@@ -127,7 +130,7 @@ impl<F: ChunkFormat> StreamState<F> {
                     if text.is_empty() && lp.is_none() {
                         return Some(Vec::new());
                     }
-                    Some(vec![self.delta(index, text, lp.as_ref().map(|l| (id, l)))])
+                    Some(self.delta(index, text, lp.as_ref().map(|l| (id, l))))
                 }
                 Some(Event::Finished { index, reason, text, usage, timing }) => {
                     record_finished(&usage, &timing);
@@ -135,9 +138,9 @@ impl<F: ChunkFormat> StreamState<F> {
                     self.finished[index] = true;
                     let mut out = Vec::new();
                     if !text.is_empty() {
-                        out.push(self.delta(index, text, None));
+                        out.extend(self.delta(index, text, None));
                     }
-                    out.push(data(self.format.finish(index, reason)));
+                    out.extend(self.format.finish(index, reason).into_iter().map(data));
                     Some(out)
                 }
                 Some(Event::Error(e)) => {

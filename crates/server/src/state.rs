@@ -34,6 +34,8 @@ pub struct Loaded {
     pub fetch_policy: weft_media::fetch::FetchPolicy,
     pub context_len: usize,
     pub limits: RequestLimits,
+    /// Compiles structured-output grammars; the error says why this model has none.
+    pub constraints: Result<weft_engine::ConstraintCompiler, String>,
     /// Requests whose media are being fetched and decoded at once.
     pub media_slots: Arc<tokio::sync::Semaphore>,
     /// Honour the test-only fault requests (`user: "weft-fault:panic"`); set from the

@@ -1,7 +1,9 @@
 //! OpenAI wire types (requests, responses, stream chunks), with their OpenAPI schemas.
-//! Unknown request fields are ignored, as OpenAI's servers do.
+//! Request fields Weft does not know are collected and refused (see `fields.rs`), as OpenAI's
+//! own API refuses unrecognized arguments.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use utoipa::ToSchema;
 
@@ -96,6 +98,77 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
 }
 
+/// `response_format`: free text, any JSON object, or JSON matching a schema.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[allow(dead_code)] // `name`, `description` and `strict` are part of the wire format only
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// The JSON schema; absent means any JSON object.
+    #[schema(value_type = Option<Object>)]
+    pub schema: Option<Value>,
+    /// Accepted; the schema is always enforced.
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs` extension: exactly one of its constraints.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputs {
+    #[schema(value_type = Option<Object>)]
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    /// A Lark grammar.
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[allow(dead_code)] // `description` and `strict` are part of the wire format only
+pub struct FunctionDefinition {
+    pub name: String,
+    pub description: Option<String>,
+    /// JSON schema of the arguments; absent means no arguments (`{}`).
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    /// Accepted; the parameters' schema is always enforced.
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct Tool {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// `tool_choice`: `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named {
+        #[serde(rename = "type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
@@ -106,6 +179,18 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
+    /// Extension (vLLM): regex, choice, Lark grammar or JSON schema.
+    pub structured_outputs: Option<StructuredOutputs>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    /// Accepted: Weft makes at most one call per choice, which `true` allows and `false` asks.
+    #[allow(dead_code)]
+    pub parallel_tool_calls: Option<bool>,
+    /// Every other field, checked against the table of accepted-and-ignored fields.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
 }
 
 /// `prompt`: a string, a list of strings, token ids, or lists of token ids.
@@ -129,6 +214,12 @@ pub struct CompletionRequest {
     /// Not supported: `true` is refused.
     #[serde(default)]
     pub echo: bool,
+    /// Extension (vLLM): regex, choice, Lark grammar or JSON schema.
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// Every other field, checked against the table of accepted-and-ignored fields.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -169,7 +260,43 @@ pub struct ChoiceLogprobs {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is a tool call.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as JSON text, matching the function's parameters schema.
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+/// A piece of a streamed tool call: the first names it, the rest add argument text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -200,6 +327,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
