@@ -285,6 +285,9 @@ pub async fn metrics_endpoint(State(shared): State<Shared>) -> Response {
         metrics::counter!("weft:vision_encode_seconds_total").absolute(s.vision_encode_seconds as u64);
         metrics::counter!("weft:preemptions_total").absolute(s.preemptions_total);
         metrics::counter!("weft:engine_faults_total").absolute(s.faults_total);
+        metrics::counter!("weft:grammar_masks_total").absolute(s.grammar_masks_total);
+        // Cumulative, in seconds (a counter would round it to whole seconds).
+        metrics::gauge!("weft:grammar_mask_seconds").set(s.grammar_mask_seconds);
         metrics::gauge!("weft:kv_cache_budget_bytes").set(s.kv_budget_bytes as f64);
         metrics::gauge!("weft:kv_cache_used_bytes").set(s.kv_used_bytes as f64);
         metrics::gauge!("weft:kv_cache_reserved_bytes").set(s.kv_reserved_bytes as f64);

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Do not send `ignore_eos` (for servers that reject unknown fields).
     #[arg(long)]
     pub no_ignore_eos: bool,
+    /// A JSON schema file: every request asks for `response_format: json_schema` with it (the
+    /// cost of structured outputs).
+    #[arg(long)]
+    pub json_schema: Option<std::path::PathBuf>,
     /// Seed for prompts, images and arrival times.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -20,10 +20,14 @@ const WORDS: &[&str] = &[
 /// One body per request, drawn from `seed`.
 pub fn build(args: &BenchArgs, model: &str, seed: u64) -> anyhow::Result<Vec<Value>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..args.num_requests).map(|_| body(args, model, &mut rng)).collect()
+    let schema: Option<Value> = match &args.json_schema {
+        Some(path) => Some(serde_json::from_str(&std::fs::read_to_string(path)?)?),
+        None => None,
+    };
+    (0..args.num_requests).map(|_| body(args, model, schema.as_ref(), &mut rng)).collect()
 }
 
-fn body(args: &BenchArgs, model: &str, rng: &mut StdRng) -> anyhow::Result<Value> {
+fn body(args: &BenchArgs, model: &str, schema: Option<&Value>, rng: &mut StdRng) -> anyhow::Result<Value> {
     let mut content = Vec::new();
     for _ in 0..args.images {
         let url = data_uri("image/png", &png(args.image_size, rng)?);
@@ -50,6 +54,9 @@ fn body(args: &BenchArgs, model: &str, rng: &mut StdRng) -> anyhow::Result<Value
     }
     if !args.no_ignore_eos {
         body["ignore_eos"] = json!(true);
+    }
+    if let Some(schema) = schema {
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
     }
     Ok(body)
 }
