@@ -213,3 +213,19 @@ def test_every_openai_request_field_is_served_documented_or_refused_by_name(clie
     text_fields = completion_create_params.CompletionCreateParamsBase.__annotations__
     served, refused = walk(f"{base}/completions", text_fields, {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, doc)
     assert "suffix" in refused and "best_of" in served
+
+
+def test_a_tool_result_goes_back_into_the_conversation(client):
+    messages = ask("What is the weather?")
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required",
+                                       temperature=0, max_tokens=100)
+    call = r.choices[0].message.tool_calls[0]
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sunny"}'},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="none",
+                                       temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content
+    # The call is in the prompt as the model wrote it: the second prompt is longer than the first.
+    assert r.usage.prompt_tokens > 729 + 20

@@ -39,14 +39,30 @@ fn convert_messages(messages: &[ChatMessage], resolved: Vec<Resolved>) -> Result
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            // A tool's result, under its own role (ChatML takes any role name).
+            "tool" => "tool",
             other => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!("unsupported role {other:?} (expected system, user or assistant)"),
+                    format!("unsupported role {other:?} (expected system, user, assistant or tool)"),
                 ))
             }
         };
         let mut parts = Vec::new();
+        for call in m.tool_calls.iter().flatten() {
+            if role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "only assistant messages make calls",
+                ));
+            }
+            // Written as the `required` grammar writes a call (see structured.rs).
+            serde_json::from_str::<serde_json::Value>(&call.function.arguments).map_err(|e| {
+                ApiError::invalid(format!("messages[{i}].tool_calls"), format!("arguments are not JSON: {e}"))
+            })?;
+            let name = serde_json::Value::String(call.function.name.clone());
+            parts.push(Part::Text(format!("{{\"name\": {name}, \"arguments\": {}}}", call.function.arguments)));
+        }
         match &m.content {
             None => {}
             Some(MessageContent::Text(t)) => parts.push(Part::Text(t.clone())),

@@ -93,9 +93,26 @@ pub enum MessageContent {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant` (`developer` is treated as `system`).
+    /// `system`, `user`, `assistant` or `tool` (`developer` is treated as `system`).
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An earlier answer's tool calls (assistant messages), put back into the prompt as the
+    /// JSON the model wrote.
+    pub tool_calls: Option<Vec<PastToolCall>>,
+    /// Which call a `tool` message answers (kept for the client; the prompt has them in order).
+    #[allow(dead_code)]
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PastToolCall {
+    pub function: PastFunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PastFunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 /// `response_format`: free text, any JSON object, or JSON matching a schema.
