@@ -59,8 +59,8 @@ pub struct ServeArgs {
     /// Compute device: cpu (cuda:N needs a build with the `cuda` feature).
     #[arg(long, env = "WEFT_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weights: auto (= f32), f32 (exact), bf16 (bf16 weights, f32 activations; half the memory
-    /// traffic) or f16 (weights and activations).
+    /// Weights: auto (bf16 for a bf16 checkpoint on the CPU, f32 otherwise), f32 (exact), bf16
+    /// (bf16 weights, f32 activations; half the memory traffic) or f16 (weights and activations).
     #[arg(long, env = "WEFT_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k (f32 activations).

@@ -35,8 +35,9 @@ pub struct GenerateArgs {
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Weights: f32 (exact), bf16 (f32 activations) or f16.
-    #[arg(long, default_value = "f32")]
+    /// Weights: auto (bf16 for a bf16 checkpoint, f32 otherwise), f32 (exact), bf16 (f32
+    /// activations) or f16.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
     #[arg(long, default_value = "none")]
@@ -56,7 +57,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let (dtype, linear) = crate::serve::weight_options(&args.dtype, &args.quantize)?;
+    let dtype = crate::serve::resolve_dtype(&args.dtype, &args.model, true);
+    let (dtype, linear) = crate::serve::weight_options(&dtype, &args.quantize)?;
     let device = Device::Cpu;
     let started = Instant::now();
     let model = LlavaModel::load(&args.model, &LoadOptions { dtype, device: device.clone(), linear })?;

@@ -25,8 +25,35 @@ fn available_memory() -> Option<usize> {
     Some(kib * 1024)
 }
 
-/// `--dtype` and `--quantize` as the loader takes them: bf16 and the quantized formats keep f32
-/// activations and change only how the linear layers hold their weights.
+/// The dtype a checkpoint stores its weights in (`torch_dtype`, or transformers 5's `dtype`,
+/// at the top of config.json or in its text config).
+fn checkpoint_dtype(model_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let found = [&cfg, &cfg["text_config"]]
+        .into_iter()
+        .flat_map(|c| [&c["torch_dtype"], &c["dtype"]])
+        .find_map(|v| v.as_str().map(str::to_string));
+    found
+}
+
+/// What `--dtype auto` runs: a bf16 checkpoint keeps its bf16 weights on the CPU (exact: they
+/// are the checkpoint's own values; half the bytes of f32, so decode streams half as much and
+/// a 7b fits in 24 GiB, which f32 does not); anything else runs f32. On a GPU, f32 until the
+/// CUDA path has its own bf16 (issue 13).
+pub fn resolve_dtype(dtype: &str, model_dir: &Path, on_cpu: bool) -> String {
+    if dtype != "auto" {
+        return dtype.to_string();
+    }
+    let stored = checkpoint_dtype(model_dir);
+    let chosen = if on_cpu && stored.as_deref() == Some("bfloat16") { "bf16" } else { "f32" };
+    tracing::info!(stored = stored.as_deref().unwrap_or("unknown"), chosen, "--dtype auto");
+    chosen.to_string()
+}
+
+/// `--dtype` and `--quantize` as the loader takes them (`auto` resolved by [`resolve_dtype`]):
+/// bf16 and the quantized formats keep f32 activations and change only how the linear layers
+/// hold their weights.
 pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearFormat)> {
     let (run, linear) = match dtype {
         "auto" | "f32" => (DType::F32, LinearFormat::Dense),
@@ -40,8 +67,8 @@ pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearForma
         "q4k" => LinearFormat::Q4K,
         other => bail!("--quantize: unsupported value {other:?} (expected none, q8_0 or q4k)"),
     };
-    if !matches!(dtype, "auto" | "f32") {
-        bail!("--quantize {quantize} needs --dtype auto or f32 (activations stay f32), not {dtype}");
+    if !matches!(dtype, "auto" | "f32" | "bf16") {
+        bail!("--quantize {quantize} needs --dtype auto, f32 or bf16 (activations stay f32), not {dtype}");
     }
     Ok((DType::F32, quantized))
 }
@@ -70,8 +97,9 @@ fn device(args: &ServeArgs) -> Result<Device> {
 pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     let started = Instant::now();
     tracing::info!(model = %model_dir.display(), "loading the model");
-    let (dtype, linear) = weight_options(&args.dtype, &args.quantize)?;
-    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device: device(args)?, linear })?;
+    let device = device(args)?;
+    let (dtype, linear) = weight_options(&resolve_dtype(&args.dtype, model_dir, device.is_cpu()), &args.quantize)?;
+    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear })?;
     let cfg = model.config().clone();
     let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
     let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
@@ -306,5 +334,20 @@ async fn release_memory_when_idle(shared: Shared) {
             tokio::task::spawn_blocking(crate::release_free_heap);
             trimmed = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_a_bf16_checkpoint_in_bf16_on_the_cpu_only() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-hub"), true), "bf16");
+        assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-v5"), true), "f32");
+        assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-hub"), false), "f32");
+        assert_eq!(resolve_dtype("f32", &fixtures.join("tiny-hub"), true), "f32");
+        assert_eq!(weight_options("bf16", "q8_0").unwrap().1, LinearFormat::Q8_0);
     }
 }
