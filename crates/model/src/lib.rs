@@ -2,6 +2,7 @@
 //! transformers' `LlavaForConditionalGeneration`, with caller-owned KV caches, ragged batched
 //! forward passes, image preprocessing and prompt rendering.
 
+mod attention;
 pub mod config;
 pub mod error;
 pub mod kv_cache;

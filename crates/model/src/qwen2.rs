@@ -16,6 +16,8 @@ const QUERY_BLOCK: usize = 512;
 /// bytes. A 16-frame video (11,664 tokens) then works in blocks of 51 rows, 33 MB of scores,
 /// where its full matrix would be 16 x 11,664^2 x 4 bytes = 8.7 GB.
 const SCORE_BLOCK_BYTES: usize = 32 << 20;
+/// New tokens from which a sequence's attention runs on the bf16 GEMM (see `attention.rs`).
+const BF16_ATTENTION_MIN_ROWS: usize = 32;
 
 /// One sequence's share of a forward pass.
 pub struct SeqInput<'a> {
@@ -101,7 +103,14 @@ impl Attention {
             let past = seq.cache.len();
             let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
             let block = query_block_rows(self.heads, keys.dim(1)?);
-            let out = causal_attention(&q.narrow(1, start, len)?, &keys, &values, past, self.kv_heads, block)?;
+            let q = q.narrow(1, start, len)?;
+            // Prefill chunks on the bf16 GEMM where it runs; a decode step's one row is
+            // cheaper on candle than packing the whole cache.
+            let out = if len >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.q, x.device()) {
+                crate::attention::causal_bf16(&q, &keys, &values, past, block)?
+            } else {
+                causal_attention(&q, &keys, &values, past, self.kv_heads, block)?
+            };
             outputs.push(out);
         }
         // [heads, T, hd] -> [T, heads * hd]

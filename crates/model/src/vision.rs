@@ -6,8 +6,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{gelu_tanh, softmax_f32, LayerNorm};
 use crate::linear::Linear;
 use crate::weights::Scope;
-use candle_core::{DType, Device, Tensor, D};
-use weft_kernels::{Isa, PackedWeight, WeightFormat};
+use candle_core::{DType, Tensor, D};
 
 struct Attention {
     q: Linear,
@@ -38,9 +37,8 @@ impl Attention {
         let split =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        if x.device().is_cpu() && self.q.kernel_format() == Some(WeightFormat::Bf16) && Isa::active() == Isa::Avx512Bf16
-        {
-            let ctx = attention_bf16(&q, &k, &v, self.heads, self.scale as f32)?;
+        if crate::attention::bf16_available(&self.q, x.device()) {
+            let ctx = crate::attention::full_bf16(&q, &k, &v, self.heads, self.scale as f32)?;
             return self.out.forward(&ctx);
         }
         // In f32 whatever the run dtype, as in the language model's attention.
@@ -51,43 +49,6 @@ impl Attention {
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, p, d))?.to_dtype(x.dtype())?;
         self.out.forward(&ctx)
     }
-}
-
-/// Full attention over `[images, patches, heads * head_dim]` on Weft's bf16 GEMM, for bf16
-/// weights on AVX-512 BF16 CPUs: per image and head, `softmax(q k^T * scale) v` with `k` and
-/// `v^T` packed as bf16 "weights" (torch's bf16 rounds these operands too; the sums stay f32).
-/// The 729x729 products ran on candle's f32 matmul, 11% of an image's time to first token.
-fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
-    let (n, p, d) = q.dims3()?;
-    let hd = d / heads;
-    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-    let mut ctx = vec![0.0f32; n * p * d];
-    let (mut qh, mut kh, mut vt) = (vec![0.0; p * hd], vec![0.0; p * hd], vec![0.0; hd * p]);
-    let mut scores = vec![0.0f32; p * p];
-    let mut out = vec![0.0f32; p * hd];
-    for img in 0..n {
-        for h in 0..heads {
-            for t in 0..p {
-                let at = (img * p + t) * d + h * hd;
-                for j in 0..hd {
-                    qh[t * hd + j] = q[at + j] * scale;
-                    kh[t * hd + j] = k[at + j];
-                    vt[j * p + t] = v[at + j];
-                }
-            }
-            let keys = PackedWeight::from_f32(&kh, p, hd, WeightFormat::Bf16);
-            weft_kernels::matmul(&qh, p, &keys, None, &mut scores);
-            weft_kernels::softmax_rows(&mut scores, p);
-            let values = PackedWeight::from_f32(&vt, hd, p, WeightFormat::Bf16);
-            weft_kernels::matmul(&scores, p, &values, None, &mut out);
-            for t in 0..p {
-                let at = (img * p + t) * d + h * hd;
-                ctx[at..at + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
-            }
-        }
-    }
-    Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
 }
 
 struct EncoderLayer {
@@ -186,35 +147,5 @@ impl VisionTower {
     pub fn features(&self, pixels: &Tensor, indices: &[i64]) -> Result<Tensor> {
         let states = self.hidden_states(pixels, indices)?;
         Ok(Tensor::cat(&states, D::Minus1)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The bf16 path computes the same attention as the f32 one, within bf16 rounding of its
-    /// operands (it runs on any CPU; AVX-512 BF16 also rounds the activations).
-    #[test]
-    fn bf16_attention_matches_f32_within_rounding() {
-        let dev = Device::Cpu;
-        let (n, p, heads, hd) = (2, 37, 3, 24);
-        let rand = |seed: u64| {
-            let values: Vec<f32> = (0..n * p * heads * hd)
-                .map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
-                .collect();
-            Tensor::from_vec(values, (n, p, heads * hd), &dev).unwrap()
-        };
-        let (q, k, v) = (rand(1), rand(2), rand(3));
-        let scale = (hd as f32).powf(-0.5);
-        let fast = attention_bf16(&q, &k, &v, heads, scale).unwrap();
-        let split = |t: &Tensor| t.reshape((n, p, heads, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-        let (qs, ks, vs) = (split(&q), split(&k), split(&v));
-        let scores = (qs.matmul(&ks.t().unwrap()).unwrap() * scale as f64).unwrap();
-        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-        let exact = probs.matmul(&vs).unwrap().transpose(1, 2).unwrap().reshape((n, p, heads * hd)).unwrap();
-        let diff = (fast - exact).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 2e-2, "largest difference {diff}");
-        assert!(diff > 0.0, "bf16 rounding leaves some trace");
     }
 }
