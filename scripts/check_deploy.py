@@ -51,10 +51,19 @@ def main(binary, rendered):
     for var in weft.get("environment", {}):
         check(var in env_vars, f"docker/compose.yaml: {var} is not a variable `weft serve` reads")
     check((ROOT / "docker" / weft["build"]["context"] / weft["build"]["dockerfile"]).exists(), "compose: no Dockerfile")
-    for volume in weft["volumes"] + compose["services"]["prometheus"]["volumes"]:
+    for volume in weft["volumes"] + compose["services"]["prometheus"]["volumes"] + compose["services"]["grafana"]["volumes"]:
         default = re.sub(r"\$\{[A-Z_]+:-([^}]+)\}", r"\1", volume).split(":")[0]
         check((ROOT / "docker" / default).exists(), f"docker/compose.yaml: {default} does not exist")
     check(weft["ports"] == ["8000:8000"], "docker/compose.yaml: weft must publish 8000")
+    # Grafana: the dashboard's data source is the provisioned one, and every series it plots
+    # is one Weft exports.
+    dashboard = (ROOT / "deploy/grafana/weft.json").read_text()
+    datasources = yaml.safe_load((ROOT / "docker/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    check('"uid": "weft-prometheus"' in dashboard and datasources["datasources"][0]["uid"] == "weft-prometheus",
+          "grafana: the dashboard's data source is not the provisioned one")
+    for name in set(re.findall(r"weft:[a-z0-9_]+", dashboard)):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        check(f'"{base}"' in metric_sources, f"deploy/grafana/weft.json: {name} is not a metric Weft exports")
     prom = yaml.safe_load((ROOT / "docker/prometheus.yml").read_text())
     check(prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["weft:8000"], "prometheus.yml target")
 
