@@ -64,7 +64,11 @@ pub fn router(shared: Shared, body: BodyLimits) -> Router {
         .route("/openapi.json", get(openapi_json));
     let protected = if shared.metrics_auth { protected.route("/metrics", get(metrics_endpoint)) } else { protected };
     let protected = protected.route_layer(middleware::from_fn_with_state(shared.clone(), auth));
-    let open = Router::new().route("/health", get(health)).route("/ready", get(ready));
+    let open = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/", get(playground))
+        .route("/playground", get(playground));
     let open = if shared.metrics_auth { open } else { open.route("/metrics", get(metrics_endpoint)) };
     protected
         .merge(open)
@@ -263,6 +267,11 @@ pub async fn tokenize(
         image_tokens: images * state.tokenizer.tokens_per_image(),
         tokens,
     }))
+}
+
+/// The playground page (no key needed to load it; its requests carry the key typed in it).
+async fn playground() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("playground.html"))
 }
 
 async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {

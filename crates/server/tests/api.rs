@@ -103,6 +103,13 @@ async fn api_keys_guard_everything_but_health() {
     let models: Value = r.json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "tiny-v5");
     assert!(r_has_request_id(&s).await);
+    // The playground page loads without the key (its own requests carry the key typed in it).
+    for path in ["/", "/playground"] {
+        let r = client().get(format!("{}{path}", s.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+        assert!(r.text().await.unwrap().contains("/v1/chat/completions"));
+    }
 }
 
 async fn r_has_request_id(s: &Server) -> bool {
