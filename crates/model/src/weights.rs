@@ -135,7 +135,28 @@ impl Weights {
         }
         let tensor =
             st.load(name, &store.device).map_err(|e| ModelError::file(file_name, format!("tensor `{name}`: {e}")))?;
+        release_pages(view.data());
         Ok(tensor.to_dtype(dtype)?)
+    }
+}
+
+/// Tells the kernel that the mapped pages of a tensor just copied out are not needed any more.
+/// They are clean file pages, so nothing is lost, but until the mapping is dropped they count
+/// in the process's resident memory: loading a 16 GB checkpoint otherwise peaked at 24 GB of
+/// RSS on a 24 GiB machine, the copies plus the mapped shards.
+fn release_pages(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (data.as_ptr() as usize).div_ceil(page) * page;
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside a read-only, file-backed mapping that this process
+            // owns; MADV_DONTNEED on it only drops cached pages, which a later read faults back
+            // in from the file, so no data the program can observe changes.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
 }
 
