@@ -119,6 +119,12 @@ impl Weights {
         self.get_as(name, shape, self.store.dtype)
     }
 
+    /// The dtype `name` is stored in.
+    pub fn stored_dtype(&self, name: &str) -> Result<DType> {
+        let &file = self.store.index.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.to_string() })?;
+        Ok(DType::try_from(self.store.files[file].1.get(name)?.dtype())?)
+    }
+
     /// Like [`Weights::get`] but converted to `dtype`.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let store = &self.store;
@@ -193,6 +199,12 @@ impl Scope {
     }
     pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
         self.weights.get(&self.name(leaf), shape)
+    }
+    pub fn get_as(&self, leaf: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.weights.get_as(&self.name(leaf), shape, dtype)
+    }
+    pub fn stored_dtype(&self, leaf: &str) -> Result<DType> {
+        self.weights.stored_dtype(&self.name(leaf))
     }
     pub fn contains(&self, leaf: &str) -> bool {
         self.weights.contains(&self.name(leaf))
