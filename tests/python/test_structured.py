@@ -125,6 +125,16 @@ def test_tool_calls_whole_and_streamed(client, choice):
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
 
 
+def test_a_call_cut_before_its_name_comes_back_as_content_whole_and_streamed(client):
+    kwargs = dict(model=MODEL, messages=ask("Weather?"), tools=[WEATHER, CLOCK], tool_choice="required",
+                  temperature=0, max_tokens=2)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "length" and not whole.message.tool_calls and whole.message.content
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
 def test_auto_tool_choice_and_bad_schemas_are_400s_naming_the_field(client):
     cases = [
         (dict(tools=[WEATHER]), "tool_choice"),

@@ -217,6 +217,11 @@ impl ChunkFormat for Meta {
                 out.push(self.tool_chunk(index, piece.name, piece.arguments));
             }
             called = self.splitters[index].named();
+            if !called && !self.splitters[index].text().is_empty() {
+                // Cut off before it named a function: the text as content, as the JSON answer does.
+                let delta = Delta { content: Some(self.splitters[index].text().to_string()), ..Delta::default() };
+                out.push(self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None));
+            }
         }
         let reason = Some(finish_reason(reason, called));
         out.push(

@@ -246,6 +246,11 @@ impl ToolCallSplitter {
         self.named
     }
 
+    /// All the text generated so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// The whole call from a whole answer; `None` when the answer stopped before naming one.
     pub fn whole(mode: ToolMode, text: &str) -> Option<FunctionCall> {
         let mut splitter = ToolCallSplitter::new(mode);
