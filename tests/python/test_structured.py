@@ -51,6 +51,11 @@ def test_parse_returns_a_pydantic_object(client):
     assert choice.finish_reason == "stop"
     assert isinstance(choice.message.parsed, Scene)
     check_scene(json.loads(choice.message.content))
+    # Streamed through the SDK's helper, the same parsed object.
+    stream_helper = client.beta.chat.completions.stream if hasattr(client, "beta") else client.chat.completions.stream
+    with stream_helper(model=MODEL, messages=ask(), response_format=Scene, temperature=0, max_tokens=200) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == choice.message.parsed
 
 
 def test_json_schema_validates_sampled_with_n_and_seed(client):
@@ -75,6 +80,14 @@ def test_json_object_answers_parse(client):
     for c in r.choices:
         assert c.finish_reason == "stop"
         assert isinstance(json.loads(c.message.content), dict)
+    # Streamed, the same answers.
+    texts = ["", "", ""]
+    for chunk in client.chat.completions.create(model=MODEL, messages=ask("Answer in JSON."), max_tokens=300, n=3,
+                                                seed=3, response_format={"type": "json_object"},
+                                                logit_bias={str(quote): 8}, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in r.choices]
 
 
 def test_streamed_schema_answer_validates_and_logprobs_come_along(client):
