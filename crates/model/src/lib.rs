@@ -22,3 +22,4 @@ pub use kv_cache::{grown_capacity, KvCache, KvLedger};
 pub use linear::LinearFormat;
 pub use llava::{LlavaModel, LoadOptions};
 pub use qwen2::SeqInput;
+pub use weights::LoadProgress;

@@ -7,7 +7,7 @@ use crate::kv_cache::KvCache;
 use crate::linear::{Linear, LinearFormat};
 use crate::qwen2::{Qwen2, SeqInput};
 use crate::vision::VisionTower;
-use crate::weights::{NameLayout, Weights};
+use crate::weights::{LoadProgress, NameLayout, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -25,18 +25,20 @@ impl Projector {
 }
 
 /// How to load a checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadOptions {
     /// Dtype of weights and activations (f32 exact; f16 halves memory).
     pub dtype: DType,
     pub device: Device,
     /// Linear-layer weights: the run dtype, bf16 or quantized (f32 run dtype on the CPU only).
     pub linear: LinearFormat,
+    /// Told the bytes of weights read so far, and in all, as tensors are read.
+    pub progress: Option<LoadProgress>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, linear: LinearFormat::Dense }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, linear: LinearFormat::Dense, progress: None }
     }
 }
 
@@ -67,7 +69,7 @@ impl LlavaModel {
                 options.linear.name()
             )));
         }
-        let weights = Weights::open(dir, options.dtype, &options.device, options.linear)?;
+        let weights = Weights::open(dir, options.dtype, &options.device, options.linear, options.progress.clone())?;
         let layout = weights.layout.clone();
         let vision = VisionTower::load(&weights.scope(layout.vision_tower), &config.vision)?;
         let proj = weights.scope(layout.projector);

@@ -6,7 +6,11 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Told the bytes of weights read so far and the checkpoint's total, after each tensor.
+pub type LoadProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Which naming convention the checkpoint uses, for reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +57,10 @@ struct Store {
     dtype: DType,
     device: Device,
     linear: LinearFormat,
+    progress: Option<LoadProgress>,
+    /// Bytes of all tensors in the files, and of those read so far.
+    total_bytes: u64,
+    read_bytes: AtomicU64,
 }
 
 /// All tensors of a checkpoint directory, converted to the run dtype as they are read.
@@ -64,12 +72,19 @@ pub struct Weights {
 
 impl Weights {
     /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
-    pub fn open(dir: &Path, dtype: DType, device: &Device, linear: LinearFormat) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        linear: LinearFormat,
+        progress: Option<LoadProgress>,
+    ) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let file_names: Vec<String> =
             if index_path.exists() { shard_names(&index_path)? } else { vec!["model.safetensors".to_string()] };
         let mut files = Vec::with_capacity(file_names.len());
         let mut index = HashMap::new();
+        let mut total_bytes = 0u64;
         for name in file_names {
             let path: PathBuf = dir.join(&name);
             if !path.exists() {
@@ -78,7 +93,8 @@ impl Weights {
             // SAFETY: the mapping is read-only; the checkpoint must not be modified while it is mapped.
             let st = unsafe { MmapedSafetensors::new(&path) }
                 .map_err(|e| ModelError::file(&path, format!("not a valid safetensors file ({e})")))?;
-            for (tensor, _) in st.tensors() {
+            for (tensor, view) in st.tensors() {
+                total_bytes += view.data().len() as u64;
                 index.insert(tensor, files.len());
             }
             files.push((name, st));
@@ -91,7 +107,17 @@ impl Weights {
                  and `multi_modal_projector.linear_1.weight`",
             )
         })?;
-        Ok(Weights { store: Arc::new(Store { files, index, dtype, device: device.clone(), linear }), layout })
+        let store = Store {
+            files,
+            index,
+            dtype,
+            device: device.clone(),
+            linear,
+            progress,
+            total_bytes,
+            read_bytes: AtomicU64::new(0),
+        };
+        Ok(Weights { store: Arc::new(store), layout })
     }
 
     pub fn dtype(&self) -> DType {
@@ -142,6 +168,11 @@ impl Weights {
         let tensor =
             st.load(name, &store.device).map_err(|e| ModelError::file(file_name, format!("tensor `{name}`: {e}")))?;
         release_pages(view.data());
+        if let Some(progress) = &store.progress {
+            let read =
+                store.read_bytes.fetch_add(view.data().len() as u64, Ordering::Relaxed) + view.data().len() as u64;
+            progress(read, store.total_bytes);
+        }
         Ok(tensor.to_dtype(dtype)?)
     }
 }

@@ -34,9 +34,13 @@ pub fn bytes_text(n: usize) -> String {
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct ServeArgs {
-    /// Checkpoint directory in the Hugging Face layout.
+    /// Checkpoint: a folder in the Hugging Face layout, or a Hub repository id
+    /// (llava-hf/llava-interleave-qwen-0.5b-hf), fetched into the Hugging Face cache.
     #[arg(long, env = "WEFT_MODEL")]
     pub model: Option<PathBuf>,
+    /// Branch, tag or commit of a Hub repository id (default: main).
+    #[arg(long, env = "WEFT_REVISION")]
+    pub revision: Option<String>,
     /// TOML file with any of these settings (keys as the flags, with underscores).
     #[arg(long, env = "WEFT_CONFIG")]
     #[serde(skip)]
@@ -47,7 +51,7 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "WEFT_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Name clients use in `model` (default: the checkpoint folder's name).
+    /// Name clients use in `model` (default: the Hub repository id, or the checkpoint folder's name).
     #[arg(long, env = "WEFT_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// API key clients must send as `Authorization: Bearer <key>` (repeatable; none = open).

@@ -1,5 +1,6 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
+use crate::hub::{HubEnv, ModelSource};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -14,9 +15,13 @@ use weft_model::{LlavaModel, LoadOptions, SeqInput};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint: a folder in the Hugging Face layout, or a Hub repository id (fetched into the
+    /// Hugging Face cache).
     #[arg(long)]
     model: PathBuf,
+    /// Branch, tag or commit of a Hub repository id (default: main).
+    #[arg(long)]
+    revision: Option<String>,
     /// An image to show the model (repeat for several; they come before the text, in order).
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -57,15 +62,18 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let dtype = crate::serve::resolve_dtype(&args.dtype, &args.model, true);
+    let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let model_dir = runtime.block_on(crate::hub::resolve(&source, &HubEnv::from_env()))?;
+    let dtype = crate::serve::resolve_dtype(&args.dtype, &model_dir, true);
     let (dtype, linear) = crate::serve::weight_options(&dtype, &args.quantize)?;
     let device = Device::Cpu;
     let started = Instant::now();
-    let model = LlavaModel::load(&args.model, &LoadOptions { dtype, device: device.clone(), linear })?;
+    let model = LlavaModel::load(&model_dir, &LoadOptions { dtype, device: device.clone(), linear, progress: None })?;
     let cfg = model.config();
-    let tokenizer = PromptTokenizer::from_dir(&args.model, cfg.image_token_id, cfg.tokens_per_image())?;
-    let processor = ImageProcessor::from_dir(&args.model, cfg.vision.image_size)?;
-    let stops = stop_token_ids(&args.model, &tokenizer)?;
+    let tokenizer = PromptTokenizer::from_dir(&model_dir, cfg.image_token_id, cfg.tokens_per_image())?;
+    let processor = ImageProcessor::from_dir(&model_dir, cfg.vision.image_size)?;
+    let stops = stop_token_ids(&model_dir, &tokenizer)?;
     let renderer = match &args.chat_template {
         Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
         None => PromptRenderer::BuiltIn,

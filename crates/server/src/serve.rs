@@ -2,6 +2,7 @@
 //! API, and on SIGTERM/SIGINT stop accepting, let in-flight requests finish, then exit.
 
 use crate::config::{parse_bytes, ServeArgs};
+use crate::hub::{HubEnv, ModelSource};
 use crate::routes::BodyLimits;
 use crate::state::{Loaded, RequestLimits, Shared};
 use anyhow::{bail, Context, Result};
@@ -99,7 +100,9 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     tracing::info!(model = %model_dir.display(), "loading the model");
     let device = device(args)?;
     let (dtype, linear) = weight_options(&resolve_dtype(&args.dtype, model_dir, device.is_cpu()), &args.quantize)?;
-    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear })?;
+    let (meter, progress) = crate::progress::loading_meter();
+    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear, progress: Some(progress) })?;
+    meter.finish();
     let cfg = model.config().clone();
     let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
     let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
@@ -177,13 +180,6 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     })
 }
 
-pub fn served_name(args: &ServeArgs, model_dir: &Path) -> String {
-    args.served_model_name.clone().unwrap_or_else(|| {
-        let canonical = model_dir.canonicalize().unwrap_or_else(|_| model_dir.to_path_buf());
-        canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
-    })
-}
-
 pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
     let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -197,10 +193,8 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let model_dir = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
-    if !model_dir.join("config.json").exists() {
-        bail!("--model {}: no config.json there", model_dir.display());
-    }
+    let model = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
+    let source = ModelSource::parse(&model, args.revision.as_deref())?;
     weight_options(&args.dtype, &args.quantize)?;
     device(&args)?;
     if let Some(dir) = &args.allowed_local_media_path {
@@ -215,7 +209,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         );
     }
     let shared = Shared {
-        model_name: served_name(&args, &model_dir),
+        model_name: args.served_model_name.clone().unwrap_or_else(|| source.default_name()),
         api_keys: Arc::new(args.api_key.iter().filter(|k| !k.is_empty()).cloned().collect()),
         metrics_auth: args.metrics_auth,
         started: crate::routes::now_secs(),
@@ -236,13 +230,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("weft: listening on http://{addr} (model `{}` loading)", shared.model_name);
 
+    // Downloading and loading happen while the server listens: /ready says 503 meanwhile.
     let loading = {
         let (args, shared) = (args.clone(), shared.clone());
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let loaded = load(&args, &model_dir)?;
-            let _ = shared.loaded.set(Arc::new(loaded));
-            eprintln!("weft: ready");
-            Ok(())
+        tokio::spawn(async move {
+            let model_dir = crate::hub::resolve(&source, &HubEnv::from_env()).await?;
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let loaded = load(&args, &model_dir)?;
+                let _ = shared.loaded.set(Arc::new(loaded));
+                eprintln!("weft: ready");
+                Ok(())
+            })
+            .await?
         })
     };
     // A checkpoint that cannot load ends the process with a one-line error; so does an engine
