@@ -51,6 +51,7 @@ pub struct LlavaModel {
     layout: NameLayout,
     dtype: DType,
     linear: LinearFormat,
+    device: Device,
 }
 
 impl LlavaModel {
@@ -60,7 +61,7 @@ impl LlavaModel {
             return Err(ModelError::file(dir, "not a directory"));
         }
         let config = LlavaConfig::from_file(&dir.join("config.json"))?;
-        if !matches!(options.dtype, DType::F32 | DType::F16) {
+        if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(ModelError::Input(format!("unsupported dtype {:?}", options.dtype)));
         }
         if options.linear != LinearFormat::Dense && (options.dtype != DType::F32 || !options.device.is_cpu()) {
@@ -80,7 +81,8 @@ impl LlavaModel {
             linear_2: Linear::load(&proj.pp("linear_2"), hidden, hidden, config.projector_bias)?,
         };
         let lm = Qwen2::load(&weights.scope(layout.language_model), &weights.scope(layout.lm_head), &config.text)?;
-        Ok(LlavaModel { vision, projector, lm, config, layout, dtype: options.dtype, linear: options.linear })
+        let (dtype, linear, device) = (options.dtype, options.linear, options.device.clone());
+        Ok(LlavaModel { vision, projector, lm, config, layout, dtype, linear, device })
     }
 
     pub fn config(&self) -> &LlavaConfig {
@@ -100,15 +102,23 @@ impl LlavaModel {
         self.linear
     }
 
-    /// Encodes preprocessed images (`[n, 3, S, S]`, f32) into projected features,
-    /// `[n, tokens_per_image, hidden]`, ready for the `<image>` slots.
+    /// Where the weights live and the model computes.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Encodes preprocessed images (`[n, 3, S, S]`, f32, on any device) into projected
+    /// features on the model's device, `[n, tokens_per_image, hidden]`, ready for the `<image>`
+    /// slots.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
         weft_kernels::on_compute_pool(|| self.encode_on_pool(pixels))
     }
 
     fn encode_on_pool(&self, pixels: &Tensor) -> Result<Tensor> {
         let dtype = self.dtype();
-        let features = self.vision.features(&pixels.to_dtype(dtype)?, &self.config.vision_feature_layers)?;
+        // Pixels are made on the CPU; a GPU model takes them over here, once per batch.
+        let pixels = pixels.to_device(&self.device)?.to_dtype(dtype)?;
+        let features = self.vision.features(&pixels, &self.config.vision_feature_layers)?;
         let features = match self.config.select_strategy {
             crate::config::SelectStrategy::Full => features,
             crate::config::SelectStrategy::Default => {
@@ -133,7 +143,7 @@ impl LlavaModel {
         if slots == 0 {
             return self.lm.embed(ids);
         }
-        let rows = image_rows.expect("checked above").to_dtype(self.dtype())?;
+        let rows = image_rows.expect("checked above").to_device(&self.device)?.to_dtype(self.dtype())?;
         // Alternate runs of text tokens (embedded) and image tokens (taken from the features).
         let mut pieces = Vec::new();
         let (mut i, mut used) = (0, 0);

@@ -63,8 +63,9 @@ pub struct ServeArgs {
     /// Compute device: cpu (cuda:N needs a build with the `cuda` feature).
     #[arg(long, env = "WEFT_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weights: auto (bf16 for a bf16 checkpoint on the CPU, f32 otherwise), f32 (exact), bf16
-    /// (bf16 weights, f32 activations; half the memory traffic) or f16 (weights and activations).
+    /// Weights: auto (on the CPU bf16 for a bf16 checkpoint, else f32; on a GPU bf16), f32
+    /// (exact), bf16 (on the CPU bf16 weights with f32 activations, half the memory traffic; on a
+    /// GPU bf16 throughout) or f16 (weights and activations).
     #[arg(long, env = "WEFT_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k (f32 activations).
@@ -80,9 +81,14 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_MAX_NUM_SEQS", default_value_t = engine::MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
     /// KV cache memory, e.g. 4GiB: storage for running sequences and the prefix cache together
-    /// (default: 40% of the memory available at start).
+    /// (default: on the CPU 40% of the memory available at start; on a GPU what
+    /// --gpu-memory-utilization leaves after the weights).
     #[arg(long, env = "WEFT_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
+    /// Share of the GPU's memory Weft may use: weights and KV cache; the rest is headroom for
+    /// activations and other processes.
+    #[arg(long, env = "WEFT_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Memory for cached image features.
     #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value_t = bytes_text(engine::VISION_CACHE_MEMORY))]
     pub vision_cache_memory: String,

@@ -6,12 +6,14 @@ use candle_core::Device;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
-use weft_engine::sampling::{Sampler, SamplingParams};
+use weft_engine::sampling::SamplingParams;
+use weft_engine::{Engine, EngineConfig, Event, GenerateRequest, ImageInput};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
-use weft_model::{LlavaModel, LoadOptions, SeqInput};
+use weft_model::{LlavaModel, LoadOptions};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -47,6 +49,9 @@ pub struct GenerateArgs {
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
     #[arg(long, default_value = "none")]
     quantize: String,
+    /// Compute device: cpu, or cuda / cuda:N in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -65,19 +70,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let model_dir = runtime.block_on(crate::hub::resolve(&source, &HubEnv::from_env()))?;
-    let dtype = crate::serve::resolve_dtype(&args.dtype, &model_dir, true);
-    let (dtype, linear) = crate::serve::weight_options(&dtype, &args.quantize)?;
-    let device = Device::Cpu;
+    let device = crate::serve::parse_device(&args.device)?;
+    let dtype = crate::serve::resolve_dtype(&args.dtype, &model_dir, device.is_cpu());
+    let (dtype, linear) = crate::serve::weight_options(&dtype, &args.quantize, device.is_cpu())?;
     let started = Instant::now();
-    let model = LlavaModel::load(&model_dir, &LoadOptions { dtype, device: device.clone(), linear, progress: None })?;
-    let cfg = model.config();
-    let tokenizer = PromptTokenizer::from_dir(&model_dir, cfg.image_token_id, cfg.tokens_per_image())?;
+    let model = LlavaModel::load(&model_dir, &LoadOptions { dtype, device, linear, progress: None })?;
+    let cfg = model.config().clone();
+    let tokenizer = Arc::new(PromptTokenizer::from_dir(&model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
     let processor = ImageProcessor::from_dir(&model_dir, cfg.vision.image_size)?;
-    let stops = stop_token_ids(&model_dir, &tokenizer)?;
     let renderer = match &args.chat_template {
         Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
         None => PromptRenderer::BuiltIn,
     };
+    let engine_config =
+        EngineConfig { eos_token_ids: stop_token_ids(&model_dir, &tokenizer)?, ..EngineConfig::default() };
     eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
 
     // Images, then video frames, then the question: the checkpoint template's own order.
@@ -100,68 +106,48 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         messages.push(Message::text("system", system));
     }
     messages.push(Message { role: "user".into(), parts });
-    let prompt = renderer.render(&messages, true)?;
-    let encoded = tokenizer.encode_prompt(&prompt)?;
+    let encoded = tokenizer.encode_prompt(&renderer.render(&messages, true)?)?;
     if encoded.num_images != pictures.len() {
         bail!("the prompt holds {} <image> slots but {} images were given", encoded.num_images, pictures.len());
     }
-    let image_tokens = encoded.num_images * tokenizer.tokens_per_image();
+    let mut request = GenerateRequest::new(encoded.ids, args.max_tokens);
+    for picture in &pictures {
+        let pixels = processor.batch(std::slice::from_ref(picture), &Device::Cpu)?.squeeze(0)?;
+        request.images.push(ImageInput { pixels, hash: weft_media::image_decode::pixel_hash(picture) });
+    }
+    request.sampling =
+        SamplingParams { temperature: args.temperature as f32, seed: Some(args.seed), ..Default::default() };
+    request.ignore_eos = args.ignore_eos;
 
-    let t0 = Instant::now();
-    let image_rows = if pictures.is_empty() {
-        None
-    } else {
-        let features = model.encode_images(&processor.batch(&pictures, &device)?)?;
-        let (n, t, h) = features.dims3()?;
-        Some(features.reshape((n * t, h))?)
-    };
-    let vision_s = t0.elapsed().as_secs_f64();
-    let mut cache = model.new_cache();
-    let mut embeds = model.embed(&encoded.ids, image_rows.as_ref())?;
-    let params = SamplingParams { temperature: args.temperature as f32, seed: Some(args.seed), ..Default::default() };
-    let mut sampler = Sampler::new(params, 0);
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    let mut first_token_at = None;
+    // The engine every server request goes through: one generation path to make fast.
+    let engine = Engine::start(model, tokenizer, engine_config);
+    let mut events = engine.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut stdout = std::io::stdout();
-    while generated.len() < args.max_tokens {
-        let logits = model
-            .forward(&mut [SeqInput { embeds, cache: &mut cache, want_logits: true }])?
-            .context("the model returned no logits")?;
-        let (next, _) = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?, &encoded.ids, &generated, None);
-        first_token_at.get_or_insert_with(Instant::now);
-        if !args.ignore_eos && stops.contains(&next) {
-            break;
+    while let Some(event) = events.blocking_next() {
+        match event {
+            Event::Token { text, .. } => {
+                print!("{text}");
+                stdout.flush().ok();
+            }
+            Event::Finished { text, usage, timing, .. } => {
+                println!("{text}");
+                let decode_s = timing.total_s - timing.first_token_s;
+                let decode_tokens = usage.completion_tokens.saturating_sub(1);
+                eprintln!(
+                    "prompt tokens: {} ({} text, {} image in {} images) | time to first token {:.3}s | {} tokens, \
+                     decode {:.2} tok/s",
+                    usage.prompt_tokens,
+                    usage.prompt_tokens - usage.image_tokens,
+                    usage.image_tokens,
+                    pictures.len(),
+                    timing.first_token_s,
+                    usage.completion_tokens,
+                    if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
+                );
+                return Ok(());
+            }
+            Event::Error(e) => bail!("generation failed: {e}"),
         }
-        generated.push(next);
-        // Print only complete characters: hold back while the text ends in a partial UTF-8 sequence.
-        let text = tokenizer.decode(&generated, true)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            print!("{}", &text[printed..]);
-            stdout.flush().ok();
-            printed = text.len();
-        }
-        embeds = model.embed(&[next], None)?;
     }
-    let text = tokenizer.decode(&generated, true)?;
-    if text.len() > printed {
-        print!("{}", &text[printed..]);
-    }
-    println!();
-    let ttft = first_token_at.map(|t| (t - t0).as_secs_f64()).unwrap_or(0.0);
-    let decode_s = first_token_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-    let decode_tokens = generated.len().saturating_sub(1);
-    eprintln!(
-        "prompt tokens: {} ({} text, {} image in {} images) | vision encode {:.3}s | time to first token {:.3}s | \
-         {} tokens, decode {:.2} tok/s",
-        encoded.ids.len(),
-        encoded.ids.len() - image_tokens,
-        image_tokens,
-        encoded.num_images,
-        vision_s,
-        ttft,
-        generated.len(),
-        if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
-    );
-    Ok(())
+    bail!("the engine stopped without finishing the answer")
 }

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_engine::config::defaults as engine_defaults;
-use weft_engine::{ConstraintCompiler, Engine, EngineConfig, GenerateRequest, Health};
+use weft_engine::{ConstraintCompiler, Engine, EngineConfig, GenerateRequest, Health, ImageInput};
 use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::{ChatTemplate, PromptRenderer};
+use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
 use weft_model::{LinearFormat, LlavaModel, LoadOptions};
 
@@ -40,25 +40,83 @@ fn checkpoint_dtype(model_dir: &Path) -> Option<String> {
 
 /// What `--dtype auto` runs: a bf16 checkpoint keeps its bf16 weights on the CPU (exact: they
 /// are the checkpoint's own values; half the bytes of f32, so decode streams half as much and
-/// a 7b fits in 24 GiB, which f32 does not); anything else runs f32. On a GPU, f32 until the
-/// CUDA path has its own bf16 (issue 13).
+/// a 7b fits in 24 GiB, which f32 does not); anything else runs f32. On a GPU, bf16 throughout
+/// (cuBLAS's bf16 tensor-core products; scores and softmax stay f32), as vLLM runs it.
 pub fn resolve_dtype(dtype: &str, model_dir: &Path, on_cpu: bool) -> String {
     if dtype != "auto" {
         return dtype.to_string();
     }
     let stored = checkpoint_dtype(model_dir);
-    let chosen = if on_cpu && stored.as_deref() == Some("bfloat16") { "bf16" } else { "f32" };
+    let chosen = if !on_cpu || stored.as_deref() == Some("bfloat16") { "bf16" } else { "f32" };
     tracing::info!(stored = stored.as_deref().unwrap_or("unknown"), chosen, "--dtype auto");
     chosen.to_string()
 }
 
-/// `--dtype` and `--quantize` as the loader takes them (`auto` resolved by [`resolve_dtype`]):
-/// bf16 and the quantized formats keep f32 activations and change only how the linear layers
-/// hold their weights.
-pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearFormat)> {
+/// A two-token answer about a small grey picture, as a chat request would make it.
+fn warm_up_request(
+    renderer: &PromptRenderer,
+    tokenizer: &PromptTokenizer,
+    processor: &ImageProcessor,
+) -> Result<GenerateRequest> {
+    let picture = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(64, 48, image::Rgb([128, 128, 128])));
+    let messages = [Message { role: "user".into(), parts: vec![Part::Image, Part::Text("Hello".into())] }];
+    let encoded = tokenizer.encode_prompt(&renderer.render(&messages, true)?)?;
+    let mut request = GenerateRequest::new(encoded.ids, 2);
+    if encoded.num_images == 1 {
+        let pixels = processor.batch(std::slice::from_ref(&picture), &Device::Cpu)?.squeeze(0)?;
+        request.images = vec![ImageInput { pixels, hash: weft_media::image_decode::pixel_hash(&picture) }];
+    }
+    Ok(request)
+}
+
+/// Free and total bytes of the GPU behind `device`; none on the CPU.
+#[cfg(feature = "cuda")]
+fn gpu_memory(device: &Device) -> Option<GpuMemory> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(GpuMemory { free, total })
+}
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_device: &Device) -> Option<GpuMemory> {
+    None
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GpuMemory {
+    free: usize,
+    total: usize,
+}
+
+/// The KV budget on a GPU, measured after the weights are in place: the share of the whole
+/// device Weft may use, less what is in use already (the weights, and anything other processes
+/// hold).
+fn gpu_kv_budget(memory: GpuMemory, utilization: f64) -> Result<usize> {
+    if !(utilization > 0.0 && utilization <= 1.0) {
+        bail!("--gpu-memory-utilization {utilization}: must be above 0 and at most 1");
+    }
+    let allowed = (memory.total as f64 * utilization) as usize;
+    let used = memory.total.saturating_sub(memory.free);
+    let budget = allowed.saturating_sub(used);
+    tracing::info!(total = memory.total, used, utilization, kv_bytes = budget, "GPU memory");
+    if budget == 0 {
+        bail!(
+            "--gpu-memory-utilization {utilization}: {} of the GPU's {} are in use after loading, leaving nothing for \
+             the KV cache",
+            crate::config::bytes_text(used),
+            crate::config::bytes_text(memory.total)
+        );
+    }
+    Ok(budget)
+}
+
+/// `--dtype` and `--quantize` as the loader takes them (`auto` resolved by [`resolve_dtype`]).
+/// On the CPU, bf16 and the quantized formats keep f32 activations and change only how the
+/// linear layers hold their weights (Weft's own kernels); on a GPU, bf16 is the run dtype.
+pub fn weight_options(dtype: &str, quantize: &str, on_cpu: bool) -> Result<(DType, LinearFormat)> {
     let (run, linear) = match dtype {
         "auto" | "f32" => (DType::F32, LinearFormat::Dense),
-        "bf16" => (DType::F32, LinearFormat::Bf16),
+        "bf16" if on_cpu => (DType::F32, LinearFormat::Bf16),
+        "bf16" => (DType::BF16, LinearFormat::Dense),
         "f16" => (DType::F16, LinearFormat::Dense),
         other => bail!("--dtype: unsupported value {other:?} (expected auto, f32, bf16 or f16)"),
     };
@@ -68,6 +126,9 @@ pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearForma
         "q4k" => LinearFormat::Q4K,
         other => bail!("--quantize: unsupported value {other:?} (expected none, q8_0 or q4k)"),
     };
+    if !on_cpu {
+        bail!("--quantize {quantize}: quantized weights run on the CPU only");
+    }
     if !matches!(dtype, "auto" | "f32" | "bf16") {
         bail!("--quantize {quantize} needs --dtype auto, f32 or bf16 (activations stay f32), not {dtype}");
     }
@@ -75,7 +136,11 @@ pub fn weight_options(dtype: &str, quantize: &str) -> Result<(DType, LinearForma
 }
 
 fn device(args: &ServeArgs) -> Result<Device> {
-    let spec = args.device.as_str();
+    parse_device(&args.device)
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
     if spec == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -99,7 +164,8 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     let started = Instant::now();
     tracing::info!(model = %model_dir.display(), "loading the model");
     let device = device(args)?;
-    let (dtype, linear) = weight_options(&resolve_dtype(&args.dtype, model_dir, device.is_cpu()), &args.quantize)?;
+    let (dtype, linear) =
+        weight_options(&resolve_dtype(&args.dtype, model_dir, device.is_cpu()), &args.quantize, device.is_cpu())?;
     let (meter, progress) = crate::progress::loading_meter();
     let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear, progress: Some(progress) })?;
     meter.finish();
@@ -112,8 +178,11 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     };
     let kv_cache_memory = match &args.kv_cache_memory {
         Some(text) => parse_bytes("kv_cache_memory", text)?,
-        None => available_memory()
-            .map_or(engine_defaults::KV_CACHE_MEMORY, |m| (m as f64 * engine_defaults::KV_CACHE_FRACTION) as usize),
+        None => match gpu_memory(model.device()) {
+            Some(memory) => gpu_kv_budget(memory, args.gpu_memory_utilization)?,
+            None => available_memory()
+                .map_or(engine_defaults::KV_CACHE_MEMORY, |m| (m as f64 * engine_defaults::KV_CACHE_FRACTION) as usize),
+        },
     };
     let engine_config = EngineConfig {
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -136,8 +205,9 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     }
     let engine = Engine::start(model, tokenizer.clone(), engine_config);
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; warming up");
-    // One short generation pages the weights in and proves the model runs.
-    let mut warm = GenerateRequest::new(tokenizer.encode("Hello")?, 2);
+    // One short generation over an image pages every weight in (the vision tower's too) and
+    // proves the whole model runs on its device before /ready turns green.
+    let mut warm = warm_up_request(&renderer, &tokenizer, &processor)?;
     warm.sampling.temperature = 0.0;
     let mut events = engine.submit(warm).context("warm-up")?;
     while let Some(event) = events.blocking_next() {
@@ -195,8 +265,8 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
 pub async fn run(args: ServeArgs) -> Result<()> {
     let model = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
     let source = ModelSource::parse(&model, args.revision.as_deref())?;
-    weight_options(&args.dtype, &args.quantize)?;
-    device(&args)?;
+    let on_cpu = device(&args)?.is_cpu();
+    weight_options(&args.dtype, &args.quantize, on_cpu)?;
     if let Some(dir) = &args.allowed_local_media_path {
         if !dir.is_dir() {
             bail!("--allowed-local-media-path {}: not a directory", dir.display());
@@ -341,12 +411,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_keeps_a_bf16_checkpoint_in_bf16_on_the_cpu_only() {
+    fn auto_is_bf16_for_a_bf16_checkpoint_on_the_cpu_and_for_any_on_a_gpu() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
         assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-hub"), true), "bf16");
         assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-v5"), true), "f32");
-        assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-hub"), false), "f32");
+        assert_eq!(resolve_dtype("auto", &fixtures.join("tiny-v5"), false), "bf16");
         assert_eq!(resolve_dtype("f32", &fixtures.join("tiny-hub"), true), "f32");
-        assert_eq!(weight_options("bf16", "q8_0").unwrap().1, LinearFormat::Q8_0);
+        assert_eq!(weight_options("bf16", "q8_0", true).unwrap().1, LinearFormat::Q8_0);
+        assert_eq!(weight_options("bf16", "none", true).unwrap(), (DType::F32, LinearFormat::Bf16));
+        assert_eq!(weight_options("bf16", "none", false).unwrap(), (DType::BF16, LinearFormat::Dense));
+        assert!(weight_options("bf16", "q8_0", false).is_err(), "quantized weights on a GPU");
+    }
+
+    #[test]
+    fn the_gpu_kv_budget_is_the_allowed_share_less_what_is_in_use() {
+        let gib = 1usize << 30;
+        let memory = GpuMemory { free: 120 * gib, total: 140 * gib };
+        assert_eq!(gpu_kv_budget(memory, 0.5).unwrap(), 70 * gib - 20 * gib);
+        assert!(gpu_kv_budget(memory, 0.1).is_err(), "less allowed than the weights take");
+        assert!(gpu_kv_budget(memory, 1.5).is_err());
+        assert!(gpu_kv_budget(memory, 0.0).is_err());
     }
 }

@@ -330,3 +330,24 @@ fn weft_bench_measures_a_running_server() {
         assert!(run["itl_ms"]["mean"].as_f64().unwrap() >= 0.0);
     }
 }
+
+#[tokio::test]
+async fn weft_generate_answers_as_the_server_does() {
+    let s = start(&[]);
+    let (status, body) = post(&s, "/v1/chat/completions", image_chat(12)).await;
+    assert_eq!(status, 200, "{body}");
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-v5"))
+        .arg("--image")
+        .arg(fixtures().join("images/square.png"))
+        .args(["--prompt", "What is in this image?", "--max-tokens", "12", "--ignore-eos"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(printed.strip_suffix('\n'), body["choices"][0]["message"]["content"].as_str());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("prompt tokens: 749 (20 text, 729 image in 1 images)"), "{stderr}");
+    assert!(stderr.contains("12 tokens"), "{stderr}");
+}
