@@ -81,12 +81,21 @@ impl Attention {
         })
     }
 
-    /// `x`: `[T, hidden]` for all sequences; `spans[i]` is sequence i's `(start, len)` in `x`.
+    /// Whether a chunk of `rows` new tokens runs on the bf16 attention kernels (prefill chunks
+    /// where they run; a decode step's one row is cheaper on candle than packing the whole cache).
+    fn uses_bf16_kernels(&self, rows: usize, device: &Device) -> bool {
+        rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.q, device)
+    }
+
+    /// `x`: `[T, hidden]` for all sequences; `spans[i]` is sequence i's `(start, len)` in `x`;
+    /// `masks[i]` its causal mask, made once per step for every layer.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         layer: usize,
         x: &Tensor,
         spans: &[(usize, usize)],
+        masks: &[Option<Tensor>],
         positions: &Tensor,
         rotary: &Rotary,
         seqs: &mut [SeqInput],
@@ -99,17 +108,15 @@ impl Attention {
         let k = rotary.apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, positions)?;
         let v = heads_first(self.v.forward(x)?, self.kv_heads)?;
         let mut outputs = Vec::with_capacity(seqs.len());
-        for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
+        for ((seq, &(start, len)), mask) in seqs.iter_mut().zip(spans).zip(masks) {
             let past = seq.cache.len();
             let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
             let block = query_block_rows(self.heads, keys.dim(1)?);
             let q = q.narrow(1, start, len)?;
-            // Prefill chunks on the bf16 GEMM where it runs; a decode step's one row is
-            // cheaper on candle than packing the whole cache.
-            let out = if len >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.q, x.device()) {
+            let out = if self.uses_bf16_kernels(len, x.device()) {
                 crate::attention::causal_bf16(&q, &keys, &values, past, block)?
             } else {
-                causal_attention(&q, &keys, &values, past, self.kv_heads, block)?
+                causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)?
             };
             outputs.push(out);
         }
@@ -120,13 +127,14 @@ impl Attention {
 }
 
 /// Attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over `keys`/`values`
-/// (`[kv_heads, past + t, hd]`). Query heads that share a KV head are folded into one batch
-/// row, so grouped-query attention never copies the cache.
+/// (`[kv_heads, past + t, hd]`), under `mask` (`[t, past + t]`, from [`causal_mask`]; none
+/// when every query sees every key). Query heads that share a KV head are folded into one
+/// batch row, so grouped-query attention never copies the cache.
 fn causal_attention(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    past: usize,
+    mask: Option<&Tensor>,
     kv_heads: usize,
     block: usize,
 ) -> Result<Tensor> {
@@ -144,11 +152,11 @@ fn causal_attention(
         let rows = block.min(t - block_start);
         let qb = q.narrow(1, block_start, rows)?.reshape((kv_heads, group * rows, hd))?;
         let scores = (qb.matmul(&keys_t)? * scale)?;
-        let scores = match causal_mask(rows, kv_len, past + block_start, q.device())? {
+        let scores = match mask {
             // Row r of each group is query r, so the [rows, kv_len] mask repeats per group.
             Some(mask) => scores
                 .reshape((kv_heads, group, rows, kv_len))?
-                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                .broadcast_add(&mask.narrow(0, block_start, rows)?)?
                 .reshape((kv_heads, group * rows, kv_len))?,
             None => scores,
         };
@@ -323,10 +331,25 @@ impl Qwen2 {
             start += t;
         }
         let positions = Tensor::new(positions, self.embed_tokens.device())?;
+        // One mask per sequence for all layers (on a GPU, one upload per step), none where the
+        // bf16 kernels apply causality themselves.
+        let device = self.embed_tokens.device();
+        let masks = seqs
+            .iter()
+            .zip(&spans)
+            .map(|(seq, &(_, t))| match self.layers.first() {
+                Some(layer) if !layer.attn.uses_bf16_kernels(t, device) => {
+                    let past = seq.cache.len();
+                    causal_mask(t, past + t, past, device)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.clone()).collect();
         let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.attn.forward(i, &layer.input_norm.forward(&x)?, &spans, &positions, &self.rotary, seqs)?;
+            let normed = layer.input_norm.forward(&x)?;
+            let attn = layer.attn.forward(i, &normed, &spans, &masks, &positions, &self.rotary, seqs)?;
             let h = (x + attn)?;
             x = (&h + layer.mlp.forward(&layer.post_norm.forward(&h)?)?)?;
         }
@@ -357,9 +380,10 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (4, 7, 8), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (2, 12, 8), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (2, 12, 8), &dev).unwrap();
-        let whole = causal_attention(&q, &k, &v, 5, 2, 512).unwrap();
+        let mask = causal_mask(7, 12, 5, &dev).unwrap();
+        let whole = causal_attention(&q, &k, &v, mask.as_ref(), 2, 512).unwrap();
         for block in [1, 2, 3] {
-            let blocked = causal_attention(&q, &k, &v, 5, 2, block).unwrap();
+            let blocked = causal_attention(&q, &k, &v, mask.as_ref(), 2, block).unwrap();
             let diff = (&whole - &blocked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "block {block}: {diff}");
         }
