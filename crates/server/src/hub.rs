@@ -145,7 +145,8 @@ impl Listing {
         match self {
             Listing::Unreachable(why) => anyhow!("{repo}: cannot reach the Hub at {} ({why})", env.endpoint),
             Listing::Refused(404) => anyhow!(
-                "{repo}: no such repository or revision `{revision}` on {} (a private or gated one needs HF_TOKEN)",
+                "{repo}: no such repository or revision `{revision}` on {} (a private or gated one needs HF_TOKEN), \
+                 and no folder of that name here",
                 env.endpoint
             ),
             Listing::Refused(status @ (401 | 403)) => anyhow!(
