@@ -39,6 +39,10 @@ pub struct EngineConfig {
     pub max_images_per_encode: usize,
     /// Token ids that end generation unless a request sets `ignore_eos`.
     pub eos_token_ids: Vec<u32>,
+    /// Choose plain greedy tokens where the logits are and copy back one id per sequence,
+    /// instead of the whole row (`None`: on a GPU only; on the CPU the row is already in host
+    /// memory).
+    pub sample_on_device: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +57,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             max_images_per_encode: defaults::MAX_IMAGES_PER_ENCODE,
             eos_token_ids: Vec::new(),
+            sample_on_device: None,
         }
     }
 }

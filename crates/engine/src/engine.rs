@@ -71,6 +71,8 @@ pub struct Engine {
     /// Steps in a row that failed; the engine gives up after a few.
     pub(crate) consecutive_faults: usize,
     pub(crate) health: tokio::sync::watch::Sender<Health>,
+    /// Plain greedy rows are decided where the logits are (see `EngineConfig::sample_on_device`).
+    pub(crate) sample_on_device: bool,
 }
 
 impl Engine {
@@ -90,6 +92,7 @@ impl Engine {
         };
         let stats = Arc::new(EngineStats::default());
         stats.kv_budget_bytes.store(kv_tokens * bytes_per_token, Relaxed);
+        let sample_on_device = config.sample_on_device.unwrap_or(!model.device().is_cpu());
         let config = Arc::new(config);
         let (tx, rx) = std::sync::mpsc::channel();
         let (health, health_rx) = tokio::sync::watch::channel(Health::Serving);
@@ -115,6 +118,7 @@ impl Engine {
             in_step: Vec::new(),
             consecutive_faults: 0,
             health,
+            sample_on_device,
         };
         let handle = EngineHandle { commands: tx, stats, config, bounds: Arc::new(bounds), health: health_rx };
         (engine, handle)

@@ -4,7 +4,8 @@
 
 use crate::engine::Engine;
 use crate::request::{Event, FinishReason, Timing, Usage};
-use crate::sequence::Emitted;
+use crate::sampling::first_argmax_rows;
+use crate::sequence::{Emitted, Scores};
 use candle_core::Tensor;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -129,10 +130,9 @@ impl Engine {
         let logits = result?;
         let forward = started.elapsed();
         let Some(logits) = logits else { return Ok(()) };
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
-        for (id, row) in finishing.into_iter().zip(rows) {
-            self.after_logits(id, &row)?;
+        for (id, scores) in finishing.iter().zip(self.host_scores(&finishing, &logits)?) {
+            self.after_logits(*id, &scores)?;
         }
         tracing::debug!(
             seqs = chunks.len(),
@@ -144,8 +144,38 @@ impl Engine {
         Ok(())
     }
 
+    /// What each sequence of `finishing` samples from, given their logits (`[rows, vocab]`):
+    /// on a GPU, plain greedy rows are decided there and only their ids come back; every other
+    /// row (penalties, bias, logprobs, temperature, a grammar) is copied whole.
+    fn host_scores(&self, finishing: &[u64], logits: &Tensor) -> weft_model::Result<Vec<Scores>> {
+        let on_device: Vec<bool> = finishing
+            .iter()
+            .map(|id| {
+                let spec = &self.requests[&self.seqs[id].req_id].spec;
+                self.sample_on_device && spec.sampling.is_plain_greedy() && spec.constraint.is_none()
+            })
+            .collect();
+        let chosen = if on_device.contains(&true) { first_argmax_rows(logits)? } else { vec![None; finishing.len()] };
+        let copied: Vec<u32> =
+            (0..finishing.len()).filter(|&i| !(on_device[i] && chosen[i].is_some())).map(|i| i as u32).collect();
+        let mut rows = if copied.is_empty() {
+            Vec::new()
+        } else if copied.len() == finishing.len() {
+            logits.to_vec2::<f32>()?
+        } else {
+            logits.index_select(&Tensor::new(copied.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?
+        }
+        .into_iter();
+        Ok((0..finishing.len())
+            .map(|i| match chosen[i] {
+                Some(token) if on_device[i] => Scores::Greedy(token),
+                _ => Scores::Row(rows.next().expect("one copied row per sequence not chosen on the device")),
+            })
+            .collect())
+    }
+
     /// Samples the next token of `id` (and, on a request's first logits, of its other choices).
-    fn after_logits(&mut self, id: u64, row: &[f32]) -> weft_model::Result<()> {
+    fn after_logits(&mut self, id: u64, row: &Scores) -> weft_model::Result<()> {
         let req_id = self.seqs[&id].req_id;
         let req = self.requests.get_mut(&req_id).expect("live");
         let mut siblings = Vec::new();
@@ -174,7 +204,7 @@ impl Engine {
         Ok(())
     }
 
-    fn emit(&mut self, id: u64, row: &[f32]) {
+    fn emit(&mut self, id: u64, row: &Scores) {
         let context = self.model.config().text.max_position_embeddings.min(self.limits.kv_tokens);
         let seq = self.seqs.get_mut(&id).expect("running");
         let req = self.requests.get(&seq.req_id).expect("live");

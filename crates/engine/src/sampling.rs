@@ -1,6 +1,7 @@
 //! Turning one row of logits into the next token: penalties, bias, temperature, top-k, top-p,
 //! min-p, seeded draws, and logprobs. Pure functions plus a per-sequence RNG.
 
+use candle_core::{DType, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -44,6 +45,33 @@ impl Default for SamplingParams {
             top_logprobs: None,
         }
     }
+}
+
+impl SamplingParams {
+    /// Greedy with nothing that needs the whole row on the host: no penalties, no bias, no
+    /// logprobs. Such a row's token can be chosen where the logits are (see [`first_argmax_rows`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.top_logprobs.is_none()
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.repetition_penalty == 1.0
+            && self.logit_bias.is_empty()
+    }
+}
+
+/// The index of the first largest value of each row of `logits` (`[rows, vocab]`), computed
+/// where the tensor lives so that only one id per row is copied back; `None` for a row with no
+/// largest value (NaN). The first index among equal values, as [`argmax`] and torch choose:
+/// bf16 logits tie often, and candle's own CUDA argmax does not promise which of them it picks.
+pub fn first_argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
+    let (_, vocab) = logits.dims2()?;
+    let best = logits.max_keepdim(D::Minus1)?;
+    let is_best = logits.broadcast_eq(&best)?;
+    let index = Tensor::arange(0u32, vocab as u32, logits.device())?.unsqueeze(0)?.broadcast_as(logits.shape())?;
+    let beyond = Tensor::full(vocab as u32, logits.shape(), logits.device())?;
+    let first = is_best.where_cond(&index, &beyond)?.min(D::Minus1)?.to_dtype(DType::U32)?;
+    Ok(first.to_vec1::<u32>()?.into_iter().map(|i| (i < vocab as u32).then_some(i)).collect())
 }
 
 /// Most alternatives a request may ask for per token.
@@ -231,6 +259,34 @@ pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_argmax_rows_picks_the_first_of_equal_bests_as_argmax_does() {
+        let rows = [
+            vec![0.5f32, 2.0, -1.0, 2.0, 2.0],
+            vec![3.0, 3.0, 3.0, 3.0, 3.0],
+            vec![-5.0, -4.0, -3.0, -2.0, -1.0],
+            vec![f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY, 0.0, 1.0],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let logits = Tensor::from_vec(flat, (4, 5), &candle_core::Device::Cpu).unwrap();
+        let chosen = first_argmax_rows(&logits).unwrap();
+        let expected: Vec<Option<u32>> = rows.iter().map(|r| Some(argmax(r))).collect();
+        assert_eq!(chosen, expected);
+        assert_eq!(chosen, [Some(1), Some(0), Some(4), Some(1)]);
+        let nan = Tensor::from_vec(vec![f32::NAN; 5], (1, 5), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(first_argmax_rows(&nan).unwrap(), [None], "a NaN row is left to the host");
+    }
+
+    #[test]
+    fn only_plain_greedy_settings_skip_the_host() {
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        assert!(greedy.is_plain_greedy());
+        assert!(!SamplingParams::default().is_plain_greedy(), "temperature 1");
+        assert!(!SamplingParams { top_logprobs: Some(0), ..greedy.clone() }.is_plain_greedy());
+        assert!(!SamplingParams { repetition_penalty: 1.1, ..greedy.clone() }.is_plain_greedy());
+        assert!(!SamplingParams { logit_bias: HashMap::from([(3, 1.0)]), ..greedy }.is_plain_greedy());
+    }
+
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {

@@ -4,7 +4,7 @@
 use crate::constraint::Constraint;
 use crate::detokenize::{Decode, IncrementalDecoder};
 use crate::request::{Event, FinishReason, GenerateRequest};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, TokenLogprobs};
 use crate::stop::StopMatcher;
 use std::time::Instant;
 use weft_model::KvCache;
@@ -34,6 +34,14 @@ pub(crate) struct Sequence {
     pub first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     pub inter_token: Vec<f64>,
+}
+
+/// What a sequence samples its next token from.
+pub(crate) enum Scores {
+    /// Its row of logits, on the host.
+    Row(Vec<f32>),
+    /// The token greedy decoding picked where the logits are.
+    Greedy(u32),
 }
 
 /// What sampling one token produced.
@@ -108,16 +116,21 @@ impl Sequence {
         self.cache = Some(cache);
     }
 
-    /// Samples the next token from `logits` and decides whether the sequence goes on.
+    /// Samples the next token from `scores` and decides whether the sequence goes on.
     pub fn sample(
         &mut self,
-        logits: &[f32],
+        scores: &Scores,
         prompt: &[u32],
         spec: &GenerateRequest,
         eos_ids: &[u32],
         context: usize,
         tokenizer: &impl Decode,
     ) -> Emitted {
+        let logits = match scores {
+            Scores::Row(logits) => logits,
+            // Chosen where the logits are: plain greedy, no grammar (see `first_argmax_rows`).
+            &Scores::Greedy(token) => return self.accept(token, None, spec, eos_ids, context, tokenizer),
+        };
         let allowed = match self.constraint.as_mut() {
             Some(constraint) => {
                 let started = Instant::now();
@@ -140,6 +153,19 @@ impl Sequence {
         };
         let (token, logprobs) =
             self.sampler.sample(logits, prompt, &self.tokens[self.prompt_len..], allowed.as_deref());
+        self.accept(token, logprobs, spec, eos_ids, context, tokenizer)
+    }
+
+    /// Takes `token` as the next one: timings, stop tokens, the grammar, stop strings, limits.
+    fn accept(
+        &mut self,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+        spec: &GenerateRequest,
+        eos_ids: &[u32],
+        context: usize,
+        tokenizer: &impl Decode,
+    ) -> Emitted {
         let now = Instant::now();
         if let Some(last) = self.last_token_at {
             self.inter_token.push((now - last).as_secs_f64());

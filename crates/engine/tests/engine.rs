@@ -107,6 +107,30 @@ fn greedy_outputs_do_not_depend_on_batching() {
 }
 
 #[test]
+fn greedy_tokens_chosen_where_the_logits_are_equal_the_host_sampler() {
+    // Plain greedy rows, rows with logprobs or a penalty (copied whole), a sampled one and n = 2
+    // in one batch: the path a GPU takes (forced here on the CPU) against the host path.
+    let outcomes = |on_device: bool| {
+        let s = start(EngineConfig { sample_on_device: Some(on_device), ..Default::default() });
+        let mut requests = mixed_requests(&s, 8);
+        requests[1].sampling.top_logprobs = Some(2);
+        requests[2].sampling.repetition_penalty = 1.3;
+        requests[3].sampling.temperature = 0.7;
+        requests[3].sampling.seed = Some(11);
+        requests[5].n = 2;
+        let counts: Vec<usize> = requests.iter().map(|r| r.n).collect();
+        let streams: Vec<_> = requests.into_iter().map(|r| s.handle.submit(r).unwrap()).collect();
+        streams.into_iter().zip(counts).flat_map(|(st, n)| collect(st, n)).collect::<Vec<Outcome>>()
+    };
+    let (device, host) = (outcomes(true), outcomes(false));
+    assert_eq!(device.len(), 9);
+    for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+        assert_eq!(d.ids, h.ids, "choice {i}");
+        assert!(!d.ids.is_empty());
+    }
+}
+
+#[test]
 fn preemption_under_a_tiny_kv_budget_keeps_outputs() {
     let roomy = start(EngineConfig { prefix_caching: false, ..Default::default() });
     let questions = ["One", "Two words", "Three more words", "Four", "Five five", "Six and six"];

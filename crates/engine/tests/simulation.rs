@@ -125,6 +125,8 @@ fn random_config(w: &World, rng: &mut StdRng) -> EngineConfig {
         prefix_caching: rng.random_bool(0.75),
         max_images_per_encode: rng.random_range(1..4),
         eos_token_ids: w.eos.clone(),
+        // Half the seeds take the GPU's way of choosing greedy tokens.
+        sample_on_device: Some(rng.random_bool(0.5)),
     }
 }
 
