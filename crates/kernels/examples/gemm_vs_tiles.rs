@@ -18,6 +18,9 @@ fn main() {
         (512, 896, 4864),
         (512, 4864, 896),
         (729, 1152, 4304),
+        (745, 1024, 1024),
+        (745, 1024, 2816),
+        (745, 2816, 1024),
     ];
     let isa = Isa::active();
     println!("isa {}, {} threads, medians of {RUNS} interleaved runs", isa.name(), rayon::current_num_threads());

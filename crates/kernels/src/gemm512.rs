@@ -41,6 +41,12 @@ pub(crate) unsafe fn gemm_bf16(
     let out = SharedOut(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+        let width = j1 - j0;
+        // One panel's outputs for this block, gathered here and then stored row by row: storing
+        // each tile's columns straight into `out` touched 32 rows n floats apart, and where n
+        // is a power of two (1024) those lines share cache sets and evicted each other before
+        // the next tile filled them (745 x 1024 x 1024 ran at 377 GFLOP/s, 2816 wide at 818).
+        let mut block_out = vec![0.0f32; IR * width];
         for (panel, xs) in panels.chunks_exact(kp / 2 * IR).enumerate() {
             let rows = IR.min(m - panel * IR);
             for g in (j0..j1).step_by(JR) {
@@ -52,10 +58,13 @@ pub(crate) unsafe fn gemm_bf16(
                 for (c, column) in sums.iter().enumerate().take(jr) {
                     let b = bias.map_or(0.0, |b| b[g + c]);
                     for (r, &v) in column.iter().enumerate().take(rows) {
-                        // SAFETY: inside `out`, and only this block writes column g + c.
-                        unsafe { out.write((panel * IR + r) * n + g + c, v + b) };
+                        block_out[r * width + g - j0 + c] = v + b;
                     }
                 }
+            }
+            for (r, values) in block_out.chunks_exact(width).take(rows).enumerate() {
+                // SAFETY: inside `out`, and only this block writes columns j0..j1.
+                unsafe { out.write_row((panel * IR + r) * n + j0, values) };
             }
         }
     });

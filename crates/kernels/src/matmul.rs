@@ -177,6 +177,12 @@ impl SharedOut {
     pub(crate) unsafe fn write(self, index: usize, value: f32) {
         *self.0.add(index) = value;
     }
+
+    /// # Safety
+    /// `index..index + values.len()` is inside the output and no other thread writes it.
+    pub(crate) unsafe fn write_row(self, index: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(index), values.len());
+    }
 }
 
 struct Job<'a> {

@@ -9,6 +9,7 @@
 use crate::error::Result;
 use crate::linear::Linear;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use weft_kernels::{Isa, PackedWeight, WeightFormat};
 
 /// Whether attention next to `linear` (a projection of the same layer) runs here: its weights
@@ -17,7 +18,46 @@ pub(crate) fn bf16_available(linear: &Linear, device: &Device) -> bool {
     device.is_cpu() && linear.kernel_format() == Some(WeightFormat::Bf16) && Isa::active() == Isa::Avx512Bf16
 }
 
-/// The keys (`[kv_len, hd]`) and transposed values (`[hd, kv_len]`) of one head, packed.
+/// One head's keys (`[len, hd]`) and transposed values (`[hd, len]`) gathered from the
+/// activations, in f32.
+struct HeadRows {
+    keys: Vec<f32>,
+    values_t: Vec<f32>,
+    len: usize,
+    hd: usize,
+}
+
+impl HeadRows {
+    /// From rows `at(t)` of `k` and `v` (`hd` values each) for `t` in `0..len`.
+    fn gather(k: &[f32], v: &[f32], len: usize, hd: usize, at: impl Fn(usize) -> usize) -> Self {
+        let (mut keys, mut values_t) = (vec![0.0; len * hd], vec![0.0; hd * len]);
+        for t in 0..len {
+            let a = at(t);
+            keys[t * hd..(t + 1) * hd].copy_from_slice(&k[a..a + hd]);
+            for j in 0..hd {
+                values_t[j * len + t] = v[a + j];
+            }
+        }
+        HeadRows { keys, values_t, len, hd }
+    }
+
+    /// The first `visible` keys and values, packed: the keys in `keys_format`, the values in
+    /// bf16.
+    fn pack(&self, visible: usize, keys_format: WeightFormat) -> HeadKv {
+        let hd = self.hd;
+        let keys = PackedWeight::from_f32(&self.keys[..visible * hd], visible, hd, keys_format);
+        let values_t = if visible == self.len {
+            PackedWeight::from_f32(&self.values_t, hd, visible, WeightFormat::Bf16)
+        } else {
+            let columns: Vec<f32> =
+                self.values_t.chunks_exact(self.len).flat_map(|row| &row[..visible]).copied().collect();
+            PackedWeight::from_f32(&columns, hd, visible, WeightFormat::Bf16)
+        };
+        HeadKv { keys, values_t, len: visible }
+    }
+}
+
+/// Keys (`[len, hd]`) and transposed values (`[hd, len]`) of one head, packed as weights.
 struct HeadKv {
     keys: PackedWeight,
     values_t: PackedWeight,
@@ -25,31 +65,6 @@ struct HeadKv {
 }
 
 impl HeadKv {
-    /// From rows `at(t)` of `k` and `v` (`hd` values each) for `t` in `0..len`; the keys in
-    /// `keys_format`, the values in bf16.
-    fn pack(
-        k: &[f32],
-        v: &[f32],
-        len: usize,
-        hd: usize,
-        keys_format: WeightFormat,
-        at: impl Fn(usize) -> usize,
-    ) -> Self {
-        let (mut kh, mut vt) = (vec![0.0; len * hd], vec![0.0; hd * len]);
-        for t in 0..len {
-            let a = at(t);
-            kh[t * hd..(t + 1) * hd].copy_from_slice(&k[a..a + hd]);
-            for j in 0..hd {
-                vt[j * len + t] = v[a + j];
-            }
-        }
-        HeadKv {
-            keys: PackedWeight::from_f32(&kh, len, hd, keys_format),
-            values_t: PackedWeight::from_f32(&vt, hd, len, WeightFormat::Bf16),
-            len,
-        }
-    }
-
     /// `rows` queries (`[rows, hd]`, already scaled) -> `[rows, hd]` into `out`. With
     /// `causal_first`, query `r` sits at position `causal_first + r` and sees keys up to it.
     fn attend(&self, q: &[f32], rows: usize, causal_first: Option<usize>, scores: &mut Vec<f32>, out: &mut [f32]) {
@@ -65,6 +80,10 @@ impl HeadKv {
     }
 }
 
+/// Query rows per causal block at most: small enough that skipping the keys no query of the
+/// block sees saves most of the masked triangle, large enough for the GEMM.
+const CAUSAL_BLOCK_ROWS: usize = 128;
+
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -74,19 +93,28 @@ pub(crate) fn full_bf16(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale:
     let (n, p, d) = q.dims3()?;
     let hd = d / heads;
     let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-    let mut ctx = vec![0.0f32; n * p * d];
-    let (mut qh, mut scores, mut out) = (vec![0.0; p * hd], Vec::new(), vec![0.0f32; p * hd]);
-    for img in 0..n {
-        for h in 0..heads {
-            let at = |t: usize| (img * p + t) * d + h * hd;
-            let kv = HeadKv::pack(&k, &v, p, hd, WeightFormat::Bf16, at);
+    let at = |img: usize, h: usize, t: usize| (img * p + t) * d + h * hd;
+    // Images and heads in parallel, each product on one thread (see `causal_bf16`).
+    let outputs: Vec<Vec<f32>> = (0..n * heads)
+        .into_par_iter()
+        .map(|job| {
+            let (img, h) = (job / heads, job % heads);
+            let kv = HeadRows::gather(&k, &v, p, hd, |t| at(img, h, t)).pack(p, WeightFormat::Bf16);
+            let mut qh = vec![0.0; p * hd];
             for t in 0..p {
-                qh[t * hd..(t + 1) * hd].iter_mut().zip(&q[at(t)..at(t) + hd]).for_each(|(o, &x)| *o = x * scale);
+                let row = &q[at(img, h, t)..at(img, h, t) + hd];
+                qh[t * hd..(t + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o = x * scale);
             }
+            let (mut scores, mut out) = (Vec::new(), vec![0.0f32; p * hd]);
             kv.attend(&qh, p, None, &mut scores, &mut out);
-            for t in 0..p {
-                ctx[at(t)..at(t) + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
-            }
+            out
+        })
+        .collect();
+    let mut ctx = vec![0.0f32; n * p * d];
+    for (job, out) in outputs.iter().enumerate() {
+        let (img, h) = (job / heads, job % heads);
+        for t in 0..p {
+            ctx[at(img, h, t)..at(img, h, t) + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
         }
     }
     Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
@@ -102,21 +130,28 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
     let scale = (hd as f32).powf(-0.5);
     let (q, k, v) = (flat(q)?, flat(keys)?, flat(values)?);
     let mut ctx = vec![0.0f32; heads * t * hd];
-    let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
-    for kvh in 0..kv_heads {
-        let kv = HeadKv::pack(&k, &v, kv_len, hd, WeightFormat::F32, |s| (kvh * kv_len + s) * hd);
-        for h in kvh * group..(kvh + 1) * group {
-            for start in (0..t).step_by(block.max(1)) {
-                let rows = block.max(1).min(t - start);
-                let base = (h * t + start) * hd;
+    // Blocks of at most CAUSAL_BLOCK_ROWS queries, each over only the keys its last query can
+    // see: the masked half of the square is never computed.
+    let block = block.clamp(1, CAUSAL_BLOCK_ROWS);
+    // KV heads in parallel (each with its query heads): the products of one block are too
+    // small to split between threads without the hand-offs costing more than they share.
+    ctx.par_chunks_mut(group * t * hd).enumerate().for_each(|(kvh, ctx)| {
+        let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let head = HeadRows::gather(&k, &v, kv_len, hd, |s| (kvh * kv_len + s) * hd);
+        for start in (0..t).step_by(block) {
+            let rows = block.min(t - start);
+            let kv = head.pack((past + start + rows).min(kv_len), WeightFormat::F32);
+            for g in 0..group {
+                let base = ((kvh * group + g) * t + start) * hd;
                 qh.clear();
                 qh.extend(q[base..base + rows * hd].iter().map(|&x| x * scale));
                 out.resize(rows * hd, 0.0);
                 kv.attend(&qh, rows, Some(past + start), &mut scores, &mut out);
-                ctx[base..base + rows * hd].copy_from_slice(&out);
+                let local = (g * t + start) * hd;
+                ctx[local..local + rows * hd].copy_from_slice(&out);
             }
         }
-    }
+    });
     Ok(Tensor::from_vec(ctx, (heads, t, hd), &Device::Cpu)?)
 }
 
