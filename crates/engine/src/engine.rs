@@ -44,6 +44,9 @@ pub(crate) struct Request {
     pub spec: GenerateRequest,
     pub events: UnboundedSender<Event>,
     pub submitted: Instant,
+    /// Seconds of vision-tower calls that encoded this request's images (a call shared with
+    /// other requests counts whole for each).
+    pub vision_s: f64,
     /// Choices still running or waiting.
     pub live_choices: usize,
     pub choices_spawned: bool,
@@ -216,6 +219,7 @@ impl Engine {
                 spec: s.request,
                 events: s.events,
                 submitted: s.submitted,
+                vision_s: 0.0,
                 live_choices: 1,
                 choices_spawned: false,
             },

@@ -32,7 +32,13 @@ impl Engine {
             let pixels: Vec<Tensor> = batch.iter().map(|(r, k)| self.requests[r].images[*k].pixels.clone()).collect();
             let started = Instant::now();
             let features = self.model.encode_images(&Tensor::stack(&pixels, 0)?)?;
-            self.stats.vision_encode_us.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+            let elapsed = started.elapsed();
+            self.stats.vision_encode_us.fetch_add(elapsed.as_micros() as u64, Relaxed);
+            let mut encoded_for: Vec<u64> = batch.iter().map(|(r, _)| *r).collect();
+            encoded_for.dedup();
+            for r in encoded_for {
+                self.requests.get_mut(&r).expect("live").vision_s += elapsed.as_secs_f64();
+            }
             self.stats.images_encoded.fetch_add(batch.len() as u64, Relaxed);
             for (i, (r, k)) in batch.iter().enumerate() {
                 let f = features.get(i)?;
@@ -248,6 +254,7 @@ impl Engine {
             queue_s: since(seq.admitted_at),
             first_token_s: since(seq.first_token_at),
             total_s: (now - req.submitted).as_secs_f64(),
+            vision_s: req.vision_s,
             inter_token_s: seq.inter_token.clone(),
         };
         let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });

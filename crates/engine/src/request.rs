@@ -97,6 +97,8 @@ pub struct Timing {
     pub queue_s: f64,
     pub first_token_s: f64,
     pub total_s: f64,
+    /// Seconds the vision tower spent on this request's images (within `first_token_s`).
+    pub vision_s: f64,
     /// Gaps between consecutive tokens.
     pub inter_token_s: Vec<f64>,
 }

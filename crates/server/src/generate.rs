@@ -134,12 +134,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let decode_s = timing.total_s - timing.first_token_s;
                 let decode_tokens = usage.completion_tokens.saturating_sub(1);
                 eprintln!(
-                    "prompt tokens: {} ({} text, {} image in {} images) | time to first token {:.3}s | {} tokens, \
-                     decode {:.2} tok/s",
+                    "prompt tokens: {} ({} text, {} image in {} images) | vision encode {:.3}s | time to first \
+                     token {:.3}s | {} tokens, decode {:.2} tok/s",
                     usage.prompt_tokens,
                     usage.prompt_tokens - usage.image_tokens,
                     usage.image_tokens,
                     pictures.len(),
+                    timing.vision_s,
                     timing.first_token_s,
                     usage.completion_tokens,
                     if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 }
