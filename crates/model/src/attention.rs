@@ -155,6 +155,65 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
     Ok(Tensor::from_vec(ctx, (heads, t, hd), &Device::Cpu)?)
 }
 
+/// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
+/// position) over all of its cached `keys` and `values` (`[kv_heads, len, hd]`, f32 views of
+/// the cache, read in place). `None` where this does not apply (another device or dtype, or a
+/// layout other than the cache's), for candle to compute instead. A handful of candle ops per
+/// sequence and layer (transpose, batched matmul, softmax, matmul, each allocating) cost more
+/// than the arithmetic of one query row.
+pub(crate) fn decode_f32(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
+    let (heads, rows, hd) = q.dims3()?;
+    let (kv_heads, len, _) = keys.dims3()?;
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if rows != 1 || len == 0 || !(f32_cpu(q) && f32_cpu(keys) && f32_cpu(values)) || heads % kv_heads != 0 {
+        return Ok(None);
+    }
+    let q = flat(q)?;
+    let (k_storage, k_layout) = keys.storage_and_layout();
+    let (v_storage, v_layout) = values.storage_and_layout();
+    let (candle_core::Storage::Cpu(k_cpu), candle_core::Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
+        return Ok(None);
+    };
+    let (k_data, v_data) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
+    // Each head's rows contiguous, `hd` apart, heads `head_stride` apart (a narrowed cache).
+    let rows_of = |layout: &candle_core::Layout| match layout.stride() {
+        &[head_stride, row_stride, 1] if row_stride == hd => Some((layout.start_offset(), head_stride)),
+        _ => None,
+    };
+    let (Some((k_at, k_head)), Some((v_at, v_head))) = (rows_of(k_layout), rows_of(v_layout)) else {
+        return Ok(None);
+    };
+    let group = heads / kv_heads;
+    let scale = (hd as f32).powf(-0.5);
+    let head = |h: usize, out: &mut [f32]| {
+        let kvh = h / group;
+        let query = &q[h * hd..(h + 1) * hd];
+        let keys = &k_data[k_at + kvh * k_head..k_at + kvh * k_head + len * hd];
+        let values = &v_data[v_at + kvh * v_head..v_at + kvh * v_head + len * hd];
+        let mut scores: Vec<f32> =
+            keys.chunks_exact(hd).map(|key| key.iter().zip(query).map(|(k, q)| k * q).sum::<f32>() * scale).collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        out.fill(0.0);
+        for (p, value) in scores.iter().zip(values.chunks_exact(hd)) {
+            let p = p / total;
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+        }
+    };
+    let mut ctx = vec![0.0f32; heads * hd];
+    // Threads only where a head's work outweighs handing it over.
+    if len * hd >= 16_384 {
+        ctx.par_chunks_mut(hd).enumerate().for_each(|(h, out)| head(h, out));
+    } else {
+        ctx.chunks_mut(hd).enumerate().for_each(|(h, out)| head(h, out));
+    }
+    Ok(Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +249,26 @@ mod tests {
         let diff = largest_difference(&fast, &exact);
         assert!(diff < 2e-2, "largest difference {diff}");
         assert!(diff > 0.0, "bf16 rounding leaves some trace");
+    }
+
+    /// A decode step read in place from a narrowed cache equals candle's softmax attention.
+    #[test]
+    fn decode_matches_candle_on_a_narrowed_cache() {
+        let (heads, kv_heads, len, capacity, hd) = (4, 2, 11, 16, 8);
+        let q = pseudo_random(&[heads, 1, hd], 7);
+        let cache_k = pseudo_random(&[kv_heads, capacity, hd], 8);
+        let cache_v = pseudo_random(&[kv_heads, capacity, hd], 9);
+        let (k, v) = (cache_k.narrow(1, 0, len).unwrap(), cache_v.narrow(1, 0, len).unwrap());
+        let fast = decode_f32(&q, &k, &v).unwrap().expect("applies to an f32 CPU cache");
+        let expand = |x: &Tensor| {
+            Tensor::cat(&(0..heads).map(|h| x.narrow(0, h / 2, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap()
+        };
+        let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
+        let exact =
+            candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&v).contiguous().unwrap()).unwrap();
+        let diff = largest_difference(&fast, &exact);
+        assert!(diff < 1e-5, "largest difference {diff}");
+        assert!(decode_f32(&q.to_dtype(candle_core::DType::F16).unwrap(), &k, &v).unwrap().is_none());
     }
 
     /// Causal, grouped (4 query heads on 2 KV heads), after 5 cached positions, in blocks of 7

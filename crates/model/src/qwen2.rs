@@ -115,6 +115,8 @@ impl Attention {
             let q = q.narrow(1, start, len)?;
             let out = if self.uses_bf16_kernels(len, x.device()) {
                 crate::attention::causal_bf16(&q, &keys, &values, past, block)?
+            } else if let Some(out) = crate::attention::decode_f32(&q, &keys, &values)? {
+                out
             } else {
                 causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)?
             };
