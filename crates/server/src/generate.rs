@@ -42,8 +42,9 @@ pub struct GenerateArgs {
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Weights: auto (bf16 for a bf16 checkpoint, f32 otherwise), f32 (exact), bf16 (f32
-    /// activations) or f16.
+    /// Weights: auto (on the CPU bf16 for a bf16 checkpoint, else f32; on a GPU bf16), f32
+    /// (exact), bf16 (on the CPU bf16 weights with f32 activations; on a GPU bf16 throughout) or
+    /// f16.
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
