@@ -113,6 +113,16 @@ def test_first_start_downloads_and_later_starts_need_no_network(hub, tmp_path):
     assert any(f"downloading {SHARD}: done" in l for l in weft.lines), "\n".join(weft.lines)
     assert any("loading weights: done" in l for l in weft.lines), "\n".join(weft.lines)
 
+    # Everything cached: a start with the Hub up lists the repository, downloads nothing, and
+    # records the branch again.
+    (snap.parent.parent / "refs" / "main").unlink()
+    seen = len(hub.paths())
+    weft = Weft(hub.url, tmp_path, "org/tiny-wide")
+    weft.wait_ready()
+    weft.stop()
+    assert [p for _, p, _ in hub.paths()[seen:] if "/resolve/" in p] == []
+    assert (snap.parent.parent / "refs" / "main").read_text() == repo.commit
+
     # HF_HUB_OFFLINE=1: the cache only; the stand-in sees no request.
     seen = len(hub.paths())
     weft = Weft(hub.url, tmp_path, "org/tiny-wide", {"HF_HUB_OFFLINE": "1"})

@@ -238,6 +238,14 @@ async fn download(env: &HubEnv, repo: &str, revision: &str, listing: &RepoListin
         }
         fetch(env, repo, revision, &snapshot, file, true).await?;
     }
+    // The branch or tag now names this commit, also when every file was cached already, so
+    // that an offline start finds it.
+    if revision != listing.commit {
+        let refs = env.cache_dir.join(folder_name(repo)).join("refs");
+        let written = std::fs::create_dir_all(refs.join(revision).parent().unwrap_or(&refs))
+            .and_then(|()| std::fs::write(refs.join(revision), &listing.commit));
+        written.with_context(|| format!("{repo}: cannot record revision `{revision}` in {}", refs.display()))?;
+    }
     Ok(snapshot)
 }
 
