@@ -21,6 +21,8 @@ fn main() {
         (745, 1024, 1024),
         (745, 1024, 2816),
         (745, 2816, 1024),
+        (729, 1152, 1152),
+        (729, 4304, 1152),
     ];
     let isa = Isa::active();
     println!("isa {}, {} threads, medians of {RUNS} interleaved runs", isa.name(), rayon::current_num_threads());
