@@ -66,17 +66,19 @@ class Hub:
     def handle(self, h, head):
         with self.lock:
             self.requests.append((h.command, h.path, h.headers.get("Range")))
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", h.path)
+        path, _, query = h.path.partition("?")
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path)
         if m:
             repo = self.repos.get(m.group(1))
             if repo is None:
                 return self.error(h, 404, "RepoNotFound", "Repository Not Found")
             if not self.authorized(h, repo):
                 return self.error(h, 401, None, "Invalid credentials in Authorization header")
-            body = json.dumps({"id": m.group(1), "sha": repo.commit,
-                               "siblings": [{"rfilename": f} for f in repo.files]}).encode()
+            blobs = "blobs=true" in query
+            siblings = [{"rfilename": f, **({"size": len(d)} if blobs else {})} for f, d in repo.files.items()]
+            body = json.dumps({"id": m.group(1), "sha": repo.commit, "siblings": siblings}).encode()
             return self.send(h, 200, {"Content-Type": "application/json"}, body, head)
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", h.path)
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         repo = self.repos.get(m.group(1)) if m else None
         if repo is None:
             return self.error(h, 404, "RepoNotFound", "Repository Not Found")

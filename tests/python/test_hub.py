@@ -106,6 +106,7 @@ def test_first_start_downloads_and_later_starts_need_no_network(hub, tmp_path):
     repo = hub.repos["org/tiny-wide"]
     wanted = {f for f in repo.files if f.endswith((".json", ".safetensors")) and ".bin." not in f}
     assert fetched == wanted, f"fetched {sorted(fetched)}"
+    assert all(method != "HEAD" for method, _, _ in hub.paths()), "sizes come with the listing"
     snap = snapshot(tmp_path, "org/tiny-wide")
     assert snap.name == repo.commit
     for name in wanted:

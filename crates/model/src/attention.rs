@@ -192,15 +192,9 @@ pub(crate) fn decode_f32(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<O
         let values = &v_data[v_at + kvh * v_head..v_at + kvh * v_head + len * hd];
         let mut scores: Vec<f32> =
             keys.chunks_exact(hd).map(|key| key.iter().zip(query).map(|(k, q)| k * q).sum::<f32>() * scale).collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
+        weft_kernels::softmax_rows(&mut scores, len);
         out.fill(0.0);
-        for (p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-            let p = p / total;
+        for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
             out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
         }
     };

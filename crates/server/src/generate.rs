@@ -1,19 +1,15 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
 use crate::hub::{HubEnv, ModelSource};
+use crate::serve::ModelParts;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 use weft_engine::sampling::SamplingParams;
-use weft_engine::{Engine, EngineConfig, Event, GenerateRequest, ImageInput};
-use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
-use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
-use weft_model::{LlavaModel, LoadOptions};
+use weft_engine::{Engine, EngineConfig, Event, GenerateRequest};
+use weft_model::prompt::{Message, Part};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -72,19 +68,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let model_dir = runtime.block_on(crate::hub::resolve(&source, &HubEnv::from_env()))?;
     let device = crate::serve::parse_device(&args.device)?;
-    let dtype = crate::serve::resolve_dtype(&args.dtype, &model_dir, device.is_cpu());
-    let (dtype, linear) = crate::serve::weight_options(&dtype, &args.quantize, device.is_cpu())?;
     let started = Instant::now();
-    let model = LlavaModel::load(&model_dir, &LoadOptions { dtype, device, linear, progress: None })?;
-    let cfg = model.config().clone();
-    let tokenizer = Arc::new(PromptTokenizer::from_dir(&model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
-    let processor = ImageProcessor::from_dir(&model_dir, cfg.vision.image_size)?;
-    let renderer = match &args.chat_template {
-        Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
-        None => PromptRenderer::BuiltIn,
-    };
-    let engine_config =
-        EngineConfig { eos_token_ids: stop_token_ids(&model_dir, &tokenizer)?, ..EngineConfig::default() };
+    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } =
+        ModelParts::load(&model_dir, device, &args.dtype, &args.quantize, args.chat_template.as_deref(), false)?;
+    let engine_config = EngineConfig { eos_token_ids, ..EngineConfig::default() };
     eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
 
     // Images, then video frames, then the question: the checkpoint template's own order.
@@ -113,8 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut request = GenerateRequest::new(encoded.ids, args.max_tokens);
     for picture in &pictures {
-        let pixels = processor.batch(std::slice::from_ref(picture), &Device::Cpu)?.squeeze(0)?;
-        request.images.push(ImageInput { pixels, hash: weft_media::image_decode::pixel_hash(picture) });
+        request.images.push(crate::prepare::image_input(&processor, picture)?);
     }
     request.sampling =
         SamplingParams { temperature: args.temperature as f32, seed: Some(args.seed), ..Default::default() };

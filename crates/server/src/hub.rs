@@ -9,6 +9,7 @@ use crate::progress::DownloadProgress;
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::api::tokio::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Where `--model` points.
@@ -132,6 +133,21 @@ pub async fn resolve(source: &ModelSource, env: &HubEnv) -> Result<PathBuf> {
 struct RepoListing {
     commit: String,
     files: Vec<String>,
+    /// Bytes of each file, where the Hub says (it does when asked for blobs).
+    sizes: HashMap<String, u64>,
+}
+
+/// The Hub's answer to a revision listing with `blobs=true`.
+#[derive(serde::Deserialize)]
+struct RepoInfo {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    size: Option<u64>,
 }
 
 enum Listing {
@@ -183,13 +199,16 @@ fn chunk_size(file_size: u64) -> usize {
 async fn list_files(env: &HubEnv, repo: &str, revision: &str) -> Result<RepoListing, Listing> {
     let api = api(env, 1 << 20).map_err(|e| Listing::Other(format!("{e:#}")))?;
     let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
-    let response = handle.info_request().send().await.map_err(|e| Listing::Unreachable(root_cause(&e)))?;
+    // With blobs, each file comes with its size: the range size of a download, no extra request.
+    let request = handle.info_request().query(&[("blobs", "true")]);
+    let response = request.send().await.map_err(|e| Listing::Unreachable(root_cause(&e)))?;
     let status = response.status();
     if !status.is_success() {
         return Err(Listing::Refused(status.as_u16()));
     }
-    let info: hf_hub::api::RepoInfo = response.json().await.map_err(|e| Listing::Other(e.to_string()))?;
-    Ok(RepoListing { commit: info.sha, files: info.siblings.into_iter().map(|s| s.rfilename).collect() })
+    let info: RepoInfo = response.json().await.map_err(|e| Listing::Other(e.to_string()))?;
+    let sizes = info.siblings.iter().filter_map(|s| Some((s.rfilename.clone(), s.size?))).collect();
+    Ok(RepoListing { commit: info.sha, files: info.siblings.into_iter().map(|s| s.rfilename).collect(), sizes })
 }
 
 /// The innermost cause of an error (reqwest's own message is only "error sending request").
@@ -221,7 +240,7 @@ async fn download(env: &HubEnv, repo: &str, revision: &str, listing: &RepoListin
         bail!("{repo}: config.json: not in the repository at revision `{revision}`; is it a llava checkpoint?");
     }
     for file in wanted_small_files(&listing.files) {
-        fetch(env, repo, revision, &snapshot, &file, false).await?;
+        fetch(env, repo, revision, &snapshot, &file, None).await?;
     }
     let index = "model.safetensors.index.json";
     let weights = if snapshot.join(index).exists() {
@@ -236,7 +255,7 @@ async fn download(env: &HubEnv, repo: &str, revision: &str, listing: &RepoListin
         if !listing.files.contains(file) {
             bail!("{repo}: {file}: named by the weight index but not in the repository at revision `{revision}`");
         }
-        fetch(env, repo, revision, &snapshot, file, true).await?;
+        fetch(env, repo, revision, &snapshot, file, Some(listing.sizes.get(file).copied().unwrap_or(0))).await?;
     }
     // The branch or tag now names this commit, also when every file was cached already, so
     // that an offline start finds it.
@@ -262,15 +281,22 @@ fn shards(index_json: &str) -> Result<Vec<String>> {
     Ok(files)
 }
 
-/// Downloads `file` into the snapshot unless it is there. A weights file is fetched in ranges
-/// sized to it, and a cut transfer is retried twice (each retry resumes where the last complete
-/// range ended).
-async fn fetch(env: &HubEnv, repo: &str, revision: &str, snapshot: &Path, file: &str, weights: bool) -> Result<()> {
+/// Downloads `file` into the snapshot unless it is there. A weights file (`weights`: its size
+/// in bytes) is fetched in ranges sized to it, and a cut transfer is retried twice (each retry
+/// resumes where the last complete range ended).
+async fn fetch(
+    env: &HubEnv,
+    repo: &str,
+    revision: &str,
+    snapshot: &Path,
+    file: &str,
+    weights: Option<u64>,
+) -> Result<()> {
     if snapshot.join(file).exists() {
         return Ok(());
     }
-    let (size, retries) = if weights { (file_size(env, repo, revision, file).await, 2) } else { (None, 0) };
-    let api = api(env, chunk_size(size.unwrap_or(0)))?;
+    let retries = if weights.is_some() { 2 } else { 0 };
+    let api = api(env, chunk_size(weights.unwrap_or(0)))?;
     let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
     for attempt in 0..=retries {
         match handle.download_with_progress(file, DownloadProgress::new(file)).await {
@@ -292,19 +318,6 @@ async fn fetch(env: &HubEnv, repo: &str, revision: &str, snapshot: &Path, file: 
         }
     }
     unreachable!("the loop returns")
-}
-
-/// The size of `file` (for the range size); none when the Hub does not say.
-async fn file_size(env: &HubEnv, repo: &str, revision: &str, file: &str) -> Option<u64> {
-    let url = format!("{}/{repo}/resolve/{}/{file}", env.endpoint, revision.replace('/', "%2F"));
-    let mut request = reqwest::Client::new().head(url);
-    if let Some(token) = &env.token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.ok()?;
-    let headers = response.headers();
-    let size = headers.get("x-linked-size").or_else(|| headers.get(reqwest::header::CONTENT_LENGTH))?;
-    size.to_str().ok()?.parse().ok()
 }
 
 fn http_status(error: &ApiError) -> Option<u16> {

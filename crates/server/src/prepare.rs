@@ -10,6 +10,7 @@ use crate::wire::{ChatMessage, ContentPart, MessageContent, SamplingFields};
 use candle_core::Device;
 use std::collections::HashMap;
 use weft_engine::{GenerateRequest, ImageInput, SamplingParams};
+use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{Message, Part};
 
 /// A chat request made ready for the engine.
@@ -232,16 +233,14 @@ pub fn chat_prompt(
 pub fn image_inputs(state: &AppState, images: &[image::DynamicImage]) -> Result<Vec<ImageInput>, ApiError> {
     images
         .iter()
-        .map(|img| {
-            let hash = weft_media::image_decode::pixel_hash(img);
-            let pixels = state
-                .processor
-                .batch(std::slice::from_ref(img), &Device::Cpu)
-                .and_then(|t| Ok(t.squeeze(0)?))
-                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-            Ok(ImageInput { pixels, hash })
-        })
+        .map(|img| image_input(&state.processor, img).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string())))
         .collect()
+}
+
+/// One picture as the engine takes it: its pixels, made on the CPU, and their content hash.
+pub fn image_input(processor: &ImageProcessor, img: &image::DynamicImage) -> weft_model::Result<ImageInput> {
+    let pixels = processor.batch(std::slice::from_ref(img), &Device::Cpu)?.squeeze(0)?;
+    Ok(ImageInput { pixels, hash: weft_media::image_decode::pixel_hash(img) })
 }
 
 /// The whole chat request, ready to submit. CPU-heavy (decoding, resizing): run it off the

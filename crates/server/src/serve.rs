@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_engine::config::defaults as engine_defaults;
-use weft_engine::{ConstraintCompiler, Engine, EngineConfig, GenerateRequest, Health, ImageInput};
+use weft_engine::{ConstraintCompiler, Engine, EngineConfig, GenerateRequest, Health};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{ChatTemplate, Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
@@ -63,8 +63,7 @@ fn warm_up_request(
     let encoded = tokenizer.encode_prompt(&renderer.render(&messages, true)?)?;
     let mut request = GenerateRequest::new(encoded.ids, 2);
     if encoded.num_images == 1 {
-        let pixels = processor.batch(std::slice::from_ref(&picture), &Device::Cpu)?.squeeze(0)?;
-        request.images = vec![ImageInput { pixels, hash: weft_media::image_decode::pixel_hash(&picture) }];
+        request.images = vec![crate::prepare::image_input(processor, &picture)?];
     }
     Ok(request)
 }
@@ -135,10 +134,6 @@ pub fn weight_options(dtype: &str, quantize: &str, on_cpu: bool) -> Result<(DTyp
     Ok((DType::F32, quantized))
 }
 
-fn device(args: &ServeArgs) -> Result<Device> {
-    parse_device(&args.device)
-}
-
 /// `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     if spec == "cpu" {
@@ -159,23 +154,53 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// The model and everything that turns requests into its inputs, as `weft serve` and
+/// `weft generate` both load them.
+pub struct ModelParts {
+    pub model: LlavaModel,
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub processor: ImageProcessor,
+    pub renderer: PromptRenderer,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelParts {
+    /// Loads the checkpoint in `model_dir` on `device` with the `--dtype`/`--quantize` values,
+    /// showing loading progress when `show_progress`.
+    pub fn load(
+        model_dir: &Path,
+        device: Device,
+        dtype: &str,
+        quantize: &str,
+        chat_template: Option<&Path>,
+        show_progress: bool,
+    ) -> Result<ModelParts> {
+        let on_cpu = device.is_cpu();
+        let (dtype, linear) = weight_options(&resolve_dtype(dtype, model_dir, on_cpu), quantize, on_cpu)?;
+        let (meter, progress) = crate::progress::loading_meter();
+        let progress = show_progress.then_some(progress);
+        let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear, progress })?;
+        meter.finish();
+        let cfg = model.config();
+        let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
+        let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
+        let renderer = match chat_template {
+            Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
+            None => PromptRenderer::BuiltIn,
+        };
+        let eos_token_ids = stop_token_ids(model_dir, &tokenizer)?;
+        Ok(ModelParts { model, tokenizer, processor, renderer, eos_token_ids })
+    }
+}
+
 /// Everything a request needs, loaded and warmed up.
 pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     let started = Instant::now();
     tracing::info!(model = %model_dir.display(), "loading the model");
-    let device = device(args)?;
-    let (dtype, linear) =
-        weight_options(&resolve_dtype(&args.dtype, model_dir, device.is_cpu()), &args.quantize, device.is_cpu())?;
-    let (meter, progress) = crate::progress::loading_meter();
-    let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear, progress: Some(progress) })?;
-    meter.finish();
+    let device = parse_device(&args.device)?;
+    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } =
+        ModelParts::load(model_dir, device, &args.dtype, &args.quantize, args.chat_template.as_deref(), true)?;
     let cfg = model.config().clone();
-    let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
-    let processor = ImageProcessor::from_dir(model_dir, cfg.vision.image_size)?;
-    let renderer = match &args.chat_template {
-        Some(path) => PromptRenderer::Jinja(Box::new(ChatTemplate::from_file(path)?)),
-        None => PromptRenderer::BuiltIn,
-    };
     let kv_cache_memory = match &args.kv_cache_memory {
         Some(text) => parse_bytes("kv_cache_memory", text)?,
         None => match gpu_memory(model.device()) {
@@ -193,7 +218,7 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         // The server's places bound the queue; the engine's own bound is only a backstop.
         max_waiting: admission_capacity(args),
         prefix_caching: !args.no_prefix_caching,
-        eos_token_ids: stop_token_ids(model_dir, &tokenizer)?,
+        eos_token_ids,
         ..EngineConfig::default()
     };
     let context_len = cfg.text.max_position_embeddings;
@@ -265,7 +290,7 @@ pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
 pub async fn run(args: ServeArgs) -> Result<()> {
     let model = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
     let source = ModelSource::parse(&model, args.revision.as_deref())?;
-    let on_cpu = device(&args)?.is_cpu();
+    let on_cpu = parse_device(&args.device)?.is_cpu();
     weight_options(&args.dtype, &args.quantize, on_cpu)?;
     if let Some(dir) = &args.allowed_local_media_path {
         if !dir.is_dir() {
