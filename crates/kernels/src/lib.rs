@@ -17,10 +17,14 @@ mod gemm512;
 mod matmul;
 mod packed;
 mod scalar;
+mod vector;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 pub use activations::{gelu_tanh, silu_mul, softmax_rows};
 pub use matmul::{matmul, matmul_using, matmul_with, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
+pub use vector::{scaled_dots, weighted_sum};
 
 use std::sync::OnceLock;
 
@@ -36,7 +40,8 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub enum Isa {
     Scalar,
     Avx2,
-    /// AVX-512F with the BF16 dot-product extension (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+    /// AVX-512F with the BF16 and VNNI dot-product extensions (and BW): Cooper Lake, Sapphire
+    /// Rapids, Zen 4 and later. bf16 weights use `vdpbf16ps`, 8-bit weights `vpdpbusd`.
     Avx512Bf16,
 }
 
@@ -45,7 +50,8 @@ impl Isa {
     pub fn detected() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512bf16") {
                 return Isa::Avx512Bf16;
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

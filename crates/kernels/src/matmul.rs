@@ -82,13 +82,20 @@ pub fn matmul_using(
         Kernel::Gemm => true,
     };
     #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512Bf16, Storage::Q8Panels(panels)) = (isa, &w.storage) {
+        // One loop nest for every row count (the module explains why). SAFETY: AVX-512F, BW
+        // and VNNI are available (isa <= detected).
+        unsafe { crate::vnni::matmul_q8(x, m, k, panels, n, kp, bias, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if let (true, Isa::Avx512Bf16, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
         // SAFETY: AVX-512F and AVX-512 BF16 are available (isa <= detected).
         unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if gemm && isa >= Isa::Avx2 && !(isa == Isa::Avx512Bf16 && matches!(w.storage, Storage::Bf16(_))) {
+    if gemm && isa >= Isa::Avx2 && matches!(w.storage, Storage::F32(_) | Storage::Q8 { .. }) {
         // SAFETY: AVX2 and FMA are available (isa <= detected).
         unsafe { crate::gemm::gemm_avx2(&pad_f32(x, m, k, kp), m, w, bias, out) };
         return;
@@ -116,7 +123,8 @@ pub fn matmul_using(
                 avx2::tile_q8(xs, mr, rows(values, j, nr, kp), rows(scales, j, nr, per_row), nr, kp, acc)
             });
         }
-        (_, Isa::Scalar) => {
+        // Scalar code, and 8-bit panels on a set below the one they were packed for.
+        (_, Isa::Scalar) | (Storage::Q8Panels(_), _) => {
             let xp = pad_f32(x, m, k, kp);
             job.run(&xp, 4, |xs, mr, j, nr, acc| scalar::tile(xs, mr, nr, kp, acc, |c, p| w.get(j + c, p)));
         }

@@ -2,7 +2,9 @@
 //! with zeros to a multiple of [`K_ALIGN`] so the inner loops never handle a ragged tail, in
 //! f32, bf16 or 8-bit blocks.
 
+use crate::Isa;
 use half::bf16;
+use rayon::prelude::*;
 
 /// Row length granularity: one AVX-512 register of bf16 pairs.
 pub const K_ALIGN: usize = 32;
@@ -30,6 +32,8 @@ pub(crate) enum Storage {
         values: Vec<i8>,
         scales: Vec<f32>,
     },
+    /// The same 8-bit blocks interleaved for AVX-512 VNNI (see [`crate::vnni`]).
+    Q8Panels(Q8Panels),
 }
 
 /// A linear layer's weight, `n` outputs by `k` inputs, ready for [`crate::matmul`].
@@ -43,14 +47,28 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs row-major `[n, k]` f32 values in `format`.
+    /// Packs row-major `[n, k]` f32 values in `format`, laid out for [`Isa::active`].
     pub fn from_f32(values: &[f32], n: usize, k: usize, format: WeightFormat) -> PackedWeight {
+        PackedWeight::from_f32_for(Isa::active(), values, n, k, format)
+    }
+
+    /// As [`PackedWeight::from_f32`], laid out for `isa`'s kernels: 8-bit weights are interleaved
+    /// in panels on AVX-512 (VNNI), row-major elsewhere. A weight packed for one set and
+    /// multiplied on a lower one still gives the right product, on the scalar path.
+    pub fn from_f32_for(isa: Isa, values: &[f32], n: usize, k: usize, format: WeightFormat) -> PackedWeight {
         assert_eq!(values.len(), n * k, "weight of {n}x{k} needs {} values", n * k);
         let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
         let storage = match format {
             WeightFormat::F32 => Storage::F32(pad_rows(values, n, k, kp, 0.0, |v| v)),
             WeightFormat::Bf16 => Storage::Bf16(bf16_rows(values, n, k, kp)),
-            WeightFormat::Q8 => quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v)),
+            WeightFormat::Q8 => {
+                let (values, scales) = quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v));
+                if isa == Isa::Avx512Bf16 {
+                    Storage::Q8Panels(Q8Panels::from_rows(&values, &scales, n, kp))
+                } else {
+                    Storage::Q8 { values, scales }
+                }
+            }
         };
         PackedWeight { n, k, kp, storage }
     }
@@ -74,7 +92,7 @@ impl PackedWeight {
         match self.storage {
             Storage::F32(_) => WeightFormat::F32,
             Storage::Bf16(_) => WeightFormat::Bf16,
-            Storage::Q8 { .. } => WeightFormat::Q8,
+            Storage::Q8 { .. } | Storage::Q8Panels(_) => WeightFormat::Q8,
         }
     }
 
@@ -84,6 +102,7 @@ impl PackedWeight {
             Storage::F32(v) => v.len() * 4,
             Storage::Bf16(v) => v.len() * 2,
             Storage::Q8 { values, scales } => values.len() + scales.len() * 4,
+            Storage::Q8Panels(panels) => panels.bytes(),
         }
     }
 
@@ -94,6 +113,7 @@ impl PackedWeight {
             Storage::F32(v) => v[i],
             Storage::Bf16(v) => bf16::from_bits(v[i]).to_f32(),
             Storage::Q8 { values, scales } => values[i] as f32 * scales[i / Q8_BLOCK],
+            Storage::Q8Panels(panels) => panels.get(row, col, self.kp),
         }
     }
 }
@@ -138,17 +158,79 @@ fn bf16_rows(values: &[f32], n: usize, k: usize, kp: usize) -> Vec<u16> {
 
 /// Symmetric 8-bit quantization of padded rows, one scale per block of [`Q8_BLOCK`]: the block's
 /// largest magnitude maps to 127.
-fn quantize_q8(padded: &[f32]) -> Storage {
-    let mut values = Vec::with_capacity(padded.len());
-    let mut scales = Vec::with_capacity(padded.len() / Q8_BLOCK);
-    for block in padded.chunks_exact(Q8_BLOCK) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        values.extend(block.iter().map(|v| (v * inverse).round().clamp(-127.0, 127.0) as i8));
-        scales.push(scale);
+/// Blocks in parallel: quantizing a 7b checkpoint one block at a time took most of its load.
+fn quantize_q8(padded: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut values = vec![0i8; padded.len()];
+    let mut scales = vec![0.0f32; padded.len() / Q8_BLOCK];
+    const BLOCKS_PER_TASK: usize = 1024;
+    values
+        .par_chunks_mut(Q8_BLOCK * BLOCKS_PER_TASK)
+        .zip(scales.par_chunks_mut(BLOCKS_PER_TASK))
+        .zip(padded.par_chunks(Q8_BLOCK * BLOCKS_PER_TASK))
+        .for_each(|((values, scales), padded)| {
+            for ((out, scale), block) in
+                values.chunks_exact_mut(Q8_BLOCK).zip(scales).zip(padded.chunks_exact(Q8_BLOCK))
+            {
+                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                *scale = amax / 127.0;
+                let inverse = if *scale > 0.0 { 1.0 / *scale } else { 0.0 };
+                for (q, v) in out.iter_mut().zip(block) {
+                    *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        });
+    (values, scales)
+}
+
+/// Weight rows per panel of [`Q8Panels`]: the 16 lanes of one vector of sums.
+pub(crate) const PANEL: usize = 16;
+/// Bytes of one block of one panel.
+pub(crate) const Q8_PANEL_BLOCK_BYTES: usize = PANEL * Q8_BLOCK;
+
+/// `[n, kp]` q8_0 weights in panels (see the module's comment).
+#[derive(Debug, Clone)]
+pub(crate) struct Q8Panels {
+    /// Per panel, per block, per group of 4 inputs: 16 rows x 4 bytes, each weight plus 128.
+    pub(crate) values: Vec<u8>,
+    /// Per panel, per block: the 16 rows' scales (0 for the padding rows).
+    pub(crate) scales: Vec<f32>,
+}
+
+impl Q8Panels {
+    /// Interleaves row-major quantized rows (`values` `[n, kp]`, `scales` `[n, kp / 32]`).
+    pub(crate) fn from_rows(values: &[i8], scales: &[f32], n: usize, kp: usize) -> Q8Panels {
+        let blocks = kp / Q8_BLOCK;
+        let panels = n.div_ceil(PANEL);
+        let mut out = Q8Panels {
+            values: vec![128; panels * blocks * Q8_PANEL_BLOCK_BYTES],
+            scales: vec![0.0; panels * blocks * PANEL],
+        };
+        let panel_values = out.values.par_chunks_mut(blocks * Q8_PANEL_BLOCK_BYTES);
+        panel_values.zip(out.scales.par_chunks_mut(blocks * PANEL)).enumerate().for_each(|(p, (dst, dst_scales))| {
+            for (r, row) in (p * PANEL..n.min((p + 1) * PANEL)).enumerate() {
+                for b in 0..blocks {
+                    let base = b * Q8_PANEL_BLOCK_BYTES;
+                    for (i, &v) in values[row * kp + b * Q8_BLOCK..][..Q8_BLOCK].iter().enumerate() {
+                        dst[base + i / 4 * 64 + r * 4 + i % 4] = (v as i16 + 128) as u8;
+                    }
+                    dst_scales[b * PANEL + r] = scales[row * blocks + b];
+                }
+            }
+        });
+        out
     }
-    Storage::Q8 { values, scales }
+
+    /// Weight `(row, col)` as the kernel sees it.
+    pub(crate) fn get(&self, row: usize, col: usize, kp: usize) -> f32 {
+        let blocks = kp / Q8_BLOCK;
+        let (p, r, b, i) = (row / PANEL, row % PANEL, col / Q8_BLOCK, col % Q8_BLOCK);
+        let v = self.values[(p * blocks + b) * Q8_PANEL_BLOCK_BYTES + i / 4 * 64 + r * 4 + i % 4] as i32 - 128;
+        v as f32 * self.scales[(p * blocks + b) * PANEL + r]
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.values.len() + self.scales.len() * 4
+    }
 }
 
 #[cfg(test)]

@@ -28,17 +28,32 @@ fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// Each row's activations quantized per block of 32 as the AVX-512 VNNI kernel does (scale
+/// `amax / 127`, multiplied by its inverse, rounded to nearest even) and turned back to values.
+fn quantized_per_block(x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(k.max(1)) {
+        for block in row.chunks(32) {
+            let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            out.extend(block.iter().map(|&v| (v * inverse).round_ties_even() as f64 * scale as f64).map(|v| v as f32));
+        }
+    }
+    out
+}
+
 /// `y = x W^T + b` in f64, with the weights as the kernels hold them (rounded or quantized) and,
-/// for AVX-512 BF16, the activations rounded to bf16 too. Also returns `sum |x| |w|` per output,
-/// the scale of the rounding error.
+/// on AVX-512, the activations as its kernels take them: rounded to bf16 for bf16 weights,
+/// quantized per block for 8-bit ones. Also returns `sum |x| |w|` per output, the scale of the
+/// rounding error.
 fn reference(x: &[f32], packed: &PackedWeight, b: &[f32], m: usize, isa: Isa) -> (Vec<f64>, Vec<f64>) {
     let (n, k, format) = (packed.rows(), packed.cols(), packed.format());
     let round = |v: f32| bf16::from_f32(v).to_f32();
     let w: Vec<f32> = (0..n * k).map(|i| packed.get(i / k, i % k)).collect();
-    let x: Vec<f32> = if format == WeightFormat::Bf16 && isa == Isa::Avx512Bf16 {
-        x.iter().map(|&v| round(v)).collect()
-    } else {
-        x.to_vec()
+    let x: Vec<f32> = match (format, isa) {
+        (WeightFormat::Bf16, Isa::Avx512Bf16) => x.iter().map(|&v| round(v)).collect(),
+        (WeightFormat::Q8, Isa::Avx512Bf16) => quantized_per_block(x, k),
+        _ => x.to_vec(),
     };
     let mut y = vec![0.0; m * n];
     let mut scale = vec![0.0; m * n];
@@ -67,9 +82,9 @@ fn every_path_matches_the_naive_product() {
         let w = random(n * k, &mut rng);
         let b = random(n, &mut rng);
         for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
-            let packed = PackedWeight::from_f32(&w, n, k, format);
-            assert_eq!((packed.rows(), packed.cols(), packed.format()), (n, k, format));
             for (&isa, kernel) in isas.iter().flat_map(|i| KERNELS.iter().map(move |&k| (i, k))) {
+                let packed = PackedWeight::from_f32_for(isa, &w, n, k, format);
+                assert_eq!((packed.rows(), packed.cols(), packed.format()), (n, k, format));
                 let (want, scale) = reference(&x, &packed, &b, m, isa);
                 let mut got = vec![f32::NAN; m * n];
                 matmul_using(isa, kernel, &x, m, &packed, Some(&b), &mut got);
@@ -90,6 +105,56 @@ fn every_path_matches_the_naive_product() {
     }
 }
 
+/// 8-bit weights on AVX-512 VNNI: every row's outputs are bit-identical whether it is multiplied
+/// alone or with 1 to 40 other rows (decode alone, batched decode, prefill), so a sequence's
+/// tokens do not depend on what else is running.
+#[test]
+fn q8_rows_do_not_depend_on_the_batch() {
+    if !Isa::available().contains(&Isa::Avx512Bf16) {
+        eprintln!("no AVX-512 VNNI here: skipped");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    let (k, n) = (1100, 83);
+    let packed = PackedWeight::from_f32_for(Isa::Avx512Bf16, &random(n * k, &mut rng), n, k, WeightFormat::Q8);
+    let b = random(n, &mut rng);
+    let x = random(41 * k, &mut rng);
+    let alone: Vec<Vec<f32>> = x
+        .chunks_exact(k)
+        .map(|row| {
+            let mut y = vec![0.0; n];
+            matmul_with(Isa::Avx512Bf16, row, 1, &packed, Some(&b), &mut y);
+            y
+        })
+        .collect();
+    for m in [2, 3, 5, 16, 41] {
+        let mut y = vec![0.0; m * n];
+        matmul_with(Isa::Avx512Bf16, &x[..m * k], m, &packed, Some(&b), &mut y);
+        for (i, row) in y.chunks_exact(n).enumerate() {
+            let same = row.iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "row {i} of {m} differs from the row alone");
+        }
+    }
+}
+
+/// A weight packed for AVX-512's 8-bit panels, multiplied on a lower set, is still right.
+#[test]
+fn q8_panels_on_a_lower_set_fall_back_correctly() {
+    if !Isa::available().contains(&Isa::Avx512Bf16) {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    let (m, k, n) = (3, 70, 21);
+    let (x, b) = (random(m * k, &mut rng), random(n, &mut rng));
+    let packed = PackedWeight::from_f32_for(Isa::Avx512Bf16, &random(n * k, &mut rng), n, k, WeightFormat::Q8);
+    let (want, scale) = reference(&x, &packed, &b, m, Isa::Avx2);
+    let mut got = vec![0.0; m * n];
+    matmul_with(Isa::Avx2, &x, m, &packed, Some(&b), &mut got);
+    for i in 0..m * n {
+        assert!((got[i] as f64 - want[i]).abs() <= 1e-5 * scale[i] + 1e-6, "[{i}] {} vs {}", got[i], want[i]);
+    }
+}
+
 #[test]
 fn bf16_bits_load_unrounded_and_no_bias_means_zero() {
     let bits: Vec<u16> = [1.5f32, -2.0, 0.25, 3.0, 0.5, -1.0].iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -104,10 +169,18 @@ fn bf16_bits_load_unrounded_and_no_bias_means_zero() {
 #[test]
 fn q8_blocks_keep_each_weight_within_half_a_step() {
     let mut rng = StdRng::seed_from_u64(3);
-    let (n, k) = (5, 70);
+    // 16 rows: one whole panel in the layout for AVX-512, so both layouts hold 9 bits a weight.
+    let (n, k) = (16, 70);
     let w = random(n * k, &mut rng);
-    let packed = PackedWeight::from_f32(&w, n, k, WeightFormat::Q8);
-    assert!(packed.bytes() < n * 96 * 2, "{} bytes", packed.bytes());
+    for isa in Isa::available() {
+        let packed = PackedWeight::from_f32_for(isa, &w, n, k, WeightFormat::Q8);
+        assert_eq!(packed.bytes(), n * 96 * 9 / 8, "{}", isa.name());
+        check_within_half_a_step(&packed, &w);
+    }
+}
+
+fn check_within_half_a_step(packed: &PackedWeight, w: &[f32]) {
+    let (n, k) = (packed.rows(), packed.cols());
     for row in 0..n {
         for block in (0..k).step_by(32) {
             let cols = block..(block + 32).min(k);

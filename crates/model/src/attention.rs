@@ -13,9 +13,11 @@ use rayon::prelude::*;
 use weft_kernels::{Isa, PackedWeight, WeightFormat};
 
 /// Whether attention next to `linear` (a projection of the same layer) runs here: its weights
-/// are bf16 and the CPU multiplies bf16 natively.
+/// are bf16 or 8-bit (formats that already trade exactness for speed; f32 stays exact) and the
+/// CPU multiplies bf16 natively.
 pub(crate) fn bf16_available(linear: &Linear, device: &Device) -> bool {
-    device.is_cpu() && linear.kernel_format() == Some(WeightFormat::Bf16) && Isa::active() == Isa::Avx512Bf16
+    let lossy = matches!(linear.kernel_format(), Some(WeightFormat::Bf16 | WeightFormat::Q8));
+    device.is_cpu() && lossy && Isa::active() == Isa::Avx512Bf16
 }
 
 /// One head's keys (`[len, hd]`) and transposed values (`[hd, len]`) gathered from the
@@ -190,13 +192,10 @@ pub(crate) fn decode_f32(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<O
         let query = &q[h * hd..(h + 1) * hd];
         let keys = &k_data[k_at + kvh * k_head..k_at + kvh * k_head + len * hd];
         let values = &v_data[v_at + kvh * v_head..v_at + kvh * v_head + len * hd];
-        let mut scores: Vec<f32> =
-            keys.chunks_exact(hd).map(|key| key.iter().zip(query).map(|(k, q)| k * q).sum::<f32>() * scale).collect();
+        let mut scores = vec![0.0f32; len];
+        weft_kernels::scaled_dots(query, keys, scale, &mut scores);
         weft_kernels::softmax_rows(&mut scores, len);
-        out.fill(0.0);
-        for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
-        }
+        weft_kernels::weighted_sum(&scores, values, out);
     };
     let mut ctx = vec![0.0f32; heads * hd];
     // Threads only where a head's work outweighs handing it over.

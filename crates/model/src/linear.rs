@@ -19,7 +19,8 @@ pub enum LinearFormat {
     /// bf16 weights, f32 activations: half the memory traffic of f32.
     Bf16,
     /// 8-bit weights with one scale per block of 32 (9 bits per weight), quantized at load time
-    /// and multiplied by Weft's kernels with f32 activations.
+    /// and multiplied by Weft's kernels: on AVX-512 VNNI CPUs with the activations quantized per
+    /// block of 32 too (integer products, as llama.cpp does), elsewhere with f32 activations.
     Q8_0,
     /// 4-bit k-quants in super-blocks of 256 (4.5 bits per weight), quantized at load time and
     /// multiplied by candle's ggml-style kernels (which quantize activations to 8 bits too).

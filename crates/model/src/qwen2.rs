@@ -8,6 +8,7 @@ use crate::layers::{silu_mul, softmax_f32, RmsNorm};
 use crate::linear::{Linear, LinearFormat};
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 /// Queries are processed in blocks of at most this many rows, so a long prompt never
 /// materialises its full `T x T` score matrix...
@@ -107,21 +108,29 @@ impl Attention {
         let q = rotary.apply(&heads_first(self.q.forward(x)?, self.heads)?, positions)?;
         let k = rotary.apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, positions)?;
         let v = heads_first(self.v.forward(x)?, self.kv_heads)?;
-        let mut outputs = Vec::with_capacity(seqs.len());
-        for ((seq, &(start, len)), mask) in seqs.iter_mut().zip(spans).zip(masks) {
+        let mut attend = Vec::with_capacity(seqs.len());
+        for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
             let past = seq.cache.len();
             let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
-            let block = query_block_rows(self.heads, keys.dim(1)?);
-            let q = q.narrow(1, start, len)?;
-            let out = if self.uses_bf16_kernels(len, x.device()) {
-                crate::attention::causal_bf16(&q, &keys, &values, past, block)?
-            } else if let Some(out) = crate::attention::decode_f32(&q, &keys, &values)? {
-                out
-            } else {
-                causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)?
-            };
-            outputs.push(out);
+            attend.push((past, start, len, keys, values));
         }
+        // Sequences attend in parallel: a decode step's attention is one small product per
+        // sequence and head, and one thread doing all of them left the others idle.
+        let outputs = attend
+            .into_par_iter()
+            .zip(masks)
+            .map(|((past, start, len, keys, values), mask)| {
+                let block = query_block_rows(self.heads, keys.dim(1)?);
+                let q = q.narrow(1, start, len)?;
+                if self.uses_bf16_kernels(len, x.device()) {
+                    crate::attention::causal_bf16(&q, &keys, &values, past, block)
+                } else if let Some(out) = crate::attention::decode_f32(&q, &keys, &values)? {
+                    Ok(out)
+                } else {
+                    causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         // [heads, T, hd] -> [T, heads * hd]
         let ctx = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((total, self.heads * hd))?;
         self.o.forward(&ctx)
