@@ -43,6 +43,23 @@ pub fn gelu_tanh(x: &mut [f32]) {
     });
 }
 
+/// RMSNorm of every row of `weight.len()` values: `out = x / sqrt(mean(x^2) + eps) * weight`,
+/// the mean of squares summed in f64 (exact enough to match any summation order in f32).
+pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    assert!(d > 0 && x.len() == out.len() && x.len().is_multiple_of(d), "{} values are not rows of {d}", x.len());
+    let rows_per_chunk = (CHUNK / d).max(1);
+    out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).for_each(|(out, x)| {
+        for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let squares: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let inverse = 1.0 / ((squares / d as f64) as f32 + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                *o = v * inverse * w;
+            }
+        }
+    });
+}
+
 /// Softmax of every row of `row_len` values, in place.
 pub fn softmax_rows(x: &mut [f32], row_len: usize) {
     assert!(row_len > 0 && x.len().is_multiple_of(row_len), "{} values are not rows of {row_len}", x.len());

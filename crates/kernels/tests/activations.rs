@@ -2,7 +2,7 @@
 //! with ragged tails, over the range the networks produce (and far beyond, where exp saturates).
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{gelu_tanh, scaled_dots, silu_mul, softmax_rows, weighted_sum};
+use weft_kernels::{gelu_tanh, rms_norm_rows, scaled_dots, silu_mul, softmax_rows, weighted_sum};
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
     let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-spread..spread)).collect();
@@ -95,6 +95,24 @@ fn one_row_dots_and_weighted_sums_match_f64() {
             let want: f64 = (0..rows).map(|i| scores[i] as f64 * keys[i * d + p] as f64).sum();
             let scale: f64 = (0..rows).map(|i| (scores[i] * keys[i * d + p]).abs() as f64).sum();
             assert!((o as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{rows}x{d} sum {p}: {o} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn rms_norm_rows_match_f64() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for (rows, d) in [(1, 1), (3, 7), (700, 64), (2, 1024)] {
+        let x: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-40.0..40.0)).collect();
+        let weight: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let mut out = vec![f32::NAN; rows * d];
+        rms_norm_rows(&x, &weight, 1e-6, &mut out);
+        for (o, row) in out.chunks(d).zip(x.chunks(d)) {
+            let mean: f64 = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inverse = 1.0 / (mean + 1e-6).sqrt();
+            for ((&got, &v), &w) in o.iter().zip(row).zip(&weight) {
+                close(got, v as f64 * inverse * w as f64, 1e-6, &format!("rms_norm {v} x {w}"));
+            }
         }
     }
 }

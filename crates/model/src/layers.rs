@@ -5,6 +5,7 @@
 use crate::error::Result;
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 
 /// LayerNorm with weight and bias (SigLIP).
 #[derive(Debug, Clone)]
@@ -37,6 +38,13 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if on_cpu_in_f32(x) && self.weight.dtype() == DType::F32 {
+            // One pass per row on the kernels; candle took seven, each allocating.
+            let weight = self.weight.to_vec1::<f32>()?;
+            let mut out = vec![0.0f32; x.elem_count()];
+            with_f32_values(x, |values| weft_kernels::rms_norm_rows(values, &weight, self.eps as f32, &mut out))?;
+            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -58,13 +66,24 @@ pub fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
     Ok(probs.to_dtype(dtype)?)
 }
 
-/// `silu(gate) * up` (Qwen2's MLP), fused.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if on_cpu_in_f32(gate) && on_cpu_in_f32(up) {
-        let up = up.flatten_all()?.to_vec1::<f32>()?;
-        return map_values(gate, |values| weft_kernels::silu_mul(values, &up));
+/// `silu(gate) * up` (Qwen2's MLP) from `[.., 2 i]` rows holding the gate's `i` values, then
+/// the up projection's: `[.., i]`.
+pub fn silu_mul_halves(fused: &Tensor) -> Result<Tensor> {
+    let width = fused.dim(D::Minus1)? / 2;
+    let mut dims = fused.dims().to_vec();
+    *dims.last_mut().expect("at least one dimension") = width;
+    if on_cpu_in_f32(fused) {
+        let mut out = vec![0.0f32; fused.elem_count() / 2];
+        with_f32_values(fused, |values| {
+            out.par_chunks_mut(width).zip(values.par_chunks(2 * width)).for_each(|(out, row)| {
+                out.copy_from_slice(&row[..width]);
+                weft_kernels::silu_mul(out, &row[width..]);
+            })
+        })?;
+        return Ok(Tensor::from_vec(out, dims, fused.device())?);
     }
-    Ok((candle_nn::ops::silu(gate)? * up)?)
+    let gate = fused.narrow(D::Minus1, 0, width)?;
+    Ok((candle_nn::ops::silu(&gate)? * fused.narrow(D::Minus1, width, width)?)?)
 }
 
 /// The tanh approximation of GELU (SigLIP's `gelu_pytorch_tanh`).
@@ -78,6 +97,19 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// Whether the kernels' elementwise paths apply.
 fn on_cpu_in_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `f` on the values of an f32 CPU tensor, in row-major order: borrowed where they lie when the
+/// tensor is contiguous (no copy), copied out otherwise.
+pub(crate) fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.is_contiguous() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
 
 /// A copy of an f32 CPU tensor with `kernel` applied to its values.

@@ -4,6 +4,7 @@
 //! and candle's matmul for f16 or on a GPU.
 
 use crate::error::{ModelError, Result};
+use crate::layers::with_f32_values;
 use crate::weights::Scope;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -101,6 +102,24 @@ impl Linear {
         Linear::new(weight, bias, scope.linear_format())
     }
 
+    /// Several layers that read the same input loaded as one (their outputs side by side, in
+    /// order): `parts` are each layer's scope and output size. One product instead of several
+    /// reads and converts (or quantizes) the input once and keeps every core busy on a wider
+    /// matrix; rows are quantized one by one, so each part's weights are exactly as if alone.
+    pub fn load_fused(parts: &[(Scope, usize)], in_dim: usize, bias: bool) -> Result<Self> {
+        let format = parts[0].0.linear_format();
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for (scope, out_dim) in parts {
+            weights.push(scope.get("weight", &[*out_dim, in_dim])?);
+            if bias {
+                biases.push(scope.get("bias", &[*out_dim])?);
+            }
+        }
+        let bias = if bias { Some(Tensor::cat(&biases, 0)?) } else { None };
+        Linear::new(Tensor::cat(&weights, 0)?, bias, format)
+    }
+
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
@@ -123,9 +142,9 @@ impl Linear {
             Backend::Candle(w) => add_bias(flat.matmul(&w.t()?)?, &self.bias)?,
             Backend::Quantized(q) => add_bias(q.forward(&flat.to_dtype(DType::F32)?.contiguous()?)?, &self.bias)?,
             Backend::Packed(w) => {
-                let input = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = vec![0.0f32; rows * self.out_dim];
-                weft_kernels::matmul(&input, rows, w, self.bias_f32.as_deref().map(Vec::as_slice), &mut out);
+                let bias = self.bias_f32.as_deref().map(Vec::as_slice);
+                with_f32_values(&flat, |input| weft_kernels::matmul(input, rows, w, bias, &mut out))?;
                 Tensor::from_vec(out, (rows, self.out_dim), x.device())?
             }
         };

@@ -4,7 +4,7 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvLedger};
-use crate::layers::{silu_mul, softmax_f32, RmsNorm};
+use crate::layers::{silu_mul_halves, softmax_f32, RmsNorm};
 use crate::linear::{Linear, LinearFormat};
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
@@ -59,9 +59,8 @@ impl Rotary {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The query, key and value projections as one product (outputs in that order).
+    qkv: Linear,
     o: Linear,
     heads: usize,
     kv_heads: usize,
@@ -72,9 +71,15 @@ impl Attention {
     fn load(scope: &Scope, cfg: &TextConfig) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         Ok(Attention {
-            q: Linear::load(&scope.pp("q_proj"), h, cfg.num_attention_heads * hd, true)?,
-            k: Linear::load(&scope.pp("k_proj"), h, cfg.num_key_value_heads * hd, true)?,
-            v: Linear::load(&scope.pp("v_proj"), h, cfg.num_key_value_heads * hd, true)?,
+            qkv: Linear::load_fused(
+                &[
+                    (scope.pp("q_proj"), cfg.num_attention_heads * hd),
+                    (scope.pp("k_proj"), cfg.num_key_value_heads * hd),
+                    (scope.pp("v_proj"), cfg.num_key_value_heads * hd),
+                ],
+                h,
+                true,
+            )?,
             o: Linear::load(&scope.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -85,7 +90,7 @@ impl Attention {
     /// Whether a chunk of `rows` new tokens runs on the bf16 attention kernels (prefill chunks
     /// where they run; a decode step's one row is cheaper on candle than packing the whole cache).
     fn uses_bf16_kernels(&self, rows: usize, device: &Device) -> bool {
-        rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.q, device)
+        rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.qkv, device)
     }
 
     /// `x`: `[T, hidden]` for all sequences; `spans[i]` is sequence i's `(start, len)` in `x`;
@@ -103,11 +108,14 @@ impl Attention {
     ) -> Result<Tensor> {
         let total = x.dim(0)?;
         let hd = self.head_dim;
-        let heads_first =
-            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((total, n, hd))?.transpose(0, 1)?.contiguous()?) };
-        let q = rotary.apply(&heads_first(self.q.forward(x)?, self.heads)?, positions)?;
-        let k = rotary.apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, positions)?;
-        let v = heads_first(self.v.forward(x)?, self.kv_heads)?;
+        // [T, (heads + 2 kv_heads) * hd] -> heads first, one part at a time.
+        let all_heads = self.qkv.forward(x)?.reshape((total, self.heads + 2 * self.kv_heads, hd))?;
+        let heads_first = |first: usize, n: usize| -> Result<Tensor> {
+            Ok(all_heads.narrow(1, first, n)?.transpose(0, 1)?.contiguous()?)
+        };
+        let q = rotary.apply(&heads_first(0, self.heads)?, positions)?;
+        let k = rotary.apply(&heads_first(self.heads, self.kv_heads)?, positions)?;
+        let v = heads_first(self.heads + self.kv_heads, self.kv_heads)?;
         let mut attend = Vec::with_capacity(seqs.len());
         for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
             let past = seq.cache.len();
@@ -195,8 +203,8 @@ fn causal_mask(rows: usize, kv_len: usize, first: usize, device: &Device) -> Res
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// The gate and up projections as one product (gate first).
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -204,14 +212,13 @@ impl Mlp {
     fn load(scope: &Scope, cfg: &TextConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate: Linear::load(&scope.pp("gate_proj"), h, i, false)?,
-            up: Linear::load(&scope.pp("up_proj"), h, i, false)?,
+            gate_up: Linear::load_fused(&[(scope.pp("gate_proj"), i), (scope.pp("up_proj"), i)], h, false)?,
             down: Linear::load(&scope.pp("down_proj"), i, h, false)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        let gated = silu_mul_halves(&self.gate_up.forward(x)?)?;
         self.down.forward(&gated)
     }
 }

@@ -9,9 +9,8 @@ use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The query, key and value projections as one product (outputs in that order).
+    qkv: Linear,
     out: Linear,
     heads: usize,
     scale: f64,
@@ -21,9 +20,11 @@ impl Attention {
     fn load(scope: &Scope, cfg: &VisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Attention {
-            q: Linear::load(&scope.pp("q_proj"), d, d, true)?,
-            k: Linear::load(&scope.pp("k_proj"), d, d, true)?,
-            v: Linear::load(&scope.pp("v_proj"), d, d, true)?,
+            qkv: Linear::load_fused(
+                &[(scope.pp("q_proj"), d), (scope.pp("k_proj"), d), (scope.pp("v_proj"), d)],
+                d,
+                true,
+            )?,
             out: Linear::load(&scope.pp("out_proj"), d, d, true)?,
             heads: cfg.num_attention_heads,
             scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
@@ -36,8 +37,9 @@ impl Attention {
         let hd = d / self.heads;
         let split =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        if crate::attention::bf16_available(&self.q, x.device()) {
+        let qkv = self.qkv.forward(x)?;
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        if crate::attention::bf16_available(&self.qkv, x.device()) {
             let ctx = crate::attention::full_bf16(&q, &k, &v, self.heads, self.scale as f32)?;
             return self.out.forward(&ctx);
         }
