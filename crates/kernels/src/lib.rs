@@ -3,9 +3,10 @@
 //! too). Few rows (decode) run dot-product tiles that stream the weights; many rows (prefill,
 //! vision, batched decode) run an outer-product GEMM.
 //!
-//! The instruction set is picked once at run time: AVX-512 BF16 dot products where the CPU has
-//! them (bf16 weights only), AVX2 + FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2`
-//! forces a slower path (to test it, or to rule the fast one out).
+//! The instruction set is picked once at run time: AVX-512 with BF16 and VNNI dot products where
+//! the CPU has them (`vdpbf16ps` for bf16 weights, `vpdpbusd` for 8-bit ones, [`vnni`]), AVX2 +
+//! FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2` forces a slower path (to test it, or
+//! to rule the fast one out).
 
 mod activations;
 mod avx2;

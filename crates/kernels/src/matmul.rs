@@ -1,7 +1,8 @@
 //! The driver: picks the loop nest (the outer-product GEMM of [`crate::gemm`] for many rows,
 //! dot-product tiles for few), and for the tiles splits `y = x W^T` into blocks of weight rows
 //! that stay in L2, hands the blocks to rayon's pool, and walks each block in small register
-//! tiles computed by the ISA kernels.
+//! tiles computed by the ISA kernels. 8-bit weights on AVX-512 have one loop nest of their own
+//! for every row count ([`crate::vnni`]).
 
 use crate::packed::{PackedWeight, Storage, WeightFormat, Q8_BLOCK};
 use crate::{avx2, avx512, scalar, Isa};
@@ -21,7 +22,8 @@ pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
 /// from 32 rows (8-bit, 1.1-1.2x) and 64 (bf16, 0.96x at 32); at 512 rows the GEMM is 1.0-1.1x
 /// (f32), 1.2-1.8x (bf16) and 1.1-1.35x (8-bit). On AVX-512 BF16 the bf16 GEMM
 /// ([`crate::gemm512`]) reads its weights in place and wins from 32 rows (1.44x at 32, 0.72x
-/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores).
+/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores). (8-bit weights on
+/// AVX-512 take neither: see [`crate::vnni`].)
 fn gemm_min_rows(format: WeightFormat, isa: Isa) -> usize {
     match (format, isa) {
         (WeightFormat::F32, _) => 16,
