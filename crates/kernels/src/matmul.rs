@@ -97,6 +97,12 @@ pub fn matmul_using(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if let (true, Isa::Avx512Bf16, Storage::F32(values)) = (gemm, isa, &w.storage) {
+        // SAFETY: AVX-512F is available (isa <= detected).
+        unsafe { crate::gemm512::gemm_f32(x, m, w, values, bias, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if gemm && isa >= Isa::Avx2 && matches!(w.storage, Storage::F32(_) | Storage::Q8 { .. }) {
         // SAFETY: AVX2 and FMA are available (isa <= detected).
         unsafe { crate::gemm::gemm_avx2(&pad_f32(x, m, k, kp), m, w, bias, out) };
