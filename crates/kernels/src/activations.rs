@@ -131,24 +131,33 @@ mod x86 {
     use super::{exp_shifted_scalar, gelu_tanh_scalar, silu_mul_scalar, GELU_CUBIC, GELU_SCALE};
     use std::arch::x86_64::*;
 
+    /// Below this `e^x` is 0 (f32 would go subnormal); above the other bound it would overflow.
+    const EXP_LOW: f32 = -87.336_55;
+    const EXP_HIGH: f32 = 88.0;
+    /// ln 2 split in two, so `x - n ln2` keeps its low bits (Cephes).
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    /// Cephes' degree-6 polynomial for `(e^r - 1 - r) / r^2`, highest power first.
+    const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
     /// `e^x` in eight lanes: `x = n ln2 + r`, `e^r` by Cephes' degree-6 polynomial, `2^n` in the
     /// exponent bits. Inputs are clamped to where f32 neither overflows nor goes subnormal, and
     /// below that range the result is 0 (so a masked score of -inf weighs exactly nothing).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn exp8(input: __m256) -> __m256 {
-        let low = _mm256_set1_ps(-87.336_55);
+        let low = _mm256_set1_ps(EXP_LOW);
         let visible = _mm256_cmp_ps::<_CMP_GE_OQ>(input, low);
-        let x = _mm256_min_ps(_mm256_max_ps(input, low), _mm256_set1_ps(88.0));
+        let x = _mm256_min_ps(_mm256_max_ps(input, low), _mm256_set1_ps(EXP_HIGH));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HIGH), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LOW), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
         let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
@@ -159,18 +168,18 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn exp16(input: __m512) -> __m512 {
-        let low = _mm512_set1_ps(-87.336_55);
+        let low = _mm512_set1_ps(EXP_LOW);
         let visible = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(input, low);
-        let x = _mm512_min_ps(_mm512_max_ps(input, low), _mm512_set1_ps(88.0));
+        let x = _mm512_min_ps(_mm512_max_ps(input, low), _mm512_set1_ps(EXP_HIGH));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HIGH), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LOW), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         let e_r = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
         let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));

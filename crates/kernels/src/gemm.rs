@@ -26,14 +26,14 @@ const MAX_BLOCK_ROWS: usize = 96;
 /// the copy took 46% of a batched decode step).
 const IN_PLACE_MAX_PANELS: usize = 4;
 
-/// `out[m, n] = x[m, k] W^T + bias`, `x` already padded to rows of `kp`.
+/// `out[m, n] = x[m, k] W^T + bias`.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
 pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, kp) = (w.n, w.kp);
     let mut storage = Vec::new();
-    let panels = pack_panels(x, m, kp, &mut storage);
+    let panels = pack_transposed(x, m, w.k, kp, IR, &mut storage);
     let n_panels = m.div_ceil(IR);
     let block = block_rows(n);
     let out_ptr = SharedOut(out.as_mut_ptr());
@@ -84,26 +84,39 @@ fn block_rows(n: usize) -> usize {
     (n.div_ceil(blocks).div_ceil(JR) * JR).clamp(JR, MAX_BLOCK_ROWS)
 }
 
-/// `x` as panels of 16 rows, each `[kp][16]` (row `i0 + r`, input `p` at `p * 16 + r`), the last
-/// panel padded with zero rows. Panels are packed in parallel: with 4,864 inputs (the MLP's
-/// down projection) a serial pass took 15% of the product.
-///
-/// The panels start on a cache line (inside `storage`): 32-byte loads from a 16-byte aligned
-/// allocation split every other line, which cost a quarter of the GEMM's speed.
-fn pack_panels<'a>(x: &[f32], m: usize, kp: usize, storage: &'a mut Vec<f32>) -> &'a [f32] {
-    const LINE_FLOATS: usize = 16;
-    let len = m.div_ceil(IR) * kp * IR;
-    *storage = vec![0.0; len + LINE_FLOATS];
-    let skip = storage.as_ptr().align_offset(64).min(LINE_FLOATS);
-    let panels = &mut storage[skip..skip + len];
-    panels.par_chunks_mut(kp * IR).zip(x.par_chunks(kp * IR)).for_each(|(panel, rows)| {
-        for (r, row) in rows.chunks_exact(kp).enumerate() {
-            for (p, &v) in row.iter().enumerate() {
-                panel[p * IR + r] = v;
+/// `x` (`[m, k]`) as panels of `ir` rows, each `[kp][ir]` (row `r` of the panel, input `p` at
+/// `p * ir + r`), zero-padded to `kp` inputs and to whole panels. Panels are packed in
+/// parallel: with 4,864 inputs (the MLP's down projection) a serial pass took 15% of the
+/// product. The AVX2 GEMM's panels are 16 rows, AVX-512's f32 GEMM's 32.
+pub(crate) fn pack_transposed<'a>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kp: usize,
+    ir: usize,
+    storage: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let panels = aligned(storage, m.div_ceil(ir) * kp * ir);
+    if k > 0 {
+        panels.par_chunks_mut(kp * ir).zip(x.par_chunks(k * ir)).for_each(|(panel, rows)| {
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * ir + r] = v;
+                }
             }
-        }
-    });
+        });
+    }
     panels
+}
+
+/// A zeroed buffer of `len` units starting on a cache line, inside `storage`: vector loads from
+/// a 16-byte aligned allocation split every line they cross, which cost a quarter of the AVX2
+/// GEMM's speed.
+pub(crate) fn aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
+    let line = 64 / std::mem::size_of::<T>();
+    *storage = vec![T::default(); len + line];
+    let skip = storage.as_ptr().align_offset(64).min(line);
+    &mut storage[skip..skip + len]
 }
 
 /// Rows `rows`, inputs `p0..p0 + kc`, of the weights as f32 rows of `kc` in `out`. f32 rows are

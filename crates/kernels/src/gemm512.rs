@@ -9,6 +9,7 @@
 //! brings 16 rows' values of two inputs. Weights are read where they lie: bf16 rows store each
 //! pair of inputs side by side already, so no widening pass is needed.
 
+use crate::gemm::{aligned, pack_transposed};
 use crate::matmul::SharedOut;
 use crate::packed::PackedWeight;
 use rayon::prelude::*;
@@ -62,7 +63,7 @@ pub(crate) unsafe fn gemm_f32(
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(values.len() >= n * kp && x.len() >= m * k);
     let mut storage = Vec::new();
-    let panels = pack_panels_f32(x, m, k, kp, &mut storage);
+    let panels = pack_transposed(x, m, k, kp, IR, &mut storage);
     drive(m, n, panels, kp * IR, bias, out, |xs, g, jr, sums| {
         // SAFETY: the caller vouches for the CPU; `xs` is one panel, `values` holds rows
         // g..g + jr of kp values.
@@ -112,15 +113,6 @@ fn drive<P: Sync>(
     });
 }
 
-/// A zeroed buffer of `len` units starting on a cache line, inside `storage`: 64-byte loads
-/// from a 16-byte aligned allocation split every line they touch.
-fn aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
-    let line = 64 / std::mem::size_of::<T>();
-    *storage = vec![T::default(); len + line];
-    let skip = storage.as_ptr().align_offset(64).min(line);
-    &mut storage[skip..skip + len]
-}
-
 /// Weight rows per parallel block: at most [`MAX_BLOCK_ROWS`], a multiple of [`JR`], in a
 /// number of blocks that the threads share evenly (at least two each, for balance).
 fn block_rows(n: usize) -> usize {
@@ -155,22 +147,6 @@ unsafe fn pack_panels<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a
     panels
 }
 
-/// `x` as panels of 32 rows, `[kp][32]` values each (row `r`, input `p` at `p * 32 + r`),
-/// zero-padded to `kp` inputs and to whole panels; packed in parallel, panel by panel.
-fn pack_panels_f32<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<f32>) -> &'a [f32] {
-    let panels = aligned(storage, m.div_ceil(IR) * kp * IR);
-    if k > 0 {
-        panels.par_chunks_mut(kp * IR).zip(x.par_chunks(k * IR)).for_each(|(panel, rows)| {
-            for (r, row) in rows.chunks_exact(k).enumerate() {
-                for (p, &v) in row.iter().enumerate() {
-                    panel[p * IR + r] = v;
-                }
-            }
-        });
-    }
-    panels
-}
-
 /// `src` rounded to bf16 bits (to nearest, ties to even) in `dst`, 32 values at a time.
 ///
 /// # Safety
@@ -182,6 +158,19 @@ pub(crate) unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
 mod x86 {
     use super::{IR, JR};
     use std::arch::x86_64::*;
+
+    /// `$kernel::<jr>(args)` for a tile of 1 to [`JR`] weight rows.
+    macro_rules! by_rows {
+        ($kernel:ident, $jr:expr, ($($arg:expr),*)) => {
+            match $jr {
+                1 => $kernel::<1>($($arg),*), 2 => $kernel::<2>($($arg),*), 3 => $kernel::<3>($($arg),*),
+                4 => $kernel::<4>($($arg),*), 5 => $kernel::<5>($($arg),*), 6 => $kernel::<6>($($arg),*),
+                7 => $kernel::<7>($($arg),*), 8 => $kernel::<8>($($arg),*), 9 => $kernel::<9>($($arg),*),
+                10 => $kernel::<10>($($arg),*), 11 => $kernel::<11>($($arg),*), JR => $kernel::<JR>($($arg),*),
+                jr => unreachable!("no {jr}-row tile"),
+            }
+        };
+    }
 
     /// `row` rounded to bf16 (to nearest, ties to even) into the start of `out`, 32 at a time.
     ///
@@ -208,21 +197,7 @@ mod x86 {
     /// `jr` rows of `kp`.
     #[inline]
     pub(super) unsafe fn tile(xs: *const u16, w: *const u16, kp: usize, jr: usize, sums: &mut [[f32; IR]; JR]) {
-        match jr {
-            1 => tile_const::<1>(xs, w, kp, sums),
-            2 => tile_const::<2>(xs, w, kp, sums),
-            3 => tile_const::<3>(xs, w, kp, sums),
-            4 => tile_const::<4>(xs, w, kp, sums),
-            5 => tile_const::<5>(xs, w, kp, sums),
-            6 => tile_const::<6>(xs, w, kp, sums),
-            7 => tile_const::<7>(xs, w, kp, sums),
-            8 => tile_const::<8>(xs, w, kp, sums),
-            9 => tile_const::<9>(xs, w, kp, sums),
-            10 => tile_const::<10>(xs, w, kp, sums),
-            11 => tile_const::<11>(xs, w, kp, sums),
-            JR => tile_const::<JR>(xs, w, kp, sums),
-            _ => unreachable!("no {jr}-row tile"),
-        }
+        by_rows!(tile_const, jr, (xs, w, kp, sums))
     }
 
     /// As [`tile`], for f32 weights and a `[kp][32]` f32 panel.
@@ -231,21 +206,7 @@ mod x86 {
     /// The CPU has AVX-512F; `xs` holds a panel of `kp * 32` values and `w` `jr` rows of `kp`.
     #[inline]
     pub(super) unsafe fn tile_f32(xs: *const f32, w: *const f32, kp: usize, jr: usize, sums: &mut [[f32; IR]; JR]) {
-        match jr {
-            1 => tile_f32_const::<1>(xs, w, kp, sums),
-            2 => tile_f32_const::<2>(xs, w, kp, sums),
-            3 => tile_f32_const::<3>(xs, w, kp, sums),
-            4 => tile_f32_const::<4>(xs, w, kp, sums),
-            5 => tile_f32_const::<5>(xs, w, kp, sums),
-            6 => tile_f32_const::<6>(xs, w, kp, sums),
-            7 => tile_f32_const::<7>(xs, w, kp, sums),
-            8 => tile_f32_const::<8>(xs, w, kp, sums),
-            9 => tile_f32_const::<9>(xs, w, kp, sums),
-            10 => tile_f32_const::<10>(xs, w, kp, sums),
-            11 => tile_f32_const::<11>(xs, w, kp, sums),
-            JR => tile_f32_const::<JR>(xs, w, kp, sums),
-            _ => unreachable!("no {jr}-row tile"),
-        }
+        by_rows!(tile_f32_const, jr, (xs, w, kp, sums))
     }
 
     #[target_feature(enable = "avx512f")]

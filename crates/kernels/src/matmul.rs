@@ -87,7 +87,7 @@ pub fn matmul_using(
     if let (Isa::Avx512Bf16, Storage::Q8Panels(panels)) = (isa, &w.storage) {
         // One loop nest for every row count (the module explains why). SAFETY: AVX-512F, BW
         // and VNNI are available (isa <= detected).
-        unsafe { crate::vnni::matmul_q8(x, m, k, panels, n, kp, bias, out) };
+        unsafe { crate::vnni::matmul_q8(x, m, w, panels, bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -105,7 +105,7 @@ pub fn matmul_using(
     #[cfg(target_arch = "x86_64")]
     if gemm && isa >= Isa::Avx2 && matches!(w.storage, Storage::F32(_) | Storage::Q8 { .. }) {
         // SAFETY: AVX2 and FMA are available (isa <= detected).
-        unsafe { crate::gemm::gemm_avx2(&pad_f32(x, m, k, kp), m, w, bias, out) };
+        unsafe { crate::gemm::gemm_avx2(x, m, w, bias, out) };
         return;
     }
     let job = Job { m, n, kp, bias, out: SharedOut(out.as_mut_ptr()) };

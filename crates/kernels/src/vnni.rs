@@ -15,7 +15,7 @@
 //! 40 gets bit-identical logits.
 
 use crate::matmul::SharedOut;
-use crate::packed::{Q8Panels, PANEL, Q8_BLOCK, Q8_PANEL_BLOCK_BYTES as BLOCK_BYTES};
+use crate::packed::{PackedWeight, Q8Panels, PANEL, Q8_BLOCK, Q8_PANEL_BLOCK_BYTES as BLOCK_BYTES};
 use rayon::prelude::*;
 
 /// Activation rows per register tile.
@@ -38,17 +38,15 @@ struct QuantRows {
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul_q8(
     x: &[f32],
     m: usize,
-    k: usize,
+    packed: &PackedWeight,
     w: &Q8Panels,
-    n: usize,
-    kp: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    let (n, k, kp) = (packed.n, packed.k, packed.kp);
     let blocks = kp / Q8_BLOCK;
     // SAFETY: the caller vouches for the CPU.
     let act = unsafe { quantize_rows(x, m, k, kp) };

@@ -40,9 +40,11 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if on_cpu_in_f32(x) && self.weight.dtype() == DType::F32 {
             // One pass per row on the kernels; candle took seven, each allocating.
-            let weight = self.weight.to_vec1::<f32>()?;
             let mut out = vec![0.0f32; x.elem_count()];
-            with_f32_values(x, |values| weft_kernels::rms_norm_rows(values, &weight, self.eps as f32, &mut out))?;
+            let eps = self.eps as f32;
+            with_f32_values(&self.weight, |weight| {
+                with_f32_values(x, |values| weft_kernels::rms_norm_rows(values, weight, eps, &mut out))
+            })??;
             return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
         }
         let dtype = x.dtype();

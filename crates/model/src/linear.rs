@@ -97,9 +97,7 @@ impl Linear {
 
     /// Loads `weight` (and `bias`) under `scope`, in the checkpoint's chosen linear format.
     pub fn load(scope: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = scope.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(scope.get("bias", &[out_dim])?) } else { None };
-        Linear::new(weight, bias, scope.linear_format())
+        Linear::load_fused(&[(scope.clone(), out_dim)], in_dim, bias)
     }
 
     /// Several layers that read the same input loaded as one (their outputs side by side, in
