@@ -30,13 +30,12 @@ const IN_PLACE_MAX_PANELS: usize = 4;
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
-pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out_ptr: SharedOut) {
     let (n, kp) = (w.n, w.kp);
     let mut storage = Vec::new();
     let panels = pack_transposed(x, m, w.k, kp, IR, &mut storage);
     let n_panels = m.div_ceil(IR);
     let block = block_rows(n);
-    let out_ptr = SharedOut(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
         let rows = j1 - j0;

@@ -32,7 +32,7 @@ pub(crate) unsafe fn gemm_bf16(
     w: &PackedWeight,
     bits: &[u16],
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: SharedOut,
 ) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(kp.is_multiple_of(32) && bits.len() >= n * kp && x.len() >= m * k);
@@ -58,7 +58,7 @@ pub(crate) unsafe fn gemm_f32(
     w: &PackedWeight,
     values: &[f32],
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: SharedOut,
 ) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(values.len() >= n * kp && x.len() >= m * k);
@@ -79,11 +79,10 @@ fn drive<P: Sync>(
     panels: &[P],
     panel_len: usize,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: SharedOut,
     tile: impl Fn(&[P], usize, usize, &mut [[f32; IR]; JR]) + Sync,
 ) {
     let block = block_rows(n);
-    let out = SharedOut(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
         let width = j1 - j0;

@@ -68,9 +68,41 @@ pub fn matmul_using(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    assert_eq!(out.len(), m * w.n, "out must be {m}x{}", w.n);
+    // SAFETY: `out` holds the m x n values `product` writes.
+    unsafe { product(isa, kernel, x, m, w, bias, SharedOut(out.as_mut_ptr())) }
+}
+
+/// `x[m, k] W^T + bias` as a new `[m, n]` vector, on [`Isa::active`]. Its memory is never
+/// zeroed first: every loop nest writes each output exactly once (a prefill step's outputs are
+/// tens of megabytes per layer, and zeroing them cost as much as some of the products).
+pub fn matmul_new(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f32> {
+    let len = m * w.n;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the capacity holds the m x n values `product` writes, through the pointer (no
+    // reference to the uninitialised memory is made)...
+    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, bias, SharedOut(out.as_mut_ptr())) };
+    // ...and all of them are written (`every_path_matches_the_naive_product` checks each
+    // path on an output filled with NaN).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`.
+///
+/// # Safety
+/// `out` points to `m * n` writable `f32` that nothing else accesses during the call.
+unsafe fn product(
+    isa: Isa,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: SharedOut,
+) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     assert_eq!(x.len(), m * k, "x must be {m}x{k}");
-    assert_eq!(out.len(), m * n, "out must be {m}x{n}");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "bias must have {n} values");
     }
@@ -108,7 +140,7 @@ pub fn matmul_using(
         unsafe { crate::gemm::gemm_avx2(x, m, w, bias, out) };
         return;
     }
-    let job = Job { m, n, kp, bias, out: SharedOut(out.as_mut_ptr()) };
+    let job = Job { m, n, kp, bias, out };
     match (&w.storage, isa) {
         (Storage::Bf16(wb), Isa::Avx512Bf16) => {
             let xb = pad(x, m, k, kp, 0u16, |v| bf16::from_f32(v).to_bits());

@@ -44,7 +44,7 @@ pub(crate) unsafe fn matmul_q8(
     packed: &PackedWeight,
     w: &Q8Panels,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: SharedOut,
 ) {
     let (n, k, kp) = (packed.n, packed.k, packed.kp);
     let blocks = kp / Q8_BLOCK;
@@ -52,7 +52,6 @@ pub(crate) unsafe fn matmul_q8(
     let act = unsafe { quantize_rows(x, m, k, kp) };
     let panels = n.div_ceil(PANEL);
     let block = block_panels(panels, kp);
-    let out = SharedOut(out.as_mut_ptr());
     let act = &act;
     (0..panels.div_ceil(block)).into_par_iter().for_each(|blk| {
         let (p0, p1) = (blk * block, ((blk + 1) * block).min(panels));

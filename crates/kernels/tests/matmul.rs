@@ -3,7 +3,7 @@
 
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{matmul_using, matmul_with, Isa, Kernel, PackedWeight, WeightFormat};
+use weft_kernels::{matmul, matmul_new, matmul_using, matmul_with, Isa, Kernel, PackedWeight, WeightFormat};
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -189,6 +189,25 @@ fn check_within_half_a_step(packed: &PackedWeight, w: &[f32]) {
                 let err = (packed.get(row, c) - w[row * k + c]).abs();
                 assert!(err <= amax / 254.0 * 1.0001, "({row}, {c}): {err} vs step {}", amax / 127.0);
             }
+        }
+    }
+}
+
+/// The product into a new, never-zeroed vector is the product into a given slice, bit for bit.
+#[test]
+fn a_new_output_equals_a_given_one() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for &(m, k, n) in SHAPES {
+        let (x, w, b) = (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng));
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            let packed = PackedWeight::from_f32(&w, n, k, format);
+            let mut given = vec![0.0; m * n];
+            matmul(&x, m, &packed, Some(&b), &mut given);
+            let new = matmul_new(&x, m, &packed, Some(&b));
+            assert_eq!(
+                new.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                given.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }

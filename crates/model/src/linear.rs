@@ -140,9 +140,8 @@ impl Linear {
             Backend::Candle(w) => add_bias(flat.matmul(&w.t()?)?, &self.bias)?,
             Backend::Quantized(q) => add_bias(q.forward(&flat.to_dtype(DType::F32)?.contiguous()?)?, &self.bias)?,
             Backend::Packed(w) => {
-                let mut out = vec![0.0f32; rows * self.out_dim];
                 let bias = self.bias_f32.as_deref().map(Vec::as_slice);
-                with_f32_values(&flat, |input| weft_kernels::matmul(input, rows, w, bias, &mut out))?;
+                let out = with_f32_values(&flat, |input| weft_kernels::matmul_new(input, rows, w, bias))?;
                 Tensor::from_vec(out, (rows, self.out_dim), x.device())?
             }
         };
