@@ -8,9 +8,9 @@
 
 use crate::error::Result;
 use crate::linear::Linear;
-use candle_core::{Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
-use weft_kernels::{Isa, PackedWeight, WeightFormat};
+use weft_kernels::{CachedValue, Isa, PackedWeight, WeightFormat};
 
 /// Whether attention next to `linear` (a projection of the same layer) runs here: its weights
 /// are bf16 or 8-bit (formats that already trade exactness for speed; f32 stays exact) and the
@@ -86,8 +86,9 @@ impl HeadKv {
 /// block sees saves most of the masked triangle, large enough for the GEMM.
 const CAUSAL_BLOCK_ROWS: usize = 128;
 
+/// The values of `t` in f32 (a bf16 KV cache's keys and values widened).
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
 /// Full attention over `[images, patches, heads * head_dim]` (SigLIP).
@@ -158,44 +159,87 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
 }
 
 /// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
-/// position) over all of its cached `keys` and `values` (`[kv_heads, len, hd]`, f32 views of
-/// the cache, read in place). `None` where this does not apply (another device or dtype, or a
-/// layout other than the cache's), for candle to compute instead. A handful of candle ops per
-/// sequence and layer (transpose, batched matmul, softmax, matmul, each allocating) cost more
-/// than the arithmetic of one query row.
-pub(crate) fn decode_f32(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
+/// position) over all of its cached `keys` and `values` (`[kv_heads, len, hd]`, f32 or bf16
+/// views of the cache, read in place). `None` where this does not apply (another device or
+/// dtype, or a layout other than the cache's), for candle to compute instead. A handful of
+/// candle ops per sequence and layer (transpose, batched matmul, softmax, matmul, each
+/// allocating) cost more than the arithmetic of one query row.
+pub(crate) fn decode_cached(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
     let (heads, rows, hd) = q.dims3()?;
     let (kv_heads, len, _) = keys.dims3()?;
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if rows != 1 || len == 0 || !(f32_cpu(q) && f32_cpu(keys) && f32_cpu(values)) || heads % kv_heads != 0 {
+    let cpu = |t: &Tensor| t.device().is_cpu();
+    if rows != 1 || len == 0 || !(cpu(q) && cpu(keys) && cpu(values)) || heads % kv_heads != 0 {
+        return Ok(None);
+    }
+    if q.dtype() != DType::F32 || keys.dtype() != values.dtype() {
         return Ok(None);
     }
     let q = flat(q)?;
     let (k_storage, k_layout) = keys.storage_and_layout();
     let (v_storage, v_layout) = values.storage_and_layout();
-    let (candle_core::Storage::Cpu(k_cpu), candle_core::Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
+    let (Some(k_rows), Some(v_rows)) = (HeadRowsAt::of(k_layout, hd), HeadRowsAt::of(v_layout, hd)) else {
         return Ok(None);
     };
-    let (k_data, v_data) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
-    // Each head's rows contiguous, `hd` apart, heads `head_stride` apart (a narrowed cache).
-    let rows_of = |layout: &candle_core::Layout| match layout.stride() {
-        &[head_stride, row_stride, 1] if row_stride == hd => Some((layout.start_offset(), head_stride)),
-        _ => None,
+    let shape = Shape { heads, kv_heads, len, hd };
+    let ctx = match (&*k_storage, &*v_storage) {
+        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+            decode_rows(&q, (k, k_rows), (v, v_rows), shape)
+        }
+        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
+            decode_rows(&q, (k, k_rows), (v, v_rows), shape)
+        }
+        _ => return Ok(None),
     };
-    let (Some((k_at, k_head)), Some((v_at, v_head))) = (rows_of(k_layout), rows_of(v_layout)) else {
-        return Ok(None);
-    };
+    Ok(Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?))
+}
+
+/// Where a cache view's rows sit: each head's `len` rows contiguous, `hd` apart, from `start`,
+/// heads `head_stride` apart (a narrowed `[kv_heads, capacity, hd]` cache).
+#[derive(Clone, Copy)]
+struct HeadRowsAt {
+    start: usize,
+    head_stride: usize,
+}
+
+impl HeadRowsAt {
+    fn of(layout: &candle_core::Layout, hd: usize) -> Option<Self> {
+        match layout.stride() {
+            &[head_stride, row_stride, 1] if row_stride == hd => {
+                Some(HeadRowsAt { start: layout.start_offset(), head_stride })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    len: usize,
+    hd: usize,
+}
+
+/// `[heads * hd]` attention outputs of one query row per head over the cached rows.
+fn decode_rows<'a, T: CachedValue>(
+    q: &[f32],
+    keys: (&'a [T], HeadRowsAt),
+    values: (&'a [T], HeadRowsAt),
+    s: Shape,
+) -> Vec<f32> {
+    let Shape { heads, kv_heads, len, hd } = s;
     let group = heads / kv_heads;
     let scale = (hd as f32).powf(-0.5);
+    let rows_of = |(data, at): (&'a [T], HeadRowsAt), kvh: usize| -> &'a [T] {
+        let first = at.start + kvh * at.head_stride;
+        &data[first..first + len * hd]
+    };
     let head = |h: usize, out: &mut [f32]| {
         let kvh = h / group;
-        let query = &q[h * hd..(h + 1) * hd];
-        let keys = &k_data[k_at + kvh * k_head..k_at + kvh * k_head + len * hd];
-        let values = &v_data[v_at + kvh * v_head..v_at + kvh * v_head + len * hd];
         let mut scores = vec![0.0f32; len];
-        weft_kernels::scaled_dots(query, keys, scale, &mut scores);
+        weft_kernels::scaled_dots(&q[h * hd..(h + 1) * hd], rows_of(keys, kvh), scale, &mut scores);
         weft_kernels::softmax_rows(&mut scores, len);
-        weft_kernels::weighted_sum(&scores, values, out);
+        weft_kernels::weighted_sum(&scores, rows_of(values, kvh), out);
     };
     let mut ctx = vec![0.0f32; heads * hd];
     // Threads only where a head's work outweighs handing it over.
@@ -204,7 +248,7 @@ pub(crate) fn decode_f32(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<O
     } else {
         ctx.chunks_mut(hd).enumerate().for_each(|(h, out)| head(h, out));
     }
-    Ok(Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?))
+    ctx
 }
 
 #[cfg(test)]
@@ -244,24 +288,28 @@ mod tests {
         assert!(diff > 0.0, "bf16 rounding leaves some trace");
     }
 
-    /// A decode step read in place from a narrowed cache equals candle's softmax attention.
+    /// A decode step read in place from a narrowed cache, f32 or bf16, equals candle's softmax
+    /// attention over the same (widened) values.
     #[test]
     fn decode_matches_candle_on_a_narrowed_cache() {
         let (heads, kv_heads, len, capacity, hd) = (4, 2, 11, 16, 8);
         let q = pseudo_random(&[heads, 1, hd], 7);
-        let cache_k = pseudo_random(&[kv_heads, capacity, hd], 8);
-        let cache_v = pseudo_random(&[kv_heads, capacity, hd], 9);
-        let (k, v) = (cache_k.narrow(1, 0, len).unwrap(), cache_v.narrow(1, 0, len).unwrap());
-        let fast = decode_f32(&q, &k, &v).unwrap().expect("applies to an f32 CPU cache");
-        let expand = |x: &Tensor| {
-            Tensor::cat(&(0..heads).map(|h| x.narrow(0, h / 2, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap()
-        };
-        let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
-        let exact =
-            candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&v).contiguous().unwrap()).unwrap();
-        let diff = largest_difference(&fast, &exact);
-        assert!(diff < 1e-5, "largest difference {diff}");
-        assert!(decode_f32(&q.to_dtype(candle_core::DType::F16).unwrap(), &k, &v).unwrap().is_none());
+        for dtype in [DType::F32, DType::BF16] {
+            let cache_k = pseudo_random(&[kv_heads, capacity, hd], 8).to_dtype(dtype).unwrap();
+            let cache_v = pseudo_random(&[kv_heads, capacity, hd], 9).to_dtype(dtype).unwrap();
+            let (k, v) = (cache_k.narrow(1, 0, len).unwrap(), cache_v.narrow(1, 0, len).unwrap());
+            let fast = decode_cached(&q, &k, &v).unwrap().expect("applies to a CPU cache");
+            let widen = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let expand = |x: &Tensor| {
+                Tensor::cat(&(0..heads).map(|h| widen(&x.narrow(0, h / 2, 1).unwrap())).collect::<Vec<_>>(), 0).unwrap()
+            };
+            let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
+            let exact =
+                candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&v).contiguous().unwrap()).unwrap();
+            let diff = largest_difference(&fast, &exact);
+            assert!(diff < 1e-5, "{dtype:?}: largest difference {diff}");
+            assert!(decode_cached(&q.to_dtype(DType::F16).unwrap(), &k, &v).unwrap().is_none());
+        }
     }
 
     /// Causal, grouped (4 query heads on 2 KV heads), after 5 cached positions, in blocks of 7

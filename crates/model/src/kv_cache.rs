@@ -112,6 +112,11 @@ impl KvCache {
         self.target = len;
     }
 
+    /// The dtype keys and values are stored in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Bytes of memory reserved, including spare capacity.
     pub fn reserved_bytes(&self) -> usize {
         self.capacity * self.bytes_per_token()
@@ -144,8 +149,9 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) to `layer` and returns views of all keys and
-    /// values held for it. The sequence length advances when the last layer has appended.
+    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`, converted to the cache's dtype) to `layer`
+    /// and returns views of all keys and values held for it. The sequence length advances when
+    /// the last layer has appended.
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(1)?;
         let needed = self.len + t;
@@ -171,8 +177,8 @@ impl KvCache {
             }
         }
         let entry = self.layers[layer].as_ref().expect("allocated above");
-        entry.k.slice_set(&k.contiguous()?, 1, self.len)?;
-        entry.v.slice_set(&v.contiguous()?, 1, self.len)?;
+        entry.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        entry.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
         let views = (entry.k.narrow(1, 0, needed)?, entry.v.narrow(1, 0, needed)?);
         if layer + 1 == self.layers.len() {
             self.len = needed;

@@ -34,11 +34,20 @@ pub struct LoadOptions {
     pub linear: LinearFormat,
     /// Told the bytes of weights read so far, and in all, as tensors are read.
     pub progress: Option<LoadProgress>,
+    /// The dtype the KV cache stores; `None` for the format's choice (see
+    /// [`crate::qwen2::Qwen2::load`]).
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, linear: LinearFormat::Dense, progress: None }
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            linear: LinearFormat::Dense,
+            progress: None,
+            kv_cache_dtype: None,
+        }
     }
 }
 
@@ -80,7 +89,12 @@ impl LlavaModel {
             linear_1: Linear::load(&proj.pp("linear_1"), in_dim, hidden, config.projector_bias)?,
             linear_2: Linear::load(&proj.pp("linear_2"), hidden, hidden, config.projector_bias)?,
         };
-        let lm = Qwen2::load(&weights.scope(layout.language_model), &weights.scope(layout.lm_head), &config.text)?;
+        let lm = Qwen2::load(
+            &weights.scope(layout.language_model),
+            &weights.scope(layout.lm_head),
+            &config.text,
+            options.kv_cache_dtype,
+        )?;
         let (dtype, linear, device) = (options.dtype, options.linear, options.device.clone());
         Ok(LlavaModel { vision, projector, lm, config, layout, dtype, linear, device })
     }

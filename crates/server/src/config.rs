@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k (f32 activations).
     #[arg(long, env = "WEFT_QUANTIZE", default_value = "none")]
     pub quantize: String,
+    /// KV cache storage: auto (bf16 for q8_0 and q4k weights on the CPU, else the activations'
+    /// dtype), f32 or bf16 (half the memory per token and the bytes each decode step reads).
+    #[arg(long, env = "WEFT_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Render prompts with this Hugging Face Jinja chat template instead of the built-in renderer.
     #[arg(long, env = "WEFT_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,

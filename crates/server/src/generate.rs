@@ -1,7 +1,7 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
 use crate::hub::{HubEnv, ModelSource};
-use crate::serve::ModelParts;
+use crate::serve::{ModelParts, WeightFlags};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
     #[arg(long, default_value = "none")]
     quantize: String,
+    /// KV cache storage: auto (bf16 for q8_0 and q4k weights on the CPU, else the activations'
+    /// dtype), f32 or bf16 (half the memory per token and the bytes each decode step reads).
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Compute device: cpu, or cuda / cuda:N in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -69,8 +73,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let model_dir = runtime.block_on(crate::hub::resolve(&source, &HubEnv::from_env()))?;
     let device = crate::serve::parse_device(&args.device)?;
     let started = Instant::now();
-    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } =
-        ModelParts::load(&model_dir, device, &args.dtype, &args.quantize, args.chat_template.as_deref(), false)?;
+    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } = ModelParts::load(
+        &model_dir,
+        device,
+        &WeightFlags::of(&args.dtype, &args.quantize, &args.kv_cache_dtype),
+        args.chat_template.as_deref(),
+        false,
+    )?;
     let engine_config = EngineConfig { eos_token_ids, ..EngineConfig::default() };
     eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
 

@@ -134,6 +134,29 @@ pub fn weight_options(dtype: &str, quantize: &str, on_cpu: bool) -> Result<(DTyp
     Ok((DType::F32, quantized))
 }
 
+/// `--kv-cache-dtype`: `None` for `auto` (the loader picks by weight format).
+pub fn kv_cache_dtype(value: &str) -> Result<Option<DType>> {
+    Ok(match value {
+        "auto" => None,
+        "f32" => Some(DType::F32),
+        "bf16" => Some(DType::BF16),
+        other => bail!("--kv-cache-dtype: unsupported value {other:?} (expected auto, f32 or bf16)"),
+    })
+}
+
+/// The flags that say how weights and the KV cache are held, as given.
+pub struct WeightFlags<'a> {
+    pub dtype: &'a str,
+    pub quantize: &'a str,
+    pub kv_cache_dtype: &'a str,
+}
+
+impl<'a> WeightFlags<'a> {
+    pub fn of(dtype: &'a str, quantize: &'a str, kv_cache_dtype: &'a str) -> Self {
+        WeightFlags { dtype, quantize, kv_cache_dtype }
+    }
+}
+
 /// `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     if spec == "cpu" {
@@ -165,21 +188,22 @@ pub struct ModelParts {
 }
 
 impl ModelParts {
-    /// Loads the checkpoint in `model_dir` on `device` with the `--dtype`/`--quantize` values,
-    /// showing loading progress when `show_progress`.
+    /// Loads the checkpoint in `model_dir` on `device` as `flags` say, showing loading progress
+    /// when `show_progress`.
     pub fn load(
         model_dir: &Path,
         device: Device,
-        dtype: &str,
-        quantize: &str,
+        flags: &WeightFlags,
         chat_template: Option<&Path>,
         show_progress: bool,
     ) -> Result<ModelParts> {
         let on_cpu = device.is_cpu();
-        let (dtype, linear) = weight_options(&resolve_dtype(dtype, model_dir, on_cpu), quantize, on_cpu)?;
+        let (dtype, linear) = weight_options(&resolve_dtype(flags.dtype, model_dir, on_cpu), flags.quantize, on_cpu)?;
+        let kv_cache_dtype = kv_cache_dtype(flags.kv_cache_dtype)?;
         let (meter, progress) = crate::progress::loading_meter();
         let progress = show_progress.then_some(progress);
-        let model = LlavaModel::load(model_dir, &LoadOptions { dtype, device, linear, progress })?;
+        let options = LoadOptions { dtype, device, linear, progress, kv_cache_dtype };
+        let model = LlavaModel::load(model_dir, &options)?;
         meter.finish();
         let cfg = model.config();
         let tokenizer = Arc::new(PromptTokenizer::from_dir(model_dir, cfg.image_token_id, cfg.tokens_per_image())?);
@@ -198,8 +222,13 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
     let started = Instant::now();
     tracing::info!(model = %model_dir.display(), "loading the model");
     let device = parse_device(&args.device)?;
-    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } =
-        ModelParts::load(model_dir, device, &args.dtype, &args.quantize, args.chat_template.as_deref(), true)?;
+    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } = ModelParts::load(
+        model_dir,
+        device,
+        &WeightFlags::of(&args.dtype, &args.quantize, &args.kv_cache_dtype),
+        args.chat_template.as_deref(),
+        true,
+    )?;
     let cfg = model.config().clone();
     let kv_cache_memory = match &args.kv_cache_memory {
         Some(text) => parse_bytes("kv_cache_memory", text)?,
@@ -292,6 +321,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let source = ModelSource::parse(&model, args.revision.as_deref())?;
     let on_cpu = parse_device(&args.device)?.is_cpu();
     weight_options(&args.dtype, &args.quantize, on_cpu)?;
+    kv_cache_dtype(&args.kv_cache_dtype)?;
     if let Some(dir) = &args.allowed_local_media_path {
         if !dir.is_dir() {
             bail!("--allowed-local-media-path {}: not a directory", dir.display());
@@ -446,6 +476,15 @@ mod tests {
         assert_eq!(weight_options("bf16", "none", true).unwrap(), (DType::F32, LinearFormat::Bf16));
         assert_eq!(weight_options("bf16", "none", false).unwrap(), (DType::BF16, LinearFormat::Dense));
         assert!(weight_options("bf16", "q8_0", false).is_err(), "quantized weights on a GPU");
+    }
+
+    #[test]
+    fn kv_cache_dtype_values() {
+        assert_eq!(kv_cache_dtype("auto").unwrap(), None);
+        assert_eq!(kv_cache_dtype("f32").unwrap(), Some(DType::F32));
+        assert_eq!(kv_cache_dtype("bf16").unwrap(), Some(DType::BF16));
+        let err = kv_cache_dtype("fp8").unwrap_err().to_string();
+        assert!(err.contains("--kv-cache-dtype") && err.contains("fp8"), "{err}");
     }
 
     #[test]
