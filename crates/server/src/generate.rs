@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use weft_engine::sampling::SamplingParams;
-use weft_engine::{Engine, EngineConfig, Event, GenerateRequest};
+use weft_engine::{Engine, EngineConfig, EngineHandle, Event, GenerateRequest};
 use weft_model::prompt::{Message, Part};
 
 #[derive(Args, Debug)]
@@ -62,6 +62,11 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
+    /// Run the request this many times, one after another, with timings for each (for
+    /// benchmarks: the first run also pays for first touches of memory that `weft serve` pays
+    /// in its warm-up). The prefix and image caches are off, so each run computes everything.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Render the prompt with this Hugging Face Jinja chat template instead of the built-in one.
     #[arg(long)]
     chat_template: Option<PathBuf>,
@@ -80,7 +85,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.chat_template.as_deref(),
         false,
     )?;
-    let engine_config = EngineConfig { eos_token_ids, ..EngineConfig::default() };
+    let engine_config = if args.repeat > 1 {
+        EngineConfig { eos_token_ids, prefix_caching: false, vision_cache_memory: 0, ..EngineConfig::default() }
+    } else {
+        EngineConfig { eos_token_ids, ..EngineConfig::default() }
+    };
     eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
 
     // Images, then video frames, then the question: the checkpoint template's own order.
@@ -117,6 +126,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     // The engine every server request goes through: one generation path to make fast.
     let engine = Engine::start(model, tokenizer, engine_config);
+    for _ in 0..args.repeat {
+        generate_once(&engine, request.clone(), pictures.len())?;
+    }
+    Ok(())
+}
+
+/// Streams one answer to stdout and its timings to stderr.
+fn generate_once(engine: &EngineHandle, request: GenerateRequest, images: usize) -> Result<()> {
     let mut events = engine.submit(request).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut stdout = std::io::stdout();
     while let Some(event) = events.blocking_next() {
@@ -135,7 +152,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     usage.prompt_tokens,
                     usage.prompt_tokens - usage.image_tokens,
                     usage.image_tokens,
-                    pictures.len(),
+                    images,
                     timing.vision_s,
                     timing.first_token_s,
                     usage.completion_tokens,
