@@ -7,6 +7,7 @@
 //! f32 matmul did both before (11% of an image's time to first token for SigLIP alone).
 
 use crate::error::Result;
+use crate::layers::with_f32_values;
 use crate::linear::Linear;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -91,33 +92,41 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// Full attention over `[images, patches, heads * head_dim]` (SigLIP).
-pub(crate) fn full_bf16(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
-    let (n, p, d) = q.dims3()?;
+/// Full attention within each image (SigLIP), from the fused projection `qkv`
+/// (`[images, patches, 3 * heads * head_dim]`: queries, keys, values), read in place, to
+/// `[images, patches, heads * head_dim]`.
+pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
+    let (n, p, fused) = qkv.dims3()?;
+    let d = fused / 3;
     let hd = d / heads;
-    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-    let at = |img: usize, h: usize, t: usize| (img * p + t) * d + h * hd;
+    // Where head h's row for patch t of image img starts, in qkv's queries (then + d for its
+    // keys, + 2d for its values) and in the output.
+    let at_in = |img: usize, h: usize, t: usize| (img * p + t) * fused + h * hd;
+    let at_out = |img: usize, h: usize, t: usize| (img * p + t) * d + h * hd;
     // Images and heads in parallel, each product on one thread (see `causal_bf16`).
-    let outputs: Vec<Vec<f32>> = (0..n * heads)
-        .into_par_iter()
-        .map(|job| {
-            let (img, h) = (job / heads, job % heads);
-            let kv = HeadRows::gather(&k, &v, p, hd, |t| at(img, h, t)).pack(p, WeightFormat::Bf16);
-            let mut qh = vec![0.0; p * hd];
-            for t in 0..p {
-                let row = &q[at(img, h, t)..at(img, h, t) + hd];
-                qh[t * hd..(t + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o = x * scale);
-            }
-            let (mut scores, mut out) = (Vec::new(), vec![0.0f32; p * hd]);
-            kv.attend(&qh, p, None, &mut scores, &mut out);
-            out
-        })
-        .collect();
+    let outputs: Vec<Vec<f32>> = with_f32_values(qkv, |values| {
+        (0..n * heads)
+            .into_par_iter()
+            .map(|job| {
+                let (img, h) = (job / heads, job % heads);
+                let kv = HeadRows::gather(&values[d..], &values[2 * d..], p, hd, |t| at_in(img, h, t))
+                    .pack(p, WeightFormat::Bf16);
+                let mut qh = vec![0.0; p * hd];
+                for t in 0..p {
+                    let row = &values[at_in(img, h, t)..at_in(img, h, t) + hd];
+                    qh[t * hd..(t + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o = x * scale);
+                }
+                let (mut scores, mut out) = (Vec::new(), vec![0.0f32; p * hd]);
+                kv.attend(&qh, p, None, &mut scores, &mut out);
+                out
+            })
+            .collect()
+    })?;
     let mut ctx = vec![0.0f32; n * p * d];
     for (job, out) in outputs.iter().enumerate() {
         let (img, h) = (job / heads, job % heads);
         for t in 0..p {
-            ctx[at(img, h, t)..at(img, h, t) + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
+            ctx[at_out(img, h, t)..at_out(img, h, t) + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
         }
     }
     Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
@@ -277,7 +286,7 @@ mod tests {
             pseudo_random(&[n, p, heads * hd], 3),
         );
         let scale = (hd as f32).powf(-0.5);
-        let fast = full_bf16(&q, &k, &v, heads, scale).unwrap();
+        let fast = full_bf16(&Tensor::cat(&[&q, &k, &v], 2).unwrap(), heads, scale).unwrap();
         let split = |t: &Tensor| t.reshape((n, p, heads, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
         let (qs, ks, vs) = (split(&q), split(&k), split(&v));
         let scores = (qs.matmul(&ks.t().unwrap()).unwrap() * scale as f64).unwrap();

@@ -38,11 +38,11 @@ impl Attention {
         let split =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
         let qkv = self.qkv.forward(x)?;
-        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         if crate::attention::bf16_available(&self.qkv, x.device()) {
-            let ctx = crate::attention::full_bf16(&q, &k, &v, self.heads, self.scale as f32)?;
+            let ctx = crate::attention::full_bf16(&qkv, self.heads, self.scale as f32)?;
             return self.out.forward(&ctx);
         }
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         // In f32 whatever the run dtype, as in the language model's attention.
         let f32 = |t: Tensor| -> Result<Tensor> { Ok(split(t)?.to_dtype(DType::F32)?) };
         let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
