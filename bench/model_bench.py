@@ -6,8 +6,9 @@ same run, both pinned to the same cores (taskset) and using all of them. Reports
   each side's first run in a process is dropped, as `weft serve` warms up before it is ready;
   Weft's first, cold time to first token is reported too);
 - aggregate output tok/s with 16 concurrent streams (Weft through its server, measured by
-  `weft bench`) against transformers' batch-8 `generate`, with prompts of the same length in
-  tokens on both sides (Weft's measured average, which transformers' prompts are cut to).
+  `weft bench`, prefix caching off) against transformers' batch-8 `generate`, with prompts of
+  the same length in tokens on both sides (Weft's measured average, which transformers' prompts
+  are cut to); medians of the runs after one dropped warm-up round on each side.
 
     python bench/model_bench.py --model /work/models/real-0.5b --runs 3 --tokens 32
 
@@ -50,11 +51,12 @@ def weft_run(binary: Path, model: Path, fmt: str, tokens: int) -> dict:
             "cold_ttft_s": float(cold_ttft)}
 
 
-def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int) -> tuple:
-    """Output tok/s of `streams` concurrent text requests through `weft serve`, and their mean
-    prompt length in tokens."""
+def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int, runs: int) -> tuple:
+    """Output tok/s of `streams` concurrent text requests through `weft serve` (the median of
+    `runs` rounds after one dropped warm-up round; prefix caching off, so that every round
+    computes its prompts), and their mean prompt length in tokens."""
     server = subprocess.Popen(pinned([str(binary), "serve", "--model", str(model), "--port", "0",
-                                      "--kv-cache-memory", "4GiB"] + WEFT_FORMATS[fmt]),
+                                      "--kv-cache-memory", "4GiB", "--no-prefix-caching"] + WEFT_FORMATS[fmt]),
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LOG": "info"})
     try:
         base = None
@@ -63,12 +65,16 @@ def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: in
                 base = line.split("listening on ")[1].split()[0]
             if "weft: ready" in line:
                 break
-        report = subprocess.run(pinned([str(binary), "bench", "--url", base, "--num-requests", str(streams),
-                                        "--concurrency", str(streams), "--prompt-tokens", "32",
-                                        "--max-tokens", str(tokens), "--json"]),
-                                capture_output=True, text=True, check=True).stdout
-        run = json.loads(report)["runs"][0]
-        return run["output_tokens_per_s"], run["prompt_tokens"] / run["completed"]
+        rounds = []
+        for _ in range(runs + 1):
+            report = subprocess.run(pinned([str(binary), "bench", "--url", base, "--num-requests", str(streams),
+                                            "--concurrency", str(streams), "--prompt-tokens", "32",
+                                            "--max-tokens", str(tokens), "--json"]),
+                                    capture_output=True, text=True, check=True).stdout
+            rounds.append(json.loads(report)["runs"][0])
+        rounds = rounds[1:]
+        return (statistics.median(r["output_tokens_per_s"] for r in rounds),
+                rounds[0]["prompt_tokens"] / rounds[0]["completed"])
     finally:
         server.terminate()
         server.wait()
@@ -133,9 +139,9 @@ def chat_prompt_of(tok, i: int, length: int) -> str:
     return head + tok.decode(body[:max(room, 1)]) + tail
 
 
-def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int, prompt_tokens: int) -> float:
-    """Output tok/s of one `generate` call over `batch` text prompts of `prompt_tokens` tokens
-    (after a warm-up call)."""
+def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int, prompt_tokens: int, runs: int) -> float:
+    """Output tok/s of a `generate` call over `batch` text prompts of `prompt_tokens` tokens (the
+    median of `runs` calls after a warm-up call)."""
     torch, model, processor, _, _ = transformers_session(model_dir, dtype)
     tok = processor.tokenizer
     tok.padding_side = "left"
@@ -144,9 +150,12 @@ def transformers_batch(model_dir: Path, dtype: str, batch: int, tokens: int, pro
     print(f"transformers batch: {inputs['input_ids'].shape[1]} prompt tokens per row", file=sys.stderr)
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        return batch * tokens / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            rates.append(batch * tokens / (time.perf_counter() - t0))
+        return statistics.median(rates)
 
 
 def transformers_child(args) -> None:
@@ -155,7 +164,7 @@ def transformers_child(args) -> None:
         rows = transformers_runs(args.model, args.dtype, args.tokens, args.runs)
         print(json.dumps({k: statistics.median(r[k] for r in rows) for k in rows[0]}))
     else:
-        rate = transformers_batch(args.model, args.dtype, 8, args.tokens, args.prompt_tokens)
+        rate = transformers_batch(args.model, args.dtype, 8, args.tokens, args.prompt_tokens, args.runs)
         print(json.dumps({"aggregate_tok_s": rate}))
 
 
@@ -188,7 +197,7 @@ def main() -> None:
         weft_run(args.weft, args.model, fmt, 2)  # warm the page cache
         rows = [weft_run(args.weft, args.model, fmt, args.tokens) for _ in range(args.runs)]
         results[f"weft {fmt}"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        rate, prompt = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens)
+        rate, prompt = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens, args.runs)
         results[f"weft {fmt}"].update({"aggregate_tok_s": rate, "aggregate_prompt_tokens": prompt})
     # transformers' batch gets prompts as long as Weft's were (in tokens, rounded).
     args.prompt_tokens = round(statistics.mean(r["aggregate_prompt_tokens"] for r in results.values()
