@@ -65,14 +65,13 @@ def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: in
                 base = line.split("listening on ")[1].split()[0]
             if "weft: ready" in line:
                 break
-        rounds = []
-        for _ in range(runs + 1):
-            report = subprocess.run(pinned([str(binary), "bench", "--url", base, "--num-requests", str(streams),
-                                            "--concurrency", str(streams), "--prompt-tokens", "32",
-                                            "--max-tokens", str(tokens), "--json"]),
-                                    capture_output=True, text=True, check=True).stdout
-            rounds.append(json.loads(report)["runs"][0])
-        rounds = rounds[1:]
+        # One run per listed concurrency level: the same level runs + 1 times.
+        levels = ",".join([str(streams)] * (runs + 1))
+        report = subprocess.run(pinned([str(binary), "bench", "--url", base, "--num-requests", str(streams),
+                                        "--concurrency", levels, "--prompt-tokens", "32",
+                                        "--max-tokens", str(tokens), "--json"]),
+                                capture_output=True, text=True, check=True).stdout
+        rounds = json.loads(report)["runs"][1:]
         return (statistics.median(r["output_tokens_per_s"] for r in rounds),
                 rounds[0]["prompt_tokens"] / rounds[0]["completed"])
     finally:

@@ -85,11 +85,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.chat_template.as_deref(),
         false,
     )?;
-    let engine_config = if args.repeat > 1 {
-        EngineConfig { eos_token_ids, prefix_caching: false, vision_cache_memory: 0, ..EngineConfig::default() }
-    } else {
-        EngineConfig { eos_token_ids, ..EngineConfig::default() }
-    };
+    let mut engine_config = EngineConfig { eos_token_ids, ..EngineConfig::default() };
+    if args.repeat > 1 {
+        // Each run computes everything: no KV or image features kept from the one before.
+        engine_config.prefix_caching = false;
+        engine_config.vision_cache_memory = 0;
+    }
     eprintln!("loaded {} in {:.2}s", args.model.display(), started.elapsed().as_secs_f64());
 
     // Images, then video frames, then the question: the checkpoint template's own order.
