@@ -92,7 +92,7 @@ fn row_max(row: &[f32]) -> f32 {
 /// `row[i] = e^(row[i] - max)`, returning the sum.
 fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if Isa::active() == Isa::Avx512Bf16 {
+    if Isa::active() >= Isa::Avx512Bf16 {
         // SAFETY: AVX-512F was detected.
         return unsafe { x86::exp_shifted16(row, max) };
     }

@@ -3,12 +3,15 @@
 //! too). Few rows (decode) run dot-product tiles that stream the weights; many rows (prefill,
 //! vision, batched decode) run an outer-product GEMM.
 //!
-//! The instruction set is picked once at run time: AVX-512 with BF16 and VNNI dot products where
-//! the CPU has them (`vdpbf16ps` for bf16 weights, `vpdpbusd` for 8-bit ones, [`vnni`]), AVX2 +
-//! FMA, or portable scalar code. `WEFT_KERNELS=scalar|avx2` forces a slower path (to test it, or
-//! to rule the fast one out).
+//! The instruction set is picked once at run time: AMX tiles for the bf16 GEMM where the CPU has
+//! them ([`amx`]), AVX-512 with BF16 and VNNI dot products (`vdpbf16ps` for bf16 weights,
+//! `vpdpbusd` for 8-bit ones, [`vnni`]), AVX2 + FMA, or portable scalar code.
+//! `WEFT_KERNELS=scalar|avx2|avx512` forces a slower path (to test it, or to rule the fast one
+//! out).
 
 mod activations;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -44,22 +47,28 @@ pub enum Isa {
     /// AVX-512F with the BF16 and VNNI dot-product extensions (and BW): Cooper Lake, Sapphire
     /// Rapids, Zen 4 and later. bf16 weights use `vdpbf16ps`, 8-bit weights `vpdpbusd`.
     Avx512Bf16,
+    /// All of [`Isa::Avx512Bf16`], plus AMX tiles (`tdpbf16ps`) for the bf16 GEMM: Sapphire
+    /// Rapids and later Xeons.
+    Amx,
 }
 
 impl Isa {
-    /// What this CPU supports.
+    /// What this CPU supports (asked once: AMX's answer is a system call).
     pub fn detected() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512bf16") {
-                return Isa::Avx512Bf16;
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512bf16") {
+                    return if amx_usable() { Isa::Amx } else { Isa::Avx512Bf16 };
+                }
+                if has!("avx2") && has!("fma") {
+                    return Isa::Avx2;
+                }
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
+            Isa::Scalar
+        })
     }
 
     /// The set the kernels use: the detected one, lowered by `WEFT_KERNELS` if set.
@@ -70,6 +79,7 @@ impl Isa {
             match std::env::var("WEFT_KERNELS").ok().as_deref() {
                 Some("scalar") => Isa::Scalar,
                 Some("avx2") => detected.min(Isa::Avx2),
+                Some("avx512") => detected.min(Isa::Avx512Bf16),
                 _ => detected,
             }
         })
@@ -77,7 +87,7 @@ impl Isa {
 
     /// Every set this CPU can run, for tests that compare them.
     pub fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Bf16].into_iter().filter(|&isa| isa <= Isa::detected()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Bf16, Isa::Amx].into_iter().filter(|&isa| isa <= Isa::detected()).collect()
     }
 
     pub fn name(self) -> &'static str {
@@ -85,6 +95,40 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
+}
+
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22) and the OS lets
+/// this process use the tiles. Linux enables the 8 KiB of tile data per process on request
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); the first tile instruction without
+/// it is a SIGILL. The permission covers every thread of the process.
+#[cfg(target_arch = "x86_64")]
+fn amx_usable() -> bool {
+    const AMX_BF16: u32 = 1 << 22;
+    const AMX_TILE: u32 = 1 << 24;
+    // Leaf 7 exists on every CPU with AVX-512.
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE {
+        return false;
+    }
+    request_tile_data()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes this process's permissions.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+/// Other systems enable the tiles for every process, or not at all (CPUID says which).
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_data() -> bool {
+    // SAFETY: OSXSAVE (XGETBV) is there on every CPU with AVX-512.
+    let xcr0 = unsafe { std::arch::x86_64::_xgetbv(0) };
+    const TILE_STATE: u64 = 0b11 << 17;
+    xcr0 & TILE_STATE == TILE_STATE
 }

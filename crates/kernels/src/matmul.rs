@@ -28,7 +28,7 @@ fn gemm_min_rows(format: WeightFormat, isa: Isa) -> usize {
     match (format, isa) {
         (WeightFormat::F32, _) => 16,
         (WeightFormat::Q8, _) => 32,
-        (WeightFormat::Bf16, Isa::Avx512Bf16) => 32,
+        (WeightFormat::Bf16, Isa::Avx512Bf16 | Isa::Amx) => 32,
         (WeightFormat::Bf16, _) => 64,
     }
 }
@@ -49,7 +49,7 @@ pub enum Kernel {
     /// Dot-product tiles of up to 4x4 (what one or two rows need).
     Tiles,
     /// The outer-product GEMM ([`crate::gemm`] on AVX2, [`crate::gemm512`] for bf16 weights on
-    /// AVX-512 BF16); the tiles where neither exists (scalar).
+    /// AVX-512 BF16, with [`crate::amx`] tiles on AMX); the tiles where neither exists (scalar).
     Gemm,
 }
 
@@ -116,20 +116,21 @@ unsafe fn product(
         Kernel::Gemm => true,
     };
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512Bf16, Storage::Q8Panels(panels)) = (isa, &w.storage) {
+    if let (Isa::Avx512Bf16 | Isa::Amx, Storage::Q8Panels(panels)) = (isa, &w.storage) {
         // One loop nest for every row count (the module explains why). SAFETY: AVX-512F, BW
         // and VNNI are available (isa <= detected).
         unsafe { crate::vnni::matmul_q8(x, m, w, panels, bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Isa::Avx512Bf16, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
-        // SAFETY: AVX-512F and AVX-512 BF16 are available (isa <= detected).
-        unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out) };
+    if let (true, Isa::Avx512Bf16 | Isa::Amx, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
+        // SAFETY: AVX-512F and AVX-512 BF16 are available, and the AMX tiles on Isa::Amx
+        // (isa <= detected).
+        unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out, isa == Isa::Amx) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Isa::Avx512Bf16, Storage::F32(values)) = (gemm, isa, &w.storage) {
+    if let (true, Isa::Avx512Bf16 | Isa::Amx, Storage::F32(values)) = (gemm, isa, &w.storage) {
         // SAFETY: AVX-512F is available (isa <= detected).
         unsafe { crate::gemm512::gemm_f32(x, m, w, values, bias, out) };
         return;
@@ -142,7 +143,7 @@ unsafe fn product(
     }
     let job = Job { m, n, kp, bias, out };
     match (&w.storage, isa) {
-        (Storage::Bf16(wb), Isa::Avx512Bf16) => {
+        (Storage::Bf16(wb), Isa::Avx512Bf16 | Isa::Amx) => {
             let xb = pad(x, m, k, kp, 0u16, |v| bf16::from_f32(v).to_bits());
             job.run(&xb, 2, |xs, mr, j, nr, acc| unsafe {
                 avx512::tile_bf16(xs, mr, rows(wb, j, nr, kp), nr, kp, acc)
@@ -152,11 +153,11 @@ unsafe fn product(
             let xp = pad_evens_then_odds(x, m, k, kp);
             job.run(&xp, 2, |xs, mr, j, nr, acc| unsafe { avx2::tile_bf16(xs, mr, rows(wb, j, nr, kp), nr, kp, acc) });
         }
-        (Storage::F32(wf), Isa::Avx2 | Isa::Avx512Bf16) => {
+        (Storage::F32(wf), Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx) => {
             let xp = pad_f32(x, m, k, kp);
             job.run(&xp, 4, |xs, mr, j, nr, acc| unsafe { avx2::tile_f32(xs, mr, rows(wf, j, nr, kp), nr, kp, acc) });
         }
-        (Storage::Q8 { values, scales }, Isa::Avx2 | Isa::Avx512Bf16) => {
+        (Storage::Q8 { values, scales }, Isa::Avx2 | Isa::Avx512Bf16 | Isa::Amx) => {
             let xp = pad_f32(x, m, k, kp);
             let per_row = kp / Q8_BLOCK;
             job.run(&xp, 1, |xs, mr, j, nr, acc| unsafe {

@@ -63,7 +63,7 @@ impl PackedWeight {
             WeightFormat::Bf16 => Storage::Bf16(bf16_rows(values, n, k, kp)),
             WeightFormat::Q8 => {
                 let (values, scales) = quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v));
-                if isa == Isa::Avx512Bf16 {
+                if isa >= Isa::Avx512Bf16 {
                     Storage::Q8Panels(Q8Panels::from_rows(&values, &scales, n, kp))
                 } else {
                     Storage::Q8 { values, scales }
@@ -141,7 +141,7 @@ fn pad_rows<S: Copy, T: Copy>(
 fn bf16_rows(values: &[f32], n: usize, k: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; n * kp];
     #[cfg(target_arch = "x86_64")]
-    let vectorized = crate::Isa::detected() == crate::Isa::Avx512Bf16;
+    let vectorized = crate::Isa::detected() >= crate::Isa::Avx512Bf16;
     for (dst, src) in out.chunks_exact_mut(kp).zip(values.chunks_exact(k.max(1))) {
         #[cfg(target_arch = "x86_64")]
         if vectorized {

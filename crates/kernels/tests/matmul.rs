@@ -51,8 +51,8 @@ fn reference(x: &[f32], packed: &PackedWeight, b: &[f32], m: usize, isa: Isa) ->
     let round = |v: f32| bf16::from_f32(v).to_f32();
     let w: Vec<f32> = (0..n * k).map(|i| packed.get(i / k, i % k)).collect();
     let x: Vec<f32> = match (format, isa) {
-        (WeightFormat::Bf16, Isa::Avx512Bf16) => x.iter().map(|&v| round(v)).collect(),
-        (WeightFormat::Q8, Isa::Avx512Bf16) => quantized_per_block(x, k),
+        (WeightFormat::Bf16, Isa::Avx512Bf16 | Isa::Amx) => x.iter().map(|&v| round(v)).collect(),
+        (WeightFormat::Q8, Isa::Avx512Bf16 | Isa::Amx) => quantized_per_block(x, k),
         _ => x.to_vec(),
     };
     let mut y = vec![0.0; m * n];

@@ -18,7 +18,7 @@ use weft_kernels::{CachedValue, Isa, PackedWeight, WeightFormat};
 /// CPU multiplies bf16 natively.
 pub(crate) fn bf16_available(linear: &Linear, device: &Device) -> bool {
     let lossy = matches!(linear.kernel_format(), Some(WeightFormat::Bf16 | WeightFormat::Q8));
-    device.is_cpu() && lossy && Isa::active() == Isa::Avx512Bf16
+    device.is_cpu() && lossy && Isa::active() >= Isa::Avx512Bf16
 }
 
 /// One head's keys (`[len, hd]`) and transposed values (`[hd, len]`) gathered from the
