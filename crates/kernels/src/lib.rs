@@ -28,7 +28,7 @@ mod vnni;
 pub use activations::{gelu_tanh, rms_norm_rows, silu_mul, softmax_rows};
 pub use matmul::{matmul, matmul_new, matmul_using, matmul_with, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
-pub use vector::{scaled_dots, weighted_sum, CachedValue};
+pub use vector::{scaled_dots, weighted_sums, CachedValue};
 
 use std::sync::OnceLock;
 

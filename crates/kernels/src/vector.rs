@@ -1,9 +1,12 @@
-//! One query row against many: the dot products of a decode step's attention (`scores[i] =
-//! scale * q . k_i`) and the weighted sum of value rows (`out = sum p_i v_i`), on one thread
-//! (a decode step runs one of these per sequence, head and layer: far too small to share).
-//! The rows are a KV cache's, in f32 or bf16 ([`CachedValue`]); the query, the sums and the
-//! output stay f32. Written with vectors because a plain `f32` sum is a chain of dependent
-//! additions the compiler may not reorder: scalar code spent 17% of a 16-stream decode step here.
+//! Query rows against many cached rows: the dot products of a decode step's attention
+//! (`scores[g][i] = scale * q_g . k_i`) and the weighted sums of value rows (`out_g = sum_i
+//! p_gi v_i`), on one thread (a decode step runs one of these per sequence, KV head and layer:
+//! far too small to share). The queries are the `group` heads that share one KV head (grouped-
+//! query attention: 7 for the 0.5b, 7 for the 7b), so each cached row is loaded and widened once
+//! for all of them instead of once per head; on AVX-512 that is one register-tiled kernel
+//! each, on AVX2 one head at a time. The rows are a KV cache's, in f32 or bf16
+//! ([`CachedValue`]); the queries, the sums and the outputs stay f32. Written with vectors
+//! because a plain `f32` sum is a chain of dependent additions the compiler may not reorder.
 
 use crate::Isa;
 use half::bf16;
@@ -26,32 +29,52 @@ impl CachedValue for bf16 {
     }
 }
 
-/// `scores[i] = scale * (query . rows[i])` for the `scores.len()` rows of `query.len()` values.
-pub fn scaled_dots<T: CachedValue>(query: &[f32], rows: &[T], scale: f32, scores: &mut [f32]) {
-    let d = query.len();
-    assert_eq!(rows.len(), scores.len() * d, "rows must be {} x {d}", scores.len());
+/// `scores[g * len + i] = scale * (queries[g] . rows[i])` for the `queries.len() / d` query rows
+/// and the `len = rows.len() / d` cached rows, all of `d` values.
+pub fn scaled_dots<T: CachedValue>(queries: &[f32], d: usize, rows: &[T], scale: f32, scores: &mut [f32]) {
+    let (group, len) = (queries.len() / d.max(1), rows.len() / d.max(1));
+    assert!(queries.len() == group * d && rows.len() == len * d, "queries and rows must be rows of {d}");
+    assert_eq!(scores.len(), group * len, "scores must be {group} x {len}");
     #[cfg(target_arch = "x86_64")]
-    if Isa::active() >= Isa::Avx2 {
-        // SAFETY: AVX2 and FMA were detected; the lengths were checked.
-        return unsafe { x86::scaled_dots(query, rows, scale, scores) };
+    if Isa::active() >= Isa::Avx512Bf16 && d.is_multiple_of(16) && len > 0 {
+        // SAFETY: AVX-512F was detected; the lengths were checked.
+        return unsafe { x86::scaled_dots_grouped(queries, d, rows, scale, scores) };
     }
-    for (s, row) in scores.iter_mut().zip(rows.chunks_exact(d.max(1))) {
-        *s = scale * row.iter().zip(query).map(|(a, b)| a.to_f32() * b).sum::<f32>();
+    for (query, scores) in queries.chunks_exact(d.max(1)).zip(scores.chunks_exact_mut(len.max(1))) {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::active() >= Isa::Avx2 {
+            // SAFETY: AVX2 and FMA were detected; the lengths were checked.
+            unsafe { x86::scaled_dots(query, rows, scale, scores) };
+            continue;
+        }
+        for (s, row) in scores.iter_mut().zip(rows.chunks_exact(d.max(1))) {
+            *s = scale * row.iter().zip(query).map(|(a, b)| a.to_f32() * b).sum::<f32>();
+        }
     }
 }
 
-/// `out = sum_i weights[i] * rows[i]` for the `weights.len()` rows of `out.len()` values.
-pub fn weighted_sum<T: CachedValue>(weights: &[f32], rows: &[T], out: &mut [f32]) {
-    let d = out.len();
-    assert_eq!(rows.len(), weights.len() * d, "rows must be {} x {d}", weights.len());
-    out.fill(0.0);
+/// `out[g * d..][..d] = sum_i weights[g * len + i] * rows[i]` for the `out.len() / d` rows of
+/// weights and the `len = rows.len() / d` cached rows, all of `d` values.
+pub fn weighted_sums<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out: &mut [f32]) {
+    let (group, len) = (out.len() / d.max(1), rows.len() / d.max(1));
+    assert!(out.len() == group * d && rows.len() == len * d, "out and rows must be rows of {d}");
+    assert_eq!(weights.len(), group * len, "weights must be {group} x {len}");
     #[cfg(target_arch = "x86_64")]
-    if Isa::active() >= Isa::Avx2 {
-        // SAFETY: AVX2 and FMA were detected; the lengths were checked.
-        return unsafe { x86::weighted_sum(weights, rows, out) };
+    if Isa::active() >= Isa::Avx512Bf16 && d.is_multiple_of(64) {
+        // SAFETY: AVX-512F was detected; the lengths were checked.
+        return unsafe { x86::weighted_sums_grouped(weights, rows, d, out) };
     }
-    for (&p, row) in weights.iter().zip(rows.chunks_exact(d.max(1))) {
-        out.iter_mut().zip(row).for_each(|(o, v)| *o += p * v.to_f32());
+    for (weights, out) in weights.chunks_exact(len.max(1)).zip(out.chunks_exact_mut(d.max(1))) {
+        out.fill(0.0);
+        #[cfg(target_arch = "x86_64")]
+        if Isa::active() >= Isa::Avx2 {
+            // SAFETY: AVX2 and FMA were detected; the lengths were checked.
+            unsafe { x86::weighted_sum(weights, rows, out) };
+            continue;
+        }
+        for (&p, row) in weights.iter().zip(rows.chunks_exact(d.max(1))) {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += p * v.to_f32());
+        }
     }
 }
 
@@ -141,6 +164,120 @@ mod x86 {
         }
         for p in main..d {
             out[p] = weights.iter().enumerate().map(|(i, &w)| w * rows[i * d + p].to_f32()).sum();
+        }
+    }
+
+    /// Sixteen values of `T` from `p`, as f32 (bf16 widened as in [`load8`]).
+    #[inline(always)]
+    unsafe fn load16<T: CachedValue>(p: *const T) -> __m512 {
+        if TypeId::of::<T>() == TypeId::of::<bf16>() {
+            let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// Heads a register tile of [`scaled_dots_grouped`] and [`weighted_sums_grouped`] takes.
+    const HEADS: usize = 4;
+
+    /// `$kernel::<heads>(args)` for 1 to [`HEADS`] heads.
+    macro_rules! by_heads {
+        ($kernel:ident, $heads:expr, ($($arg:expr),*)) => {
+            match $heads {
+                1 => $kernel::<1, _>($($arg),*),
+                2 => $kernel::<2, _>($($arg),*),
+                3 => $kernel::<3, _>($($arg),*),
+                _ => $kernel::<HEADS, _>($($arg),*),
+            }
+        };
+    }
+
+    /// Tiles of up to 4 heads by 4 cached rows: each stretch of 16 values of the 4 rows is
+    /// loaded once and multiplied by every head's query.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scaled_dots_grouped<T: CachedValue>(
+        queries: &[f32],
+        d: usize,
+        rows: &[T],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (group, len) = (queries.len() / d, rows.len() / d);
+        for h0 in (0..group).step_by(HEADS) {
+            let heads = HEADS.min(group - h0);
+            let (q, out) = (queries.as_ptr().add(h0 * d), scores.as_mut_ptr().add(h0 * len));
+            by_heads!(dots_tile, heads, (q, d, rows.as_ptr(), len, scale, out));
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dots_tile<const H: usize, T: CachedValue>(
+        q: *const f32,
+        d: usize,
+        rows: *const T,
+        len: usize,
+        scale: f32,
+        out: *mut f32,
+    ) {
+        for i in (0..len).step_by(4) {
+            // Past the last row the tile re-reads it and drops those sums.
+            let row = |r: usize| rows.add((i + r).min(len - 1) * d);
+            let mut acc = [[_mm512_setzero_ps(); 4]; H];
+            for p in (0..d).step_by(16) {
+                let k = [load16(row(0).add(p)), load16(row(1).add(p)), load16(row(2).add(p)), load16(row(3).add(p))];
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_loadu_ps(q.add(h * d + p));
+                    for r in 0..4 {
+                        acc[r] = _mm512_fmadd_ps(k[r], qv, acc[r]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (r, a) in acc.iter().enumerate().take(len - i) {
+                    *out.add(h * len + i + r) = scale * _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    }
+
+    /// Tiles of up to 4 heads by 64 output values held in 16 registers while every cached row,
+    /// loaded once per stretch, adds to all of them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_sums_grouped<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out: &mut [f32]) {
+        let (group, len) = (out.len() / d, rows.len() / d);
+        for h0 in (0..group).step_by(HEADS) {
+            let heads = HEADS.min(group - h0);
+            let (w, o) = (weights.as_ptr().add(h0 * len), out.as_mut_ptr().add(h0 * d));
+            for start in (0..d).step_by(64) {
+                by_heads!(sums_tile, heads, (w, len, rows.as_ptr().add(start), d, o.add(start)));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums_tile<const H: usize, T: CachedValue>(
+        w: *const f32,
+        len: usize,
+        rows: *const T,
+        d: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for i in 0..len {
+            let row = rows.add(i * d);
+            let v = [load16(row), load16(row.add(16)), load16(row.add(32)), load16(row.add(48))];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(*w.add(h * len + i));
+                for j in 0..4 {
+                    acc[j] = _mm512_fmadd_ps(p, v[j], acc[j]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (j, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(h * d + j * 16), *a);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! with ragged tails, over the range the networks produce (and far beyond, where exp saturates).
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{gelu_tanh, rms_norm_rows, scaled_dots, silu_mul, softmax_rows, weighted_sum, CachedValue};
+use weft_kernels::{gelu_tanh, rms_norm_rows, scaled_dots, silu_mul, softmax_rows, weighted_sums, CachedValue};
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
     let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-spread..spread)).collect();
@@ -76,35 +76,40 @@ fn softmax_rows_match_f64_and_masked_entries_are_zero() {
     }
 }
 
-/// In f32 and in bf16 (a KV cache in bf16): each row is widened exactly, so the reference
-/// multiplies the widened values.
+/// In f32 and in bf16 (a KV cache in bf16), for 1 to 7 queries sharing the rows (the AVX-512
+/// tiles take 4 heads and 4 rows at a time, and 64 values for the sums): each row is widened
+/// exactly, so the reference multiplies the widened values.
 #[test]
-fn one_row_dots_and_weighted_sums_match_f64() {
+fn grouped_dots_and_weighted_sums_match_f64() {
     let mut rng = StdRng::seed_from_u64(4);
-    for (rows, d) in [(1, 1), (3, 7), (5, 16), (129, 64), (40, 80), (2, 131)] {
-        let query: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+    for (group, rows, d) in [(1, 1, 1), (2, 3, 7), (1, 5, 16), (7, 129, 64), (3, 40, 80), (1, 2, 131), (5, 6, 128)] {
+        let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
         let keys: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-        check_rows(&query, &keys, rows);
-        check_rows(&query, &keys.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), rows);
+        check_rows(&queries, d, &keys, rows);
+        check_rows(&queries, d, &keys.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), rows);
     }
 }
 
-fn check_rows<T: CachedValue>(query: &[f32], keys: &[T], rows: usize) {
-    let d = query.len();
+fn check_rows<T: CachedValue>(queries: &[f32], d: usize, keys: &[T], rows: usize) {
+    let group = queries.len() / d;
     let key = |i: usize, p: usize| keys[i * d + p].to_f32();
-    let mut scores = vec![f32::NAN; rows];
-    scaled_dots(query, keys, 0.125, &mut scores);
-    for (i, &s) in scores.iter().enumerate() {
+    let mut scores = vec![f32::NAN; group * rows];
+    scaled_dots(queries, d, keys, 0.125, &mut scores);
+    for (at, &s) in scores.iter().enumerate() {
+        let (g, i) = (at / rows, at % rows);
+        let query = &queries[g * d..];
         let want: f64 = 0.125 * (0..d).map(|p| key(i, p) as f64 * query[p] as f64).sum::<f64>();
         let scale: f64 = (0..d).map(|p| (key(i, p) * query[p]).abs() as f64).sum();
-        assert!((s as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{rows}x{d} dot {i}: {s} vs {want}");
+        assert!((s as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{group}x{rows}x{d} dot {g} {i}: {s} vs {want}");
     }
-    let mut out = vec![f32::NAN; d];
-    weighted_sum(&scores, keys, &mut out);
-    for (p, &o) in out.iter().enumerate() {
-        let want: f64 = (0..rows).map(|i| scores[i] as f64 * key(i, p) as f64).sum();
-        let scale: f64 = (0..rows).map(|i| (scores[i] * key(i, p)).abs() as f64).sum();
-        assert!((o as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{rows}x{d} sum {p}: {o} vs {want}");
+    let mut out = vec![f32::NAN; group * d];
+    weighted_sums(&scores, keys, d, &mut out);
+    for (at, &o) in out.iter().enumerate() {
+        let (g, p) = (at / d, at % d);
+        let weights = &scores[g * rows..];
+        let want: f64 = (0..rows).map(|i| weights[i] as f64 * key(i, p) as f64).sum();
+        let scale: f64 = (0..rows).map(|i| (weights[i] * key(i, p)).abs() as f64).sum();
+        assert!((o as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{group}x{rows}x{d} sum {g} {p}: {o} vs {want}");
     }
 }
 
