@@ -121,7 +121,16 @@ fn request_tile_data() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with these arguments only changes this process's permissions.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    if unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0 {
+        return true;
+    }
+    // Kernels before 5.16 have no such request; a thread's signal stack smaller than the tile
+    // state is ENOSPC. Either way AVX-512 still works, but the user should know why AMX is off.
+    eprintln!(
+        "weft: warning: the CPU has AMX but Linux refused the tile state ({}); bf16 products run on AVX-512",
+        std::io::Error::last_os_error()
+    );
+    false
 }
 
 /// Other systems enable the tiles for every process, or not at all (CPUID says which).

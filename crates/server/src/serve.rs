@@ -230,6 +230,11 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         true,
     )?;
     let cfg = model.config().clone();
+    if model.device().is_cpu() {
+        // Which of Weft's kernel sets runs (amx, avx512bf16, avx2 or scalar), as users compare
+        // machines by it.
+        tracing::info!(kernels = weft_kernels::Isa::active().name(), "CPU kernels");
+    }
     let kv_cache_memory = match &args.kv_cache_memory {
         Some(text) => parse_bytes("kv_cache_memory", text)?,
         None => match gpu_memory(model.device()) {
