@@ -204,10 +204,10 @@ fn causal_mask(rows: usize, kv_len: usize, first: usize, device: &Device) -> Res
 
 /// The dtype a KV cache stores: bf16 for 8- and 4-bit weights on the CPU, the activations'
 /// dtype otherwise. A decode step reads every cached key and value of every running sequence
-/// (16 streams of 100 tokens: 320 MB in f32, a fifth of the step on this 0.5b model), so
-/// bf16 halves that traffic and the memory per token (the step time less: its decode attention
-/// waits on memory latency more than bandwidth; 8% faster steps at 128-token outputs). The quantized formats already trade
-/// exactness for speed, and their documented bounds hold with it (parity: 0.32 and 0.20 on the
+/// (16 streams of 100 tokens on the 0.5b: 39 MB in f32, and about a fifth of the step's time),
+/// so bf16 halves that traffic and the memory per token (the step time less, as the reads wait
+/// on latency more than bandwidth: 8% faster steps at 128-token outputs). The quantized
+/// formats already trade exactness for speed, and their documented bounds hold with it (parity: 0.32 and 0.20 on the
 /// tiny fixtures, against 0.35); bf16 weights keep an f32 cache, because rounding the cached
 /// values alone moved their logprobs past bf16's bound of 0.05.
 fn kv_cache_dtype(format: LinearFormat, activations: DType, device: &Device) -> DType {
