@@ -1,5 +1,5 @@
 //! amx-check's program: runs `crate::amx::tile` (the very file the kernels use) on bare metal
-//! against a plain f64 product, for several input lengths and weight strides, and reports each
+//! against a plain f64 product, for several input lengths and output strides, and reports each
 //! case's worst error through port 0xE9. Built and run by `run.sh`.
 
 #![no_std]
@@ -45,45 +45,52 @@ fn widen(bits: u16) -> f64 {
     f32::from_bits((bits as u32) << 16) as f64
 }
 
-/// One case: 32 weight rows of `kp` inputs `stride` apart and a 32-row panel, through the
-/// tiles against f64. Returns the worst error relative to `sum |w x|`.
-unsafe fn case(kp: usize, stride: usize, seed: u64) -> f64 {
+/// One case: 32 activation rows and 32 weight columns of `kp` inputs, packed as
+/// `gemm_amx` packs them, through the tiles into sums `ldo` apart, against f64. Returns the
+/// worst error relative to `sum |w x|`.
+unsafe fn case(kp: usize, ldo: usize, seed: u64) -> f64 {
     let mut values = Values(seed);
     let w = DATA as *mut u16;
-    let x = (DATA + 0x10_0000) as *mut u16;
-    let panel = (DATA + 0x20_0000) as *mut u32;
-    let sums = &mut *((DATA + 0x30_0000) as *mut [[f32; amx::COLS]; amx::ROWS]);
-    for i in 0..amx::ROWS * stride {
+    let x = (DATA + 0x08_0000) as *mut u16;
+    let w_tiles = (DATA + 0x10_0000) as *mut u16;
+    let x_tiles = (DATA + 0x18_0000) as *mut u16;
+    let sums = (DATA + 0x20_0000) as *mut f32;
+    for i in 0..amx::COLS * kp {
         *w.add(i) = values.next_bf16();
     }
-    for i in 0..amx::COLS * kp {
+    for i in 0..amx::ROWS * kp {
         *x.add(i) = values.next_bf16();
     }
-    // The panel layout of gemm512::pack_panels: row r's inputs 2q, 2q + 1 in unit q * 32 + r.
-    for q in 0..kp / 2 {
-        for r in 0..amx::COLS {
-            let (lo, hi) = (*x.add(r * kp + 2 * q), *x.add(r * kp + 2 * q + 1));
-            *panel.add(q * amx::COLS + r) = lo as u32 | (hi as u32) << 16;
+    // gemm_amx's layouts: per step of 32 inputs, two tiles of rows (columns) 0-15 and 16-31;
+    // an activation tile row is 32 inputs in order, a weight tile row q the pairs 2q, 2q + 1
+    // of 16 columns.
+    for p in 0..kp {
+        let (s, i) = (p / amx::STEP, p % amx::STEP);
+        for r in 0..amx::ROWS {
+            *x_tiles.add(s * 2 * amx::TILE + (r / 16) * amx::TILE + (r % 16) * amx::STEP + i) = *x.add(r * kp + p);
+        }
+        for c in 0..amx::COLS {
+            *w_tiles.add(s * 2 * amx::TILE + (c / 16) * amx::TILE + (i / 2) * 32 + (c % 16) * 2 + i % 2) = *w.add(c * kp + p);
         }
     }
     // Garbage in the sums and in the accumulators (a first call), which `tile` must not keep.
-    for row in sums.iter_mut() {
-        row.fill(f32::NAN);
+    for i in 0..amx::ROWS * ldo {
+        *sums.add(i) = f32::NAN;
     }
-    amx::configure();
-    amx::tile(w, stride, panel, kp, sums);
-    amx::tile(w, stride, panel, kp, sums);
-    amx::release();
+    let saved = amx::borrow();
+    amx::tile(x_tiles, w_tiles, kp, sums, ldo);
+    amx::tile(x_tiles, w_tiles, kp, sums, ldo);
+    amx::give_back(&saved);
     let mut worst = 0.0f64;
-    for c in 0..amx::ROWS {
-        for r in 0..amx::COLS {
+    for r in 0..amx::ROWS {
+        for c in 0..amx::COLS {
             let (mut want, mut scale) = (0.0f64, 0.0f64);
             for p in 0..kp {
-                let product = widen(*w.add(c * stride + p)) * widen(*x.add(r * kp + p));
+                let product = widen(*w.add(c * kp + p)) * widen(*x.add(r * kp + p));
                 want += product;
                 scale += product.abs();
             }
-            let got = sums[c][r] as f64;
+            let got = *sums.add(r * ldo + c) as f64;
             let error = if got.is_nan() { f64::INFINITY } else { (got - want).abs() / scale.max(1e-30) };
             worst = worst.max(error);
         }
@@ -95,16 +102,16 @@ unsafe fn case(kp: usize, stride: usize, seed: u64) -> f64 {
 pub extern "C" fn check_main() {
     let mut port = Port;
     let mut failed = 0;
-    for (kp, stride) in [(32, 32), (64, 96), (96, 96), (896, 896), (1152, 1184)] {
+    for (kp, ldo) in [(32, 32), (64, 96), (96, 64), (896, 32), (1152, 96)] {
         // SAFETY: the boot enabled the tile state in XCR0 on a CPU model with AMX, and the data
         // area is mapped, unused memory.
-        let worst = unsafe { case(kp, stride, 0x9e37_79b9_7f4a_7c15 ^ kp as u64) };
+        let worst = unsafe { case(kp, ldo, 0x9e37_79b9_7f4a_7c15 ^ kp as u64) };
         // f32 sums of bf16 products: a few f32 roundings per term at most.
         let ok = worst < 1e-5;
         failed += !ok as u32;
         let _ = writeln!(
             port,
-            "amx-check: kp {kp:5} stride {stride:5}: worst relative error {worst:.2e} {}",
+            "amx-check: kp {kp:5} ldo {ldo:3}: worst relative error {worst:.2e} {}",
             if ok { "ok" } else { "FAIL" }
         );
     }

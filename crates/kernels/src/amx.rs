@@ -1,26 +1,32 @@
 //! Intel AMX tiles for the bf16 GEMM (Sapphire Rapids and later): one `tdpbf16ps` multiplies a
 //! 16-row tile of 32 bf16 inputs by 32 inputs of 16 columns into 16x16 f32 sums, 16,384 FLOPs an
-//! instruction (a `vdpbf16ps` does 64). A call covers 32 weight rows by one 32-row activation
-//! panel of [`crate::gemm512`] in four accumulator tiles (tmm0-3), loading two tiles of weights
-//! (tmm4-5) and two of activations (tmm6-7) per 32 inputs.
+//! instruction (a `vdpbf16ps` does 64). A call covers 32 activation rows by 32 weight columns in
+//! four accumulator tiles (tmm0-3), loading two tiles of activations (tmm4-5) and two of weights
+//! (tmm6-7) per 32 inputs, so its sums come out as rows of the output and are stored in place.
 //!
-//! The weights are read where they lie: a tile row is 32 consecutive bf16 inputs of one weight
-//! row, and `tileloadd` steps from row to row by the weight's stride. The activation panels
-//! already hold each row's pair of inputs `2q, 2q + 1` in 32-bit unit `q * 32 + r`, which is
-//! the pair-interleaved ("VNNI") layout `tdpbf16ps` wants for its second operand, so tile row
-//! `q` is 64 bytes of the panel, for rows 0-15 or 16-31.
+//! Both operands are packed by [`crate::gemm_amx`] as 1 KiB tiles, contiguous (64-byte rows), so
+//! no load strides across lines a power of two apart: activations as 16 rows of 32 inputs in
+//! order; weights pair-interleaved ("VNNI"), 16 rows `q` of 16 columns' pairs of inputs
+//! `2q, 2q + 1`, the layout `tdpbf16ps` wants for its second operand.
 //!
 //! The tiles are named in inline assembly (Rust has no stable AMX intrinsics), so the compiler
-//! never allocates them; each thread configures them ([`configure`]) before its calls and
-//! releases them after ([`release`]). This file uses `core` only: `amx-check/run.sh` compiles it
-//! into a bare-metal image and runs it on Bochs' AMX emulation, for machines without AMX.
+//! never allocates them. A thread's tile configuration is shared by every tile user in the
+//! process (candle's q4k kernel loads its own once per thread and expects it to stay), so Weft
+//! borrows it: [`borrow`] saves what the thread had and loads Weft's, [`give_back`] restores
+//! what was saved (or releases the tiles if there was none). This file uses `core` only:
+//! `amx-check/run.sh` compiles it into a bare-metal image and runs it on Bochs' AMX emulation,
+//! for machines without AMX.
 
 use core::arch::asm;
 
-/// Weight rows one call covers (two tiles of 16).
+/// Activation rows one call covers (two tiles of 16).
 pub const ROWS: usize = 32;
-/// Activation rows one call covers (two tiles of 16): one panel.
+/// Weight columns one call covers (two tiles of 16).
 pub const COLS: usize = 32;
+/// Inputs one step covers: a tile row of bf16 activations.
+pub const STEP: usize = 32;
+/// bf16 values in one tile (16 rows of 64 bytes).
+pub const TILE: usize = 512;
 
 /// The 64-byte operand of `ldtilecfg` (palette 1).
 #[repr(C, align(64))]
@@ -61,38 +67,66 @@ pub unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem, preserves_flags));
 }
 
-/// `sums[c][r] = sum_p w[c][p] * x[r][p]` for the 32 weight rows at `w` (bf16 bits, rows
-/// `stride` values apart) and the 32 activation rows of one pair-interleaved `panel`, over
-/// `kp` inputs.
+/// A thread's tile configuration as `sttilecfg` stores it: 64 zero bytes when none is loaded.
+#[repr(C, align(64))]
+pub struct SavedConfig(pub [u8; 64]);
+
+/// Saves this thread's tile configuration (whoever loaded it) and configures the tiles for
+/// [`tile`]; [`give_back`] puts the saved one back.
 ///
 /// # Safety
-/// [`configure`] ran on this thread since the last [`release`]; `kp` is a multiple of 32; `w`
-/// holds 32 rows of `kp` values `stride` apart and `panel` `kp / 2 * 32` units.
+/// As [`configure`].
 #[inline]
-pub unsafe fn tile(w: *const u16, stride: usize, panel: *const u32, kp: usize, sums: &mut [[f32; COLS]; ROWS]) {
+pub unsafe fn borrow() -> SavedConfig {
+    let mut saved = SavedConfig([0; 64]);
+    asm!("sttilecfg [{saved}]", saved = in(reg) saved.0.as_mut_ptr(), options(nostack, preserves_flags));
+    configure();
+    saved
+}
+
+/// Restores the configuration [`borrow`] saved: loads it again (which zeroes the tile data,
+/// as any configuration's owner expects of a fresh load), or releases the tiles if the thread
+/// had none.
+///
+/// # Safety
+/// As [`configure`]; `saved` came from [`borrow`] on this thread.
+#[inline]
+pub unsafe fn give_back(saved: &SavedConfig) {
+    if saved.0[0] == 0 {
+        release();
+    } else {
+        asm!("ldtilecfg [{saved}]", saved = in(reg) saved.0.as_ptr(), options(nostack, readonly, preserves_flags));
+    }
+}
+
+/// `out[r * ldo + c] = sum_p x[r][p] * w[c][p]` for 32 activation rows and 32 weight columns
+/// over `kp` inputs. `x` holds `kp / 32` steps of two tiles (rows 0-15, then 16-31), each row 32
+/// bf16 inputs in order; `w` holds `kp / 32` steps of two tiles (columns 0-15, then 16-31), each
+/// tile row `q` the pairs `w[c][2q], w[c][2q + 1]` of its 16 columns side by side.
+///
+/// # Safety
+/// [`configure`] (or [`borrow`]) ran on this thread since the last [`release`]; `kp` is a
+/// multiple of 32; `x` and `w` hold `kp / 32 * 2` tiles each; `out` holds 32 rows of 32 values
+/// `ldo` apart.
+#[inline]
+pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
-    let w_stride_bytes = stride * 2;
-    let panel_stride_bytes = COLS * 4;
-    for p in (0..kp).step_by(32) {
+    for s in 0..kp / STEP {
         asm!(
-            "tileloadd tmm4, [{w0} + {ws}*1]",
-            "tileloadd tmm5, [{w1} + {ws}*1]",
-            "tileloadd tmm6, [{x} + {xs}*1]",
-            "tileloadd tmm7, [{x} + {xs}*1 + 64]",
+            "tileloadd tmm4, [{x} + {rs}*1]",
+            "tileloadd tmm6, [{w} + {rs}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{w} + {rs}*1 + 1024]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{x} + {rs}*1 + 1024]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            w0 = in(reg) w.add(p),
-            w1 = in(reg) w.add(16 * stride + p),
-            ws = in(reg) w_stride_bytes,
-            x = in(reg) panel.add(p / 2 * COLS),
-            xs = in(reg) panel_stride_bytes,
+            x = in(reg) x.add(s * 2 * TILE),
+            w = in(reg) w.add(s * 2 * TILE),
+            rs = in(reg) 64usize,
             options(nostack, readonly, preserves_flags)
         );
     }
-    let out = sums.as_mut_ptr() as *mut f32;
-    let out_stride_bytes = COLS * 4;
     asm!(
         "tilestored [{c00} + {cs}*1], tmm0",
         "tilestored [{c01} + {cs}*1], tmm1",
@@ -100,9 +134,9 @@ pub unsafe fn tile(w: *const u16, stride: usize, panel: *const u32, kp: usize, s
         "tilestored [{c11} + {cs}*1], tmm3",
         c00 = in(reg) out,
         c01 = in(reg) out.add(16),
-        c10 = in(reg) out.add(16 * COLS),
-        c11 = in(reg) out.add(16 * COLS + 16),
-        cs = in(reg) out_stride_bytes,
+        c10 = in(reg) out.add(16 * ldo),
+        c11 = in(reg) out.add(16 * ldo + 16),
+        cs = in(reg) ldo * 4,
         options(nostack, preserves_flags)
     );
 }

@@ -9,7 +9,6 @@
 //! brings 16 rows' values of two inputs. Weights are read where they lie: bf16 rows store each
 //! pair of inputs side by side already, so no widening pass is needed.
 
-use crate::amx;
 use crate::gemm::{aligned, pack_transposed};
 use crate::matmul::SharedOut;
 use crate::packed::PackedWeight;
@@ -23,11 +22,10 @@ const IR: usize = 32;
 /// of 96 stays within a 1 MiB L2 next to one panel.
 const MAX_BLOCK_ROWS: usize = 96;
 
-/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights `bits` of `w`, on AMX tiles if `amx`.
+/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights `bits` of `w`.
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX-512 BF16, and if `amx` AMX-TILE and AMX-BF16 that this
-/// process may use.
+/// The CPU has AVX-512F and AVX-512 BF16.
 pub(crate) unsafe fn gemm_bf16(
     x: &[f32],
     m: usize,
@@ -35,90 +33,17 @@ pub(crate) unsafe fn gemm_bf16(
     bits: &[u16],
     bias: Option<&[f32]>,
     out: SharedOut,
-    amx: bool,
 ) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(kp.is_multiple_of(32) && bits.len() >= n * kp && x.len() >= m * k);
     let mut storage = Vec::new();
     // SAFETY: the caller vouches for the CPU.
     let panels = unsafe { pack_panels(x, m, k, kp, &mut storage) };
-    if !amx {
-        drive::<JR, _, _>(
-            m,
-            n,
-            panels,
-            kp / 2 * IR,
-            bias,
-            out,
-            || (),
-            |xs, g, jr, sums| {
-                // SAFETY: the caller vouches for the CPU; `xs` is one panel, `bits` holds rows
-                // g..g + jr of kp values.
-                unsafe { x86::tile(xs.as_ptr() as *const u16, bits[g * kp..].as_ptr(), kp, jr, sums) }
-            },
-        );
-        return;
-    }
-    // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
-    // configured while a block holds its `TilesConfigured`.
-    let tiles_on_this_thread = || unsafe { TilesConfigured::new() };
-    let amx_tile = |w: *const u16, xs: *const u32, sums: &mut _| unsafe { amx::tile(w, kp, xs, kp, sums) };
-    // SAFETY: the caller vouches for AVX-512 BF16.
-    unsafe { by_amx_tiles(m, n, kp, panels, bits, bias, out, tiles_on_this_thread, amx_tile) };
-}
-
-/// The AMX loop nest: 32 weight rows by one panel at a time through `tile(rows, panel, sums)`
-/// (the AMX tile, or a model of it in tests), the last rows of a block, fewer than 32, through
-/// the register tile; `enter()`'s result is held while a thread works on a block.
-///
-/// # Safety
-/// The CPU has AVX-512F and AVX-512 BF16.
-#[allow(clippy::too_many_arguments)]
-unsafe fn by_amx_tiles<T>(
-    m: usize,
-    n: usize,
-    kp: usize,
-    panels: &[u32],
-    bits: &[u16],
-    bias: Option<&[f32]>,
-    out: SharedOut,
-    enter: impl Fn() -> T + Sync,
-    tile: impl Fn(*const u16, *const u32, &mut [[f32; IR]; amx::ROWS]) + Sync,
-) {
-    drive::<{ amx::ROWS }, _, _>(m, n, panels, kp / 2 * IR, bias, out, enter, |xs, g, jr, sums| {
-        if jr == amx::ROWS {
-            // `bits` holds rows g..g + 32 of kp values.
-            tile(bits[g * kp..].as_ptr(), xs.as_ptr(), sums);
-            return;
-        }
-        for first in (0..jr).step_by(JR) {
-            let rows = JR.min(jr - first);
-            let mut part = [[0.0f32; IR]; JR];
-            // SAFETY: the caller vouches for the CPU; `xs` is one panel, `bits` holds rows
-            // g + first..g + first + rows of kp values.
-            unsafe { x86::tile(xs.as_ptr() as *const u16, bits[(g + first) * kp..].as_ptr(), kp, rows, &mut part) };
-            sums[first..first + rows].copy_from_slice(&part[..rows]);
-        }
+    drive::<JR, _>(m, n, panels, kp / 2 * IR, bias, out, |xs, g, jr, sums| {
+        // SAFETY: the caller vouches for the CPU; `xs` is one panel, `bits` holds rows
+        // g..g + jr of kp values.
+        unsafe { x86::tile(xs.as_ptr() as *const u16, bits[g * kp..].as_ptr(), kp, jr, sums) }
     });
-}
-
-/// The AMX tiles configured on this thread for as long as it lives (one parallel block).
-struct TilesConfigured;
-
-impl TilesConfigured {
-    /// # Safety
-    /// As [`amx::configure`].
-    unsafe fn new() -> TilesConfigured {
-        amx::configure();
-        TilesConfigured
-    }
-}
-
-impl Drop for TilesConfigured {
-    fn drop(&mut self) {
-        // SAFETY: `new` configured the tiles, so the CPU has them.
-        unsafe { amx::release() }
-    }
 }
 
 /// `out[m, n] = x[m, k] W^T + bias` for the f32 weights `values` of `w`: the same register tile
@@ -139,39 +64,26 @@ pub(crate) unsafe fn gemm_f32(
     debug_assert!(values.len() >= n * kp && x.len() >= m * k);
     let mut storage = Vec::new();
     let panels = pack_transposed(x, m, k, kp, IR, &mut storage);
-    drive::<JR, _, _>(
-        m,
-        n,
-        panels,
-        kp * IR,
-        bias,
-        out,
-        || (),
-        |xs, g, jr, sums| {
-            // SAFETY: the caller vouches for the CPU; `xs` is one panel, `values` holds rows
-            // g..g + jr of kp values.
-            unsafe { x86::tile_f32(xs.as_ptr(), values[g * kp..].as_ptr(), kp, jr, sums) }
-        },
-    );
+    drive::<JR, _>(m, n, panels, kp * IR, bias, out, |xs, g, jr, sums| {
+        // SAFETY: the caller vouches for the CPU; `xs` is one panel, `values` holds rows
+        // g..g + jr of kp values.
+        unsafe { x86::tile_f32(xs.as_ptr(), values[g * kp..].as_ptr(), kp, jr, sums) }
+    });
 }
 
 /// Splits the weight rows into parallel blocks and runs `tile(panel, first_row, rows, sums)`
-/// over every panel of `panel_len` units and group of `G` rows, adding the bias; `enter()`'s
-/// result is held while a thread works on a block.
-#[allow(clippy::too_many_arguments)]
-fn drive<const G: usize, P: Sync, T>(
+/// over every panel of `panel_len` units and group of `G` rows, adding the bias.
+fn drive<const G: usize, P: Sync>(
     m: usize,
     n: usize,
     panels: &[P],
     panel_len: usize,
     bias: Option<&[f32]>,
     out: SharedOut,
-    enter: impl Fn() -> T + Sync,
     tile: impl Fn(&[P], usize, usize, &mut [[f32; IR]; G]) + Sync,
 ) {
     let block = block_rows(n, G);
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let _entered = enter();
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
         let width = j1 - j0;
         // One panel's outputs for this block, gathered here and then stored row by row: storing
@@ -335,62 +247,6 @@ mod x86 {
         for c in 0..R {
             _mm512_storeu_ps(sums[c].as_mut_ptr(), lo[c]);
             _mm512_storeu_ps(sums[c].as_mut_ptr().add(16), hi[c]);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Isa, WeightFormat};
-
-    /// The contract of [`amx::tile`] in plain code (Bochs' AMX emulation checks the tile itself
-    /// against the same contract: `amx-check/run.sh`): bf16 pairs of 32 weight rows of `kp`
-    /// inputs against one pair-interleaved panel.
-    fn model_tile(w: *const u16, panel: *const u32, kp: usize, sums: &mut [[f32; IR]; amx::ROWS]) {
-        let widen = |bits: u16| f32::from_bits((bits as u32) << 16);
-        for (c, row) in sums.iter_mut().enumerate() {
-            for (r, sum) in row.iter_mut().enumerate() {
-                *sum = (0..kp / 2)
-                    .map(|q| {
-                        // SAFETY: inside the 32 rows of kp values and the panel of kp / 2 * 32 units.
-                        let (pair, xs) =
-                            unsafe { ((w.add(c * kp + 2 * q) as *const u32).read_unaligned(), *panel.add(q * IR + r)) };
-                        widen(pair as u16) * widen(xs as u16) + widen((pair >> 16) as u16) * widen((xs >> 16) as u16)
-                    })
-                    .sum();
-            }
-        }
-    }
-
-    /// The AMX loop nest (blocks, whole groups of 32 rows, the rows left over, panels, bias)
-    /// gives the register tile's product, on shapes whose rows are not whole groups or panels.
-    #[test]
-    fn the_amx_loop_nest_matches_the_register_tile() {
-        if Isa::detected() < Isa::Avx512Bf16 {
-            println!("skipped: no AVX-512 BF16 here");
-            return;
-        }
-        for (m, k, n) in [(1, 64, 32), (33, 96, 70), (70, 896, 300), (32, 1152, 4304 / 8)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let values: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32).collect();
-            let w = PackedWeight::from_f32_for(Isa::Avx512Bf16, &values, n, k, WeightFormat::Bf16);
-            let crate::packed::Storage::Bf16(bits) = &w.storage else { unreachable!() };
-            let mut want = vec![f32::NAN; m * n];
-            let mut got = vec![f32::NAN; m * n];
-            // SAFETY: AVX-512 BF16 was detected; the outputs hold m x n values.
-            unsafe {
-                gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()), false);
-                let mut storage = Vec::new();
-                let panels = pack_panels(&x, m, k, w.kp, &mut storage);
-                let kp = w.kp;
-                let tile = |wp: *const u16, xs: *const u32, sums: &mut _| model_tile(wp, xs, kp, sums);
-                by_amx_tiles(m, n, kp, panels, bits, Some(&bias), SharedOut(got.as_mut_ptr()), || (), tile);
-            }
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{m}x{k}x{n} [{i}]: {g} vs {e}");
-            }
         }
     }
 }

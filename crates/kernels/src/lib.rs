@@ -18,6 +18,8 @@ mod avx512;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm512;
+#[cfg(target_arch = "x86_64")]
+mod gemm_amx;
 mod matmul;
 mod packed;
 mod scalar;

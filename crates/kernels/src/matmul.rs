@@ -22,13 +22,16 @@ pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
 /// from 32 rows (8-bit, 1.1-1.2x) and 64 (bf16, 0.96x at 32); at 512 rows the GEMM is 1.0-1.1x
 /// (f32), 1.2-1.8x (bf16) and 1.1-1.35x (8-bit). On AVX-512 BF16 the bf16 GEMM
 /// ([`crate::gemm512`]) reads its weights in place and wins from 32 rows (1.44x at 32, 0.72x
-/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores). (8-bit weights on
-/// AVX-512 take neither: see [`crate::vnni`].)
+/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores). On AMX the tiles
+/// ([`crate::gemm_amx`]) win from 16 rows (1.55-1.84x the dot-product tiles at 16, 0.85-1.0x
+/// at 8, on an Intel Xeon where `vdpbf16ps` is slow). (8-bit weights on AVX-512 take neither:
+/// see [`crate::vnni`].)
 fn gemm_min_rows(format: WeightFormat, isa: Isa) -> usize {
     match (format, isa) {
         (WeightFormat::F32, _) => 16,
         (WeightFormat::Q8, _) => 32,
-        (WeightFormat::Bf16, Isa::Avx512Bf16 | Isa::Amx) => 32,
+        (WeightFormat::Bf16, Isa::Amx) => 16,
+        (WeightFormat::Bf16, Isa::Avx512Bf16) => 32,
         (WeightFormat::Bf16, _) => 64,
     }
 }
@@ -123,10 +126,15 @@ unsafe fn product(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Isa::Avx512Bf16 | Isa::Amx, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
-        // SAFETY: AVX-512F and AVX-512 BF16 are available, and the AMX tiles on Isa::Amx
-        // (isa <= detected).
-        unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out, isa == Isa::Amx) };
+    if let (true, Isa::Amx, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
+        // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, wb, bias, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Isa::Avx512Bf16, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
+        // SAFETY: AVX-512F and AVX-512 BF16 are available (isa <= detected).
+        unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,315 @@
+//! The many-row product for bf16 weights on AMX tiles ([`crate::amx`]): prefill, the vision
+//! tower and batched decode on Sapphire Rapids and later Xeons.
+//!
+//! Both operands are packed into contiguous 1 KiB tiles first, so that every tile load reads 16
+//! consecutive cache lines (a weight row read in place is `kp * 2` bytes from the next, and at
+//! 1,024 inputs those lines share two L1 sets). The activations are rounded to bf16 once per
+//! call, as the other bf16 paths round them, and laid out panel by panel (32 rows). The weights
+//! are packed block by block inside the parallel loop: a block's columns (at most
+//! [`MAX_BLOCK_COLS`]) are transposed into pair-interleaved tiles held in L2, read once from
+//! memory as the in-place kernels read them, and reused by every panel. Columns past the last
+//! whole group of 32 are zero-padded, so every product runs on the tiles.
+
+use crate::amx;
+use crate::gemm::aligned;
+use crate::matmul::SharedOut;
+use crate::packed::PackedWeight;
+use rayon::prelude::*;
+
+/// Weight columns per parallel block at most: 96 columns of 4,864 bf16 inputs are 912 KiB of
+/// packed tiles, which stay in a 2 MiB L2 next to one activation panel (304 KiB).
+const MAX_BLOCK_COLS: usize = 96;
+/// u16 units of one step (two tiles) of a panel or a group of columns.
+const STEP_UNITS: usize = 2 * amx::TILE;
+
+/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights `bits` of `w`.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX-512 BF16, AMX-TILE and AMX-BF16, and this process may use the
+/// tiles (what [`crate::Isa::Amx`] means).
+pub(crate) unsafe fn gemm_bf16(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bits: &[u16],
+    bias: Option<&[f32]>,
+    out: SharedOut,
+) {
+    let mut storage = Vec::new();
+    // SAFETY: the caller vouches for the CPU.
+    let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };
+    // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
+    // configured while a block holds its `TilesBorrowed`.
+    let borrow_tiles = || unsafe { TilesBorrowed::new() };
+    let tile =
+        |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize| unsafe { amx::tile(xs, ws, w.kp, sums, ldo) };
+    // SAFETY: the caller vouches for AVX-512F.
+    unsafe { by_tiles(m, w.n, w.kp, panels, bits, bias, out, borrow_tiles, tile) };
+}
+
+/// The loop nest: blocks of columns in parallel, each packed ([`pack_weights`]) and then
+/// multiplied by every panel, 32 columns at a time through `tile(panel, columns, sums, ldo)`
+/// (the AMX tile, or a model of it in tests); `enter()`'s result is held while a thread works on
+/// a block.
+///
+/// # Safety
+/// The CPU has AVX-512F; `tile` writes 32 rows of 32 sums `ldo` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn by_tiles<T>(
+    m: usize,
+    n: usize,
+    kp: usize,
+    panels: &[u16],
+    bits: &[u16],
+    bias: Option<&[f32]>,
+    out: SharedOut,
+    enter: impl Fn() -> T + Sync,
+    tile: impl Fn(*const u16, *const u16, *mut f32, usize) + Sync,
+) {
+    let panel_len = kp / amx::STEP * STEP_UNITS;
+    let block = block_cols(n);
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+        let (width, groups) = (j1 - j0, (j1 - j0).div_ceil(amx::COLS));
+        let ldo = groups * amx::COLS;
+        BLOCK_SCRATCH.with_borrow_mut(|(weight_storage, sum_storage)| {
+            // SAFETY: the caller vouches for AVX-512F.
+            let weights = unsafe { pack_weights(bits, kp, j0..j1, weight_storage) };
+            // Every tile call writes its 32 x 32 sums before they are read.
+            let sums = reused_aligned(sum_storage, amx::ROWS * ldo);
+            let _entered = enter();
+            for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
+                for (g, ws) in weights.chunks_exact(panel_len).enumerate() {
+                    tile(xs.as_ptr(), ws.as_ptr(), sums[g * amx::COLS..].as_mut_ptr(), ldo);
+                }
+                let rows = amx::ROWS.min(m - panel * amx::ROWS);
+                for (r, row) in sums.chunks_exact_mut(ldo).take(rows).enumerate() {
+                    let row = &mut row[..width];
+                    if let Some(bias) = bias {
+                        row.iter_mut().zip(&bias[j0..j1]).for_each(|(v, b)| *v += b);
+                    }
+                    // SAFETY: inside `out`, and only this block writes columns j0..j1.
+                    unsafe { out.write_row((panel * amx::ROWS + r) * n + j0, row) };
+                }
+            }
+        })
+    });
+}
+
+thread_local! {
+    /// A block's packed weights and sums, kept by each thread from block to block (at most
+    /// 96 columns of the longest input: 3.6 MiB at the 7b's 18,944): fresh buffers were zeroed,
+    /// and past the allocator's threshold mapped and faulted in, for every block (7% of a
+    /// vision-tower product).
+    static BLOCK_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `len` units of `storage` from a cache line on, grown (zeroed) when too short and otherwise
+/// holding whatever the last user left: for buffers written before they are read.
+fn reused_aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
+    let line = 64 / std::mem::size_of::<T>();
+    if storage.len() < len + line {
+        *storage = vec![T::default(); len + line];
+    }
+    let skip = storage.as_ptr().align_offset(64).min(line);
+    &mut storage[skip..skip + len]
+}
+
+/// The AMX tiles configured for Weft on this thread for as long as it lives (one parallel
+/// block), and the configuration they had before, put back when it drops: another tile user on
+/// the same thread (candle's q4k kernel) finds its own configuration where it left it.
+struct TilesBorrowed(amx::SavedConfig);
+
+impl TilesBorrowed {
+    /// # Safety
+    /// As [`amx::configure`].
+    unsafe fn new() -> TilesBorrowed {
+        TilesBorrowed(amx::borrow())
+    }
+}
+
+impl Drop for TilesBorrowed {
+    fn drop(&mut self) {
+        // SAFETY: `new` borrowed the tiles on this thread (a block never moves between threads).
+        unsafe { amx::give_back(&self.0) }
+    }
+}
+
+/// Columns per parallel block: at most [`MAX_BLOCK_COLS`], a multiple of 32, in a number of
+/// blocks that the threads share evenly (at least two each, for balance).
+fn block_cols(n: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let blocks = n.div_ceil(MAX_BLOCK_COLS).max(2 * threads).div_ceil(threads) * threads;
+    (n.div_ceil(blocks).div_ceil(amx::COLS) * amx::COLS).clamp(amx::COLS, MAX_BLOCK_COLS)
+}
+
+/// `x` rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
+/// each tile row 32 inputs in order; zero-padded to `kp` inputs and whole panels.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 BF16.
+unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<u16>) -> &'a [u16] {
+    let panel_len = kp / amx::STEP * STEP_UNITS;
+    let panels = aligned(storage, m.div_ceil(amx::ROWS) * panel_len);
+    if k == 0 {
+        return panels;
+    }
+    panels.par_chunks_mut(panel_len).zip(x.par_chunks(k * amx::ROWS)).for_each(|(panel, rows)| {
+        let mut row_bits = vec![0u16; kp];
+        for (r, row) in rows.chunks_exact(k).enumerate() {
+            // SAFETY: the caller vouches for the CPU.
+            unsafe { crate::gemm512::round_to_bf16(row, &mut row_bits) };
+            let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
+            for (s, inputs) in row_bits.chunks_exact(amx::STEP).enumerate() {
+                panel[s * STEP_UNITS + at..][..amx::STEP].copy_from_slice(inputs);
+            }
+        }
+    });
+    panels
+}
+
+/// Columns `columns` of the bf16 rows `bits` (rows of `kp`) as groups of 32: `kp / 32` steps of
+/// two tiles (columns 0-15, 16-31), tile row `q` holding each column's pair of inputs
+/// `2q, 2q + 1` as one 32-bit unit; columns past the end are zeros.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+unsafe fn pack_weights<'a>(
+    bits: &[u16],
+    kp: usize,
+    columns: std::ops::Range<usize>,
+    storage: &'a mut Vec<u16>,
+) -> &'a [u16] {
+    let steps = kp / amx::STEP;
+    let groups = columns.len().div_ceil(amx::COLS);
+    // Every tile is written below.
+    let packed = reused_aligned(storage, groups * steps * STEP_UNITS);
+    let zeros = [0u16; amx::STEP];
+    for (t, tile) in packed.chunks_exact_mut(amx::TILE).enumerate() {
+        let (g, s, half) = (t / (2 * steps), t / 2 % steps, t % 2);
+        let first = columns.start + g * amx::COLS + half * 16;
+        // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+        let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+            j if j < columns.end => bits[j * kp + s * amx::STEP..].as_ptr(),
+            _ => zeros.as_ptr(),
+        });
+        // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+        unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+    }
+    packed
+}
+
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Writes the 16x16 matrix of 32-bit units whose row `i` is at `rows[i]` transposed to
+    /// `out` (row `j` at `out + 16 j`): unpacks of units and pairs within each 128-bit lane,
+    /// then two rounds of lane shuffles.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `rows[i]` holds 64 bytes and `out` 1 KiB.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_16x16(rows: &[*const u16; 16], out: *mut u32) {
+        let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(rows[i] as *const __m512i));
+        // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved, units 0-1 and 2-3 of each lane.
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4i + j]: unit 4L + j of rows 4i..4i + 3, in lane L.
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (base, j) = (i / 4 * 4, i % 4);
+            let (a, b) = (t[base + j / 2], t[base + 2 + j / 2]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for j in 0..4 {
+            let even_lanes_lo = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+            let odd_lanes_lo = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
+            let even_lanes_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+            let odd_lanes_hi = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
+            let lane = |l: usize| out.add((4 * l + j) * 16) as *mut __m512i;
+            _mm512_storeu_si512(lane(0), _mm512_shuffle_i32x4::<0x88>(even_lanes_lo, even_lanes_hi));
+            _mm512_storeu_si512(lane(2), _mm512_shuffle_i32x4::<0xDD>(even_lanes_lo, even_lanes_hi));
+            _mm512_storeu_si512(lane(1), _mm512_shuffle_i32x4::<0x88>(odd_lanes_lo, odd_lanes_hi));
+            _mm512_storeu_si512(lane(3), _mm512_shuffle_i32x4::<0xDD>(odd_lanes_lo, odd_lanes_hi));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Isa, WeightFormat};
+
+    /// The contract of [`amx::tile`] in plain code, read from the packed layouts: what the tests
+    /// run on CPUs without AMX (and Bochs' AMX emulation checks the tile against, `amx-check`).
+    fn model_tile(xs: *const u16, ws: *const u16, kp: usize, sums: *mut f32, ldo: usize) {
+        let widen = |bits: u16| f32::from_bits((bits as u32) << 16);
+        for r in 0..amx::ROWS {
+            for c in 0..amx::COLS {
+                let sum: f32 = (0..kp)
+                    .map(|p| {
+                        let (s, i) = (p / amx::STEP, p % amx::STEP);
+                        let x_at = s * STEP_UNITS + (r / 16) * amx::TILE + (r % 16) * amx::STEP + i;
+                        let w_at = s * STEP_UNITS + (c / 16) * amx::TILE + (i / 2) * 32 + (c % 16) * 2 + i % 2;
+                        // SAFETY: inside one panel and one group of kp / 32 steps.
+                        unsafe { widen(*xs.add(x_at)) * widen(*ws.add(w_at)) }
+                    })
+                    .sum();
+                // SAFETY: 32 rows of 32 sums ldo apart.
+                unsafe { *sums.add(r * ldo + c) = sum };
+            }
+        }
+    }
+
+    /// The packed layouts and the loop nest (blocks, groups of 32 columns with the last one
+    /// padded, panels, bias) give the AVX-512 register tile's product, through the model of the
+    /// tile, and through the tile itself where the CPU has AMX.
+    #[test]
+    fn the_amx_gemm_matches_the_register_tile() {
+        if Isa::detected() < Isa::Avx512Bf16 {
+            println!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        for (m, k, n) in [(1, 64, 32), (33, 96, 70), (70, 896, 300), (32, 1152, 4304 / 8), (45, 40, 17)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let values: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32).collect();
+            let w = PackedWeight::from_f32_for(Isa::Avx512Bf16, &values, n, k, WeightFormat::Bf16);
+            let crate::packed::Storage::Bf16(bits) = &w.storage else { unreachable!() };
+            let mut want = vec![f32::NAN; m * n];
+            let mut got = vec![f32::NAN; m * n];
+            // SAFETY: AVX-512 BF16 was detected (and AMX where it is used); outputs of m x n.
+            unsafe {
+                crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()));
+                let mut storage = Vec::new();
+                let panels = pack_activations(&x, m, k, w.kp, &mut storage);
+                let kp = w.kp;
+                let tile =
+                    |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize| model_tile(xs, ws, kp, sums, ldo);
+                by_tiles(m, n, kp, panels, bits, Some(&bias), SharedOut(got.as_mut_ptr()), || (), tile);
+            }
+            let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
+            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                assert!(close(g, e), "model tile {m}x{k}x{n} [{i}]: {g} vs {e}");
+            }
+            if Isa::detected() == Isa::Amx {
+                got.fill(f32::NAN);
+                // SAFETY: AMX was detected.
+                unsafe { gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(got.as_mut_ptr())) };
+                for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    assert!(close(g, e), "AMX tile {m}x{k}x{n} [{i}]: {g} vs {e}");
+                }
+            }
+        }
+    }
+}
