@@ -36,12 +36,20 @@ def pinned(cmd: list) -> list:
     return ["taskset", "-c", CORES] + cmd
 
 
-def weft_run(binary: Path, model: Path, fmt: str, tokens: int) -> dict:
+def weft_env(kernels: str) -> dict:
+    """The environment for Weft with `kernels` ("default", or a WEFT_KERNELS value)."""
+    env = {k: v for k, v in os.environ.items() if k != "WEFT_KERNELS"}
+    if kernels != "default":
+        env["WEFT_KERNELS"] = kernels
+    return env
+
+
+def weft_run(binary: Path, model: Path, fmt: str, tokens: int, kernels: str = "default") -> dict:
     """The second of two runs in one process (the first pays for first touches of memory, which
     `weft serve` pays in its warm-up), and the first's time to first token as `cold_ttft_s`."""
     cmd = [str(binary), "generate", "--model", str(model), "--image", str(IMAGE), "--prompt", QUESTION,
            "--max-tokens", str(tokens + 1), "--ignore-eos", "--repeat", "2"] + WEFT_FORMATS[fmt]
-    err = subprocess.run(pinned(cmd), capture_output=True, text=True, check=True).stderr
+    err = subprocess.run(pinned(cmd), capture_output=True, text=True, check=True, env=weft_env(kernels)).stderr
     runs = re.findall(r"vision encode ([\d.]+)s \| time to first token ([\d.]+)s \| (\d+) tokens, decode ([\d.]+) tok/s",
                       err)
     if len(runs) != 2:
@@ -51,13 +59,14 @@ def weft_run(binary: Path, model: Path, fmt: str, tokens: int) -> dict:
             "cold_ttft_s": float(cold_ttft)}
 
 
-def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int, runs: int) -> tuple:
+def weft_aggregate(binary: Path, model: Path, fmt: str, streams: int, tokens: int, runs: int,
+                   kernels: str = "default") -> tuple:
     """Output tok/s of `streams` concurrent text requests through `weft serve` (the median of
     `runs` rounds after one dropped warm-up round; prefix caching off, so that every round
     computes its prompts), and their mean prompt length in tokens."""
     server = subprocess.Popen(pinned([str(binary), "serve", "--model", str(model), "--port", "0",
                                       "--kv-cache-memory", "4GiB", "--no-prefix-caching"] + WEFT_FORMATS[fmt]),
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LOG": "info"})
+                              stderr=subprocess.PIPE, text=True, env={**weft_env(kernels), "WEFT_LOG": "info"})
     try:
         base = None
         for line in server.stderr:
@@ -181,6 +190,9 @@ def main() -> None:
     ap.add_argument("--weft", type=Path, default=ROOT / "target/release/weft")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep-weft", type=Path, help="reuse the Weft rows of an earlier --json output")
+    ap.add_argument("--formats", default=",".join(WEFT_FORMATS), help="Weft's weight formats, comma-separated")
+    ap.add_argument("--kernels", default="default",
+                    help="Weft's kernel sets, comma-separated: default, or WEFT_KERNELS values (avx512, avx2)")
     ap.add_argument("--child", choices=["single", "batch"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-tokens", type=int, default=0, help=argparse.SUPPRESS)
@@ -192,12 +204,14 @@ def main() -> None:
     if args.keep_weft:
         kept = json.loads(args.keep_weft.read_text())
         results = {k: v for k, v in kept.items() if k.startswith("weft ")}
-    for fmt in WEFT_FORMATS if not results else []:
-        weft_run(args.weft, args.model, fmt, 2)  # warm the page cache
-        rows = [weft_run(args.weft, args.model, fmt, args.tokens) for _ in range(args.runs)]
-        results[f"weft {fmt}"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        rate, prompt = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens, args.runs)
-        results[f"weft {fmt}"].update({"aggregate_tok_s": rate, "aggregate_prompt_tokens": prompt})
+    combos = [(fmt, kernels) for kernels in args.kernels.split(",") for fmt in args.formats.split(",")]
+    for fmt, kernels in combos if not results else []:
+        name = f"weft {fmt}" if kernels == "default" else f"weft {fmt} (WEFT_KERNELS={kernels})"
+        weft_run(args.weft, args.model, fmt, 2, kernels)  # warm the page cache
+        rows = [weft_run(args.weft, args.model, fmt, args.tokens, kernels) for _ in range(args.runs)]
+        results[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        rate, prompt = weft_aggregate(args.weft, args.model, fmt, 16, args.tokens, args.runs, kernels)
+        results[name].update({"aggregate_tok_s": rate, "aggregate_prompt_tokens": prompt})
     # transformers' batch gets prompts as long as Weft's were (in tokens, rounded).
     args.prompt_tokens = round(statistics.mean(r["aggregate_prompt_tokens"] for r in results.values()
                                                if "aggregate_prompt_tokens" in r))

@@ -1,43 +1,65 @@
 //! The two loop nests on the same products, interleaved run by run in one process so that the
-//! machine's drift hits both alike: `cargo run --release -p weft-kernels --example gemm_vs_tiles`.
-//! Prints GFLOP/s medians and the GEMM's speed-up over the dot-product tiles per weight format.
+//! machine's drift hits both alike: `cargo run --release -p weft-kernels --example gemm_vs_tiles
+//! [-- --geometry 0.5b|7b] [--runs N] [--json]`. Prints GFLOP/s medians and the GEMM's speed-up
+//! over the dot-product tiles per weight format; `--json` prints one object per shape instead
+//! (what `bench/kernels_vs_torch.py` reads). On `amx`, bf16 weights are packed as tiles, whose
+//! one loop nest runs for both columns.
 
 use std::time::Instant;
 use weft_kernels::{matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
 
-const RUNS: usize = 13;
+/// Batched decode (8 to 32 streams, lm_head included), prefill, and the vision tower of the
+/// 0.5b checkpoints (Qwen2 896 wide, MLP 4,864; SigLIP 1,152 wide, MLP 4,304; fused q/k/v and
+/// gate/up projections as the model loads them).
+const SHAPES_05B: [(usize, usize, usize); 15] = [
+    (1, 1024, 3072),
+    (1, 1024, 151936),
+    (8, 896, 4864),
+    (16, 896, 4864),
+    (16, 896, 151936),
+    (32, 896, 4864),
+    (512, 896, 896),
+    (512, 896, 4864),
+    (512, 4864, 896),
+    (729, 1152, 4304),
+    (745, 1024, 1024),
+    (745, 1024, 2816),
+    (745, 2816, 1024),
+    (729, 1152, 1152),
+    (729, 4304, 1152),
+];
+
+/// The 7b's language model at prefill (3,584 wide, 28 query and 4 KV heads of 128, MLP 18,944):
+/// fused q/k/v, o, fused gate/up, down.
+const SHAPES_7B: [(usize, usize, usize); 4] =
+    [(512, 3584, 4608), (512, 3584, 3584), (512, 3584, 37888), (512, 18944, 3584)];
 
 fn main() {
-    // Batched decode (16 and 32 streams, lm_head included), prefill, and the vision tower.
-    let shapes = [
-        (8, 896, 4864),
-        (16, 896, 4864),
-        (16, 896, 151936),
-        (32, 896, 4864),
-        (512, 896, 896),
-        (512, 896, 4864),
-        (512, 4864, 896),
-        (729, 1152, 4304),
-        (745, 1024, 1024),
-        (745, 1024, 2816),
-        (745, 2816, 1024),
-        (729, 1152, 1152),
-        (729, 4304, 1152),
-    ];
+    let args: Vec<String> = std::env::args().collect();
+    let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let json = args.iter().any(|a| a == "--json");
+    let shapes: &[(usize, usize, usize)] = match value_of("--geometry").as_deref() {
+        Some("7b") => &SHAPES_7B,
+        _ => &SHAPES_05B,
+    };
+    let runs: usize = value_of("--runs").and_then(|r| r.parse().ok()).unwrap_or(13);
     let isa = Isa::active();
-    println!("isa {}, {} threads, medians of {RUNS} interleaved runs", isa.name(), rayon::current_num_threads());
-    println!("| m | k | n | f32 gemm | f32 tiles | bf16 gemm | bf16 tiles | q8 gemm | q8 tiles |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (m, k, n) in shapes {
+    if !json {
+        println!("isa {}, {} threads, medians of {runs} interleaved runs", isa.name(), rayon::current_num_threads());
+        println!("| m | k | n | f32 gemm | f32 tiles | bf16 gemm | bf16 tiles | q8 gemm | q8 tiles |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    for &(m, k, n) in shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let flops = 2.0 * (m * k * n) as f64;
         let mut row = format!("| {m} | {k} | {n} |");
-        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+        let mut fields = format!("\"isa\": \"{}\", \"m\": {m}, \"k\": {k}, \"n\": {n}", isa.name());
+        for (name, format) in [("f32", WeightFormat::F32), ("bf16", WeightFormat::Bf16), ("q8", WeightFormat::Q8)] {
             let packed = PackedWeight::from_f32(&w, n, k, format);
             let mut out = vec![0.0; m * n];
             let mut seconds = [Vec::new(), Vec::new()];
-            for run in 0..=RUNS {
+            for run in 0..=runs {
                 for (times, kernel) in seconds.iter_mut().zip([Kernel::Gemm, Kernel::Tiles]) {
                     let started = Instant::now();
                     matmul_using(isa, kernel, &x, m, &packed, None, &mut out);
@@ -48,10 +70,11 @@ fn main() {
             }
             let [gemm, tiles] = seconds.map(|mut t| {
                 t.sort_by(f64::total_cmp);
-                flops / t[RUNS / 2] / 1e9
+                flops / t[runs / 2] / 1e9
             });
             row += &format!(" {gemm:.1} ({:.2}x) | {tiles:.1} |", gemm / tiles);
+            fields += &format!(", \"{name}_gemm\": {gemm:.1}, \"{name}_tiles\": {tiles:.1}");
         }
-        println!("{row}");
+        println!("{}", if json { format!("{{{fields}}}") } else { row });
     }
 }

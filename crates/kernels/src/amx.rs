@@ -140,3 +140,35 @@ pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: 
         options(nostack, preserves_flags)
     );
 }
+
+/// As [`tile`] for the first 16 activation rows only (a panel of at most 16 rows: decode, and
+/// the last panel of a prefill): half the products and one activation tile a step. Rows 16-31
+/// of `out` are left as they were.
+///
+/// # Safety
+/// As [`tile`]; `out` holds 16 rows.
+#[inline]
+pub unsafe fn tile_16_rows(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
+    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem, preserves_flags));
+    for s in 0..kp / STEP {
+        asm!(
+            "tileloadd tmm4, [{x} + {rs}*1]",
+            "tileloadd tmm6, [{w} + {rs}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{w} + {rs}*1 + 1024]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            x = in(reg) x.add(s * 2 * TILE),
+            w = in(reg) w.add(s * 2 * TILE),
+            rs = in(reg) 64usize,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    asm!(
+        "tilestored [{c00} + {cs}*1], tmm0",
+        "tilestored [{c01} + {cs}*1], tmm1",
+        c00 = in(reg) out,
+        c01 = in(reg) out.add(16),
+        cs = in(reg) ldo * 4,
+        options(nostack, preserves_flags)
+    );
+}

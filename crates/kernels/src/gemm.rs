@@ -133,6 +133,7 @@ unsafe fn widen(storage: &Storage, kp: usize, rows: std::ops::Range<usize>, p0: 
             Storage::Q8 { values, scales } => x86::widen_q8(&values[at..at + kc], &scales[at / Q8_BLOCK..], dst),
             Storage::F32(values) => dst.copy_from_slice(&values[at..at + kc]),
             Storage::Q8Panels(_) => unreachable!("8-bit panels are multiplied by the VNNI kernel"),
+            Storage::Bf16Tiles(_) => unreachable!("AMX tiles are multiplied by the AMX kernel"),
         }
     }
 }

@@ -1,14 +1,14 @@
-//! The many-row product for bf16 weights on AMX tiles ([`crate::amx`]): prefill, the vision
-//! tower and batched decode on Sapphire Rapids and later Xeons.
+//! bf16 products on AMX tiles ([`crate::amx`]) at every row count, on Sapphire Rapids and later
+//! Xeons: prefill, the vision tower, and decode (where one row streams the weights through the
+//! tiles as fast as memory brings them).
 //!
-//! Both operands are packed into contiguous 1 KiB tiles first, so that every tile load reads 16
-//! consecutive cache lines (a weight row read in place is `kp * 2` bytes from the next, and at
-//! 1,024 inputs those lines share two L1 sets). The activations are rounded to bf16 once per
-//! call, as the other bf16 paths round them, and laid out panel by panel (32 rows). The weights
-//! are packed block by block inside the parallel loop: a block's columns (at most
-//! [`MAX_BLOCK_COLS`]) are transposed into pair-interleaved tiles held in L2, read once from
-//! memory as the in-place kernels read them, and reused by every panel. Columns past the last
-//! whole group of 32 are zero-padded, so every product runs on the tiles.
+//! Both operands are contiguous 1 KiB tiles, so every tile load reads 16 consecutive cache lines
+//! (a weight row read in place is `kp * 2` bytes from the next, and at 1,024 inputs those lines
+//! share two L1 sets). The weights are packed once, when loaded ([`pack_weights`]): groups of 32
+//! columns, pair-interleaved, the last group zero-padded so that every product runs on the
+//! tiles. The activations are rounded to bf16 once per call, as the other bf16 paths round
+//! them, and laid out panel by panel (32 rows). Every output is the same sum in the same order
+//! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
 use crate::amx;
 use crate::gemm::aligned;
@@ -16,13 +16,20 @@ use crate::matmul::SharedOut;
 use crate::packed::PackedWeight;
 use rayon::prelude::*;
 
-/// Weight columns per parallel block at most: 96 columns of 4,864 bf16 inputs are 912 KiB of
-/// packed tiles, which stay in a 2 MiB L2 next to one activation panel (304 KiB).
+/// Weight columns per group (one tile call).
+pub(crate) const COLS: usize = amx::COLS;
+/// Weight columns per parallel block at most: 96 columns of 4,864 inputs are 912 KiB of tiles,
+/// which stay in a 2 MiB L2 next to one activation panel (304 KiB).
 const MAX_BLOCK_COLS: usize = 96;
 /// u16 units of one step (two tiles) of a panel or a group of columns.
 const STEP_UNITS: usize = 2 * amx::TILE;
 
-/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights `bits` of `w`.
+/// u16 units of one group of 32 columns (or one panel of 32 rows) over `kp` inputs.
+pub(crate) fn group_len(kp: usize) -> usize {
+    kp / amx::STEP * STEP_UNITS
+}
+
+/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights of `w`, packed as `tiles`.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512 BF16, AMX-TILE and AMX-BF16, and this process may use the
@@ -31,7 +38,7 @@ pub(crate) unsafe fn gemm_bf16(
     x: &[f32],
     m: usize,
     w: &PackedWeight,
-    bits: &[u16],
+    tiles: &[u16],
     bias: Option<&[f32]>,
     out: SharedOut,
 ) {
@@ -41,55 +48,68 @@ pub(crate) unsafe fn gemm_bf16(
     // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
     // configured while a block holds its `TilesBorrowed`.
     let borrow_tiles = || unsafe { TilesBorrowed::new() };
-    let tile =
-        |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize| unsafe { amx::tile(xs, ws, w.kp, sums, ldo) };
-    // SAFETY: the caller vouches for AVX-512F.
-    unsafe { by_tiles(m, w.n, w.kp, panels, bits, bias, out, borrow_tiles, tile) };
+    let tile = |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize, rows: usize| unsafe {
+        if rows <= 16 {
+            amx::tile_16_rows(xs, ws, w.kp, sums, ldo)
+        } else {
+            amx::tile(xs, ws, w.kp, sums, ldo)
+        }
+    };
+    by_tiles(m, w.n, w.kp, panels, tiles, bias, out, borrow_tiles, tile);
 }
 
-/// The loop nest: blocks of columns in parallel, each packed ([`pack_weights`]) and then
-/// multiplied by every panel, 32 columns at a time through `tile(panel, columns, sums, ldo)`
-/// (the AMX tile, or a model of it in tests); `enter()`'s result is held while a thread works on
-/// a block.
-///
-/// # Safety
-/// The CPU has AVX-512F; `tile` writes 32 rows of 32 sums `ldo` apart.
+/// The loop nest: blocks of columns in parallel, each multiplied by every panel 32 columns at a
+/// time through `tile(panel, columns, sums, ldo, rows)` (the AMX tile, or a model of it in
+/// tests); `enter()`'s result is held while a thread works on a block. `tile` writes the first
+/// `rows` (or more) of 32 rows of 32 sums `ldo` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn by_tiles<T>(
+fn by_tiles<T>(
     m: usize,
     n: usize,
     kp: usize,
     panels: &[u16],
-    bits: &[u16],
+    tiles: &[u16],
     bias: Option<&[f32]>,
     out: SharedOut,
     enter: impl Fn() -> T + Sync,
-    tile: impl Fn(*const u16, *const u16, *mut f32, usize) + Sync,
+    tile: impl Fn(*const u16, *const u16, *mut f32, usize, usize) + Sync,
 ) {
-    let panel_len = kp / amx::STEP * STEP_UNITS;
+    let panel_len = group_len(kp);
     let block = block_cols(n);
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
-        let (width, groups) = (j1 - j0, (j1 - j0).div_ceil(amx::COLS));
-        let ldo = groups * amx::COLS;
-        BLOCK_SCRATCH.with_borrow_mut(|(weight_storage, sum_storage)| {
-            // SAFETY: the caller vouches for AVX-512F.
-            let weights = unsafe { pack_weights(bits, kp, j0..j1, weight_storage) };
+        let (width, groups) = (j1 - j0, (j1 - j0).div_ceil(COLS));
+        let ldo = groups * COLS;
+        let weights = &tiles[j0 / COLS * panel_len..][..groups * panel_len];
+        BLOCK_SUMS.with_borrow_mut(|storage| {
             // Every tile call writes its 32 x 32 sums before they are read.
-            let sums = reused_aligned(sum_storage, amx::ROWS * ldo);
+            let sums = reused_aligned(storage, amx::ROWS * ldo);
             let _entered = enter();
             for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
+                let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(m - panel * amx::ROWS));
+                // The tiles store straight into the output when they cover exactly this
+                // panel's rows and the block's columns (all but the last panel and block, at
+                // most): a copy through `sums` cost a sixth of a vision-tower product.
+                let direct = (rows == amx::ROWS || rows == 16) && width == ldo;
                 for (g, ws) in weights.chunks_exact(panel_len).enumerate() {
-                    tile(xs.as_ptr(), ws.as_ptr(), sums[g * amx::COLS..].as_mut_ptr(), ldo);
+                    let (to, stride) = match direct {
+                        // SAFETY: rows first_row.. first_row + rows < m, columns inside j0..j1.
+                        true => (unsafe { out.0.add(first_row * n + j0 + g * COLS) }, n),
+                        false => (sums[g * COLS..].as_mut_ptr(), ldo),
+                    };
+                    tile(xs.as_ptr(), ws.as_ptr(), to, stride, rows);
                 }
-                let rows = amx::ROWS.min(m - panel * amx::ROWS);
-                for (r, row) in sums.chunks_exact_mut(ldo).take(rows).enumerate() {
-                    let row = &mut row[..width];
+                for r in 0..rows {
+                    let at = (first_row + r) * n + j0;
+                    if !direct {
+                        // SAFETY: inside `out`, and only this block writes columns j0..j1.
+                        unsafe { out.write_row(at, &sums[r * ldo..][..width]) };
+                    }
                     if let Some(bias) = bias {
+                        // SAFETY: as above; the row's columns j0..j1 are written.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
                         row.iter_mut().zip(&bias[j0..j1]).for_each(|(v, b)| *v += b);
                     }
-                    // SAFETY: inside `out`, and only this block writes columns j0..j1.
-                    unsafe { out.write_row((panel * amx::ROWS + r) * n + j0, row) };
                 }
             }
         })
@@ -97,12 +117,9 @@ unsafe fn by_tiles<T>(
 }
 
 thread_local! {
-    /// A block's packed weights and sums, kept by each thread from block to block (at most
-    /// 96 columns of the longest input: 3.6 MiB at the 7b's 18,944): fresh buffers were zeroed,
-    /// and past the allocator's threshold mapped and faulted in, for every block (7% of a
-    /// vision-tower product).
-    static BLOCK_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// A block's sums, kept by each thread from block to block rather than allocated and zeroed
+    /// for each.
+    static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `len` units of `storage` from a cache line on, grown (zeroed) when too short and otherwise
@@ -136,12 +153,13 @@ impl Drop for TilesBorrowed {
     }
 }
 
-/// Columns per parallel block: at most [`MAX_BLOCK_COLS`], a multiple of 32, in a number of
-/// blocks that the threads share evenly (at least two each, for balance).
+/// Columns per parallel block: at most [`MAX_BLOCK_COLS`], a multiple of 32 (so that a block
+/// starts on a group), in a number of blocks that the threads share evenly (at least two each,
+/// for balance).
 fn block_cols(n: usize) -> usize {
     let threads = rayon::current_num_threads();
     let blocks = n.div_ceil(MAX_BLOCK_COLS).max(2 * threads).div_ceil(threads) * threads;
-    (n.div_ceil(blocks).div_ceil(amx::COLS) * amx::COLS).clamp(amx::COLS, MAX_BLOCK_COLS)
+    (n.div_ceil(blocks).div_ceil(COLS) * COLS).clamp(COLS, MAX_BLOCK_COLS)
 }
 
 /// `x` rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
@@ -150,58 +168,69 @@ fn block_cols(n: usize) -> usize {
 /// # Safety
 /// The CPU has AVX-512F and AVX-512 BF16.
 unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<u16>) -> &'a [u16] {
-    let panel_len = kp / amx::STEP * STEP_UNITS;
+    let panel_len = group_len(kp);
     let panels = aligned(storage, m.div_ceil(amx::ROWS) * panel_len);
     if k == 0 {
         return panels;
     }
     panels.par_chunks_mut(panel_len).zip(x.par_chunks(k * amx::ROWS)).for_each(|(panel, rows)| {
-        let mut row_bits = vec![0u16; kp];
         for (r, row) in rows.chunks_exact(k).enumerate() {
-            // SAFETY: the caller vouches for the CPU.
-            unsafe { crate::gemm512::round_to_bf16(row, &mut row_bits) };
             let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
-            for (s, inputs) in row_bits.chunks_exact(amx::STEP).enumerate() {
-                panel[s * STEP_UNITS + at..][..amx::STEP].copy_from_slice(inputs);
-            }
+            // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
+            unsafe { x86::round_into_steps(row, panel[at..].as_mut_ptr()) };
         }
     });
     panels
 }
 
-/// Columns `columns` of the bf16 rows `bits` (rows of `kp`) as groups of 32: `kp / 32` steps of
-/// two tiles (columns 0-15, 16-31), tile row `q` holding each column's pair of inputs
-/// `2q, 2q + 1` as one 32-bit unit; columns past the end are zeros.
+/// The bf16 rows `bits` (`n` rows of `kp`) as groups of 32 columns into `out` (`n / 32` groups,
+/// rounded up, of [`group_len`]): `kp / 32` steps of two tiles (columns 0-15, 16-31), tile row
+/// `q` holding each column's pair of inputs `2q, 2q + 1` as one 32-bit unit; columns past `n`
+/// are zeros. Groups in parallel.
 ///
 /// # Safety
 /// The CPU has AVX-512F.
-unsafe fn pack_weights<'a>(
-    bits: &[u16],
-    kp: usize,
-    columns: std::ops::Range<usize>,
-    storage: &'a mut Vec<u16>,
-) -> &'a [u16] {
-    let steps = kp / amx::STEP;
-    let groups = columns.len().div_ceil(amx::COLS);
-    // Every tile is written below.
-    let packed = reused_aligned(storage, groups * steps * STEP_UNITS);
+pub(crate) unsafe fn pack_weights(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
     let zeros = [0u16; amx::STEP];
-    for (t, tile) in packed.chunks_exact_mut(amx::TILE).enumerate() {
-        let (g, s, half) = (t / (2 * steps), t / 2 % steps, t % 2);
-        let first = columns.start + g * amx::COLS + half * 16;
-        // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
-        let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
-            j if j < columns.end => bits[j * kp + s * amx::STEP..].as_ptr(),
-            _ => zeros.as_ptr(),
-        });
-        // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
-        unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
-    }
-    packed
+    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
+        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+            let (s, half) = (t / 2, t % 2);
+            let first = g * COLS + half * 16;
+            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
+                _ => zeros.as_ptr(),
+            });
+            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+        }
+    });
 }
 
 mod x86 {
+    use super::STEP_UNITS;
     use std::arch::x86_64::*;
+
+    /// `row` rounded to bf16 (to nearest, ties to even) 32 values at a time, each 32 stored
+    /// [`STEP_UNITS`] after the previous at `out`; the last ones zero-padded to 32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `out` holds `row.len().div_ceil(32)` steps.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_into_steps(row: &[f32], out: *mut u16) {
+        for (s, p) in (0..row.len()).step_by(32).enumerate() {
+            let left = row.len() - p;
+            let (lo_mask, hi_mask) = (lanes(left.min(16)), lanes(left.saturating_sub(16).min(16)));
+            let lo = _mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(p));
+            let hi = _mm512_maskz_loadu_ps(hi_mask, row.as_ptr().add(p + 16.min(left)));
+            let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.add(s * STEP_UNITS) as *mut __m512i, bits);
+        }
+    }
+
+    fn lanes(count: usize) -> __mmask16 {
+        ((1u32 << count) - 1) as __mmask16
+    }
 
     /// Writes the 16x16 matrix of 32-bit units whose row `i` is at `rows[i]` transposed to
     /// `out` (row `j` at `out + 16 j`): unpacks of units and pairs within each 128-bit lane,
@@ -286,17 +315,21 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32).collect();
             let w = PackedWeight::from_f32_for(Isa::Avx512Bf16, &values, n, k, WeightFormat::Bf16);
             let crate::packed::Storage::Bf16(bits) = &w.storage else { unreachable!() };
+            let mut tile_storage = Vec::new();
+            let tiles = aligned(&mut tile_storage, n.div_ceil(COLS) * group_len(w.kp));
             let mut want = vec![f32::NAN; m * n];
             let mut got = vec![f32::NAN; m * n];
             // SAFETY: AVX-512 BF16 was detected (and AMX where it is used); outputs of m x n.
             unsafe {
                 crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()));
+                pack_weights(bits, n, w.kp, tiles);
                 let mut storage = Vec::new();
                 let panels = pack_activations(&x, m, k, w.kp, &mut storage);
                 let kp = w.kp;
-                let tile =
-                    |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize| model_tile(xs, ws, kp, sums, ldo);
-                by_tiles(m, n, kp, panels, bits, Some(&bias), SharedOut(got.as_mut_ptr()), || (), tile);
+                let tile = |xs: *const u16, ws: *const u16, sums: *mut f32, ldo: usize, _rows: usize| {
+                    model_tile(xs, ws, kp, sums, ldo)
+                };
+                by_tiles(m, n, kp, panels, tiles, Some(&bias), SharedOut(got.as_mut_ptr()), || (), tile);
             }
             let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
             for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
@@ -305,7 +338,7 @@ mod tests {
             if Isa::detected() == Isa::Amx {
                 got.fill(f32::NAN);
                 // SAFETY: AMX was detected.
-                unsafe { gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(got.as_mut_ptr())) };
+                unsafe { gemm_bf16(&x, m, &w, tiles, Some(&bias), SharedOut(got.as_mut_ptr())) };
                 for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
                     assert!(close(g, e), "AMX tile {m}x{k}x{n} [{i}]: {g} vs {e}");
                 }

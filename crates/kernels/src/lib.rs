@@ -3,8 +3,8 @@
 //! too). Few rows (decode) run dot-product tiles that stream the weights; many rows (prefill,
 //! vision, batched decode) run an outer-product GEMM.
 //!
-//! The instruction set is picked once at run time: AMX tiles for the bf16 GEMM where the CPU has
-//! them ([`amx`]), AVX-512 with BF16 and VNNI dot products (`vdpbf16ps` for bf16 weights,
+//! The instruction set is picked once at run time: AMX tiles for every bf16 product where the CPU
+//! has them ([`gemm_amx`]), AVX-512 with BF16 and VNNI dot products (`vdpbf16ps` for bf16 weights,
 //! `vpdpbusd` for 8-bit ones, [`vnni`]), AVX2 + FMA, or portable scalar code.
 //! `WEFT_KERNELS=scalar|avx2|avx512` forces a slower path (to test it, or to rule the fast one
 //! out).
@@ -49,8 +49,8 @@ pub enum Isa {
     /// AVX-512F with the BF16 and VNNI dot-product extensions (and BW): Cooper Lake, Sapphire
     /// Rapids, Zen 4 and later. bf16 weights use `vdpbf16ps`, 8-bit weights `vpdpbusd`.
     Avx512Bf16,
-    /// All of [`Isa::Avx512Bf16`], plus AMX tiles (`tdpbf16ps`) for the bf16 GEMM: Sapphire
-    /// Rapids and later Xeons.
+    /// All of [`Isa::Avx512Bf16`], plus AMX tiles (`tdpbf16ps`) for bf16 weights at every row
+    /// count, the weights packed as tiles when loaded: Sapphire Rapids and later Xeons.
     Amx,
 }
 

@@ -22,16 +22,14 @@ pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
 /// from 32 rows (8-bit, 1.1-1.2x) and 64 (bf16, 0.96x at 32); at 512 rows the GEMM is 1.0-1.1x
 /// (f32), 1.2-1.8x (bf16) and 1.1-1.35x (8-bit). On AVX-512 BF16 the bf16 GEMM
 /// ([`crate::gemm512`]) reads its weights in place and wins from 32 rows (1.44x at 32, 0.72x
-/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores). On AMX the tiles
-/// ([`crate::gemm_amx`]) win from 16 rows (1.55-1.84x the dot-product tiles at 16, 0.85-1.0x
-/// at 8, on an Intel Xeon where `vdpbf16ps` is slow). (8-bit weights on AVX-512 take neither:
-/// see [`crate::vnni`].)
+/// at 16; 1.1-1.6x at 512 rows: 650-840 GFLOP/s on two Zen 5 cores). (bf16 weights packed
+/// as AMX tiles and 8-bit weights on AVX-512 take neither: see [`crate::gemm_amx`] and
+/// [`crate::vnni`].)
 fn gemm_min_rows(format: WeightFormat, isa: Isa) -> usize {
     match (format, isa) {
         (WeightFormat::F32, _) => 16,
         (WeightFormat::Q8, _) => 32,
-        (WeightFormat::Bf16, Isa::Amx) => 16,
-        (WeightFormat::Bf16, Isa::Avx512Bf16) => 32,
+        (WeightFormat::Bf16, Isa::Avx512Bf16 | Isa::Amx) => 32,
         (WeightFormat::Bf16, _) => 64,
     }
 }
@@ -126,13 +124,14 @@ unsafe fn product(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Isa::Amx, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
+    if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
+        // Every row count: the tiles are this layout's only loop nest (the module says why).
         // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, wb, bias, out) };
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if let (true, Isa::Avx512Bf16, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
+    if let (true, Isa::Avx512Bf16 | Isa::Amx, Storage::Bf16(wb)) = (gemm, isa, &w.storage) {
         // SAFETY: AVX-512F and AVX-512 BF16 are available (isa <= detected).
         unsafe { crate::gemm512::gemm_bf16(x, m, w, wb, bias, out) };
         return;
@@ -172,8 +171,8 @@ unsafe fn product(
                 avx2::tile_q8(xs, mr, rows(values, j, nr, kp), rows(scales, j, nr, per_row), nr, kp, acc)
             });
         }
-        // Scalar code, and 8-bit panels on a set below the one they were packed for.
-        (_, Isa::Scalar) | (Storage::Q8Panels(_), _) => {
+        // Scalar code, and 8-bit panels or AMX tiles on a set below the one they were packed for.
+        (_, Isa::Scalar) | (Storage::Q8Panels(_) | Storage::Bf16Tiles(_), _) => {
             let xp = pad_f32(x, m, k, kp);
             job.run(&xp, 4, |xs, mr, j, nr, acc| scalar::tile(xs, mr, nr, kp, acc, |c, p| w.get(j + c, p)));
         }

@@ -27,6 +27,8 @@ pub(crate) enum Storage {
     F32(Vec<f32>),
     /// bf16 bit patterns.
     Bf16(Vec<u16>),
+    /// The same bf16 values as AMX tiles, for [`Isa::Amx`] (see [`crate::gemm_amx`]).
+    Bf16Tiles(Bf16Tiles),
     /// Row-major values and `[n, kp / Q8_BLOCK]` scales.
     Q8 {
         values: Vec<i8>,
@@ -60,7 +62,7 @@ impl PackedWeight {
         let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
         let storage = match format {
             WeightFormat::F32 => Storage::F32(pad_rows(values, n, k, kp, 0.0, |v| v)),
-            WeightFormat::Bf16 => Storage::Bf16(bf16_rows(values, n, k, kp)),
+            WeightFormat::Bf16 => bf16_storage(isa, bf16_rows(values, n, k, kp), n, kp),
             WeightFormat::Q8 => {
                 let (values, scales) = quantize_q8(&pad_rows(values, n, k, kp, 0.0, |v| v));
                 if isa >= Isa::Avx512Bf16 {
@@ -73,11 +75,12 @@ impl PackedWeight {
         PackedWeight { n, k, kp, storage }
     }
 
-    /// Packs row-major `[n, k]` bf16 bit patterns as they are (no rounding).
+    /// Packs row-major `[n, k]` bf16 bit patterns as they are (no rounding), laid out for
+    /// [`Isa::active`].
     pub fn from_bf16_bits(bits: &[u16], n: usize, k: usize) -> PackedWeight {
         assert_eq!(bits.len(), n * k, "weight of {n}x{k} needs {} values", n * k);
         let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
-        PackedWeight { n, k, kp, storage: Storage::Bf16(pad_rows(bits, n, k, kp, 0, |v| v)) }
+        PackedWeight { n, k, kp, storage: bf16_storage(Isa::active(), pad_rows(bits, n, k, kp, 0, |v| v), n, kp) }
     }
 
     pub fn rows(&self) -> usize {
@@ -91,7 +94,7 @@ impl PackedWeight {
     pub fn format(&self) -> WeightFormat {
         match self.storage {
             Storage::F32(_) => WeightFormat::F32,
-            Storage::Bf16(_) => WeightFormat::Bf16,
+            Storage::Bf16(_) | Storage::Bf16Tiles(_) => WeightFormat::Bf16,
             Storage::Q8 { .. } | Storage::Q8Panels(_) => WeightFormat::Q8,
         }
     }
@@ -101,6 +104,7 @@ impl PackedWeight {
         match &self.storage {
             Storage::F32(v) => v.len() * 4,
             Storage::Bf16(v) => v.len() * 2,
+            Storage::Bf16Tiles(tiles) => tiles.tiles().len() * 2,
             Storage::Q8 { values, scales } => values.len() + scales.len() * 4,
             Storage::Q8Panels(panels) => panels.bytes(),
         }
@@ -112,9 +116,58 @@ impl PackedWeight {
         match &self.storage {
             Storage::F32(v) => v[i],
             Storage::Bf16(v) => bf16::from_bits(v[i]).to_f32(),
+            Storage::Bf16Tiles(tiles) => bf16::from_bits(tiles.get(row, col, self.kp)).to_f32(),
             Storage::Q8 { values, scales } => values[i] as f32 * scales[i / Q8_BLOCK],
             Storage::Q8Panels(panels) => panels.get(row, col, self.kp),
         }
+    }
+}
+
+/// bf16 rows (padded to `kp`) as `isa`'s kernels read them: AMX tiles on [`Isa::Amx`], rows
+/// elsewhere.
+fn bf16_storage(isa: Isa, rows: Vec<u16>, n: usize, kp: usize) -> Storage {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx {
+        return Storage::Bf16Tiles(Bf16Tiles::from_rows(&rows, n, kp));
+    }
+    let _ = (isa, n, kp);
+    Storage::Bf16(rows)
+}
+
+/// bf16 weights as [`crate::gemm_amx`] multiplies them: groups of 32 columns (the last padded
+/// with zeros), each `kp / 32` steps of two 1 KiB tiles (columns 0-15, 16-31) whose row `q`
+/// holds every column's pair of inputs `2q, 2q + 1`; starting on a cache line, as tile loads
+/// want.
+#[derive(Debug, Clone)]
+pub(crate) struct Bf16Tiles {
+    storage: Vec<u16>,
+    skip: usize,
+    len: usize,
+}
+
+impl Bf16Tiles {
+    /// Tiles of the bf16 rows `rows` (`n` rows of `kp`).
+    #[cfg(target_arch = "x86_64")]
+    fn from_rows(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
+        let len = n.div_ceil(crate::gemm_amx::COLS) * crate::gemm_amx::group_len(kp);
+        let mut storage = Vec::new();
+        let tiles = crate::gemm::aligned(&mut storage, len);
+        // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
+        unsafe { crate::gemm_amx::pack_weights(rows, n, kp, tiles) };
+        let start = tiles.as_ptr() as usize;
+        let skip = (start - storage.as_ptr() as usize) / 2;
+        Bf16Tiles { storage, skip, len }
+    }
+
+    pub(crate) fn tiles(&self) -> &[u16] {
+        &self.storage[self.skip..self.skip + self.len]
+    }
+
+    /// The bits of element `(row, col)`.
+    fn get(&self, row: usize, col: usize, kp: usize) -> u16 {
+        let (group, c, step, i) = (row / 32, row % 32, col / 32, col % 32);
+        let tile = (group * (kp / 32) + step) * 2 + c / 16;
+        self.tiles()[tile * 512 + (i / 2) * 32 + (c % 16) * 2 + i % 2]
     }
 }
 

@@ -114,22 +114,37 @@ fn q8_rows_do_not_depend_on_the_batch() {
         eprintln!("no AVX-512 VNNI here: skipped");
         return;
     }
+    rows_do_not_depend_on_the_batch(Isa::Avx512Bf16, WeightFormat::Q8);
+}
+
+/// The same for bf16 weights on AMX tiles: one loop nest at every row count, 16-row and 32-row
+/// tiles, outputs stored straight or through the block's buffer, all the same sums.
+#[test]
+fn bf16_rows_on_amx_do_not_depend_on_the_batch() {
+    if !Isa::available().contains(&Isa::Amx) {
+        eprintln!("no AMX here: skipped");
+        return;
+    }
+    rows_do_not_depend_on_the_batch(Isa::Amx, WeightFormat::Bf16);
+}
+
+fn rows_do_not_depend_on_the_batch(isa: Isa, format: WeightFormat) {
     let mut rng = StdRng::seed_from_u64(11);
     let (k, n) = (1100, 83);
-    let packed = PackedWeight::from_f32_for(Isa::Avx512Bf16, &random(n * k, &mut rng), n, k, WeightFormat::Q8);
+    let packed = PackedWeight::from_f32_for(isa, &random(n * k, &mut rng), n, k, format);
     let b = random(n, &mut rng);
     let x = random(41 * k, &mut rng);
     let alone: Vec<Vec<f32>> = x
         .chunks_exact(k)
         .map(|row| {
             let mut y = vec![0.0; n];
-            matmul_with(Isa::Avx512Bf16, row, 1, &packed, Some(&b), &mut y);
+            matmul_with(isa, row, 1, &packed, Some(&b), &mut y);
             y
         })
         .collect();
     for m in [2, 3, 5, 16, 41] {
         let mut y = vec![0.0; m * n];
-        matmul_with(Isa::Avx512Bf16, &x[..m * k], m, &packed, Some(&b), &mut y);
+        matmul_with(isa, &x[..m * k], m, &packed, Some(&b), &mut y);
         for (i, row) in y.chunks_exact(n).enumerate() {
             let same = row.iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "row {i} of {m} differs from the row alone");
