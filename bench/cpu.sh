@@ -14,14 +14,16 @@ cd "$(dirname "$0")/.."
 model="${1:?usage: bench/cpu.sh MODEL_DIR (a checkpoint from make_tiny.py --real-geometry)}"
 py="${PYTHON:-python3}"
 
-cargo build --release --locked -p weft -p weft-kernels --example gemm_vs_tiles >/dev/null 2>&1 \
-  || cargo build --release --locked -p weft -p weft-kernels --example gemm_vs_tiles
+for target in "-p weft" "-p weft-kernels --example gemm_vs_tiles"; do
+  # shellcheck disable=SC2086
+  cargo build --release --locked $target >/dev/null 2>&1 || cargo build --release --locked $target
+done
 
 echo "## CPU"
 echo
 echo "- $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u '+%Y-%m-%d %H:%M') UTC; $(git rev-parse --short HEAD)"
 echo "- flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile|amx_bf16|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "- Weft's kernel set: $(./target/release/examples/gemm_vs_tiles --runs 1 --json | head -1 | sed 's/.*"isa": "\([a-z0-9]*\)".*/\1/')"
+echo "- Weft's kernel set: $(./target/release/examples/gemm_vs_tiles --isa)"
 echo
 
 echo "## Kernels against torch"

@@ -1,6 +1,6 @@
 //! The two loop nests on the same products, interleaved run by run in one process so that the
 //! machine's drift hits both alike: `cargo run --release -p weft-kernels --example gemm_vs_tiles
-//! [-- --geometry 0.5b|7b] [--runs N] [--json]`. Prints GFLOP/s medians and the GEMM's speed-up
+//! [-- --geometry 0.5b|7b] [--runs N] [--json]` (`--isa` only names the kernel set). Prints GFLOP/s medians and the GEMM's speed-up
 //! over the dot-product tiles per weight format; `--json` prints one object per shape instead
 //! (what `bench/kernels_vs_torch.py` reads). On `amx`, bf16 weights are packed as tiles, whose
 //! one loop nest runs for both columns.
@@ -44,6 +44,10 @@ fn main() {
     };
     let runs: usize = value_of("--runs").and_then(|r| r.parse().ok()).unwrap_or(13);
     let isa = Isa::active();
+    if args.iter().any(|a| a == "--isa") {
+        println!("{}", isa.name());
+        return;
+    }
     if !json {
         println!("isa {}, {} threads, medians of {runs} interleaved runs", isa.name(), rayon::current_num_threads());
         println!("| m | k | n | f32 gemm | f32 tiles | bf16 gemm | bf16 tiles | q8 gemm | q8 tiles |");
