@@ -111,6 +111,34 @@ pub unsafe fn give_back(saved: &SavedConfig) {
 #[inline]
 pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
+    tile_steps(x, w, kp, out, ldo);
+}
+
+/// As [`tile`], adding to the sums already at `out` (the same sums, in the same order, as one
+/// call over all the inputs: the accumulators are stored and loaded as they are).
+///
+/// # Safety
+/// As [`tile`]; `out` holds 32 rows of 32 sums `ldo` apart.
+#[inline]
+pub unsafe fn tile_adding(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
+    asm!(
+        "tileloadd tmm0, [{c00} + {cs}*1]",
+        "tileloadd tmm1, [{c01} + {cs}*1]",
+        "tileloadd tmm2, [{c10} + {cs}*1]",
+        "tileloadd tmm3, [{c11} + {cs}*1]",
+        c00 = in(reg) out,
+        c01 = in(reg) out.add(16),
+        c10 = in(reg) out.add(16 * ldo),
+        c11 = in(reg) out.add(16 * ldo + 16),
+        cs = in(reg) ldo * 4,
+        options(nostack, readonly, preserves_flags)
+    );
+    tile_steps(x, w, kp, out, ldo);
+}
+
+/// The steps and the stores of [`tile`] and [`tile_adding`], from the accumulators as they are.
+#[inline(always)]
+unsafe fn tile_steps(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
     for s in 0..kp / STEP {
         asm!(
             "tileloadd tmm4, [{x} + {rs}*1]",
