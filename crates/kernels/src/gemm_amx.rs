@@ -81,8 +81,8 @@ struct TileCall {
 }
 
 /// The loop nest: blocks of columns in parallel, each multiplied by every panel 32 columns at a
-/// time through `tile` (the AMX tile, or a model of it in tests); `enter()`'s result is held
-/// while a thread works on a block.
+/// time through `tile` (the AMX tile, or a model of it in tests), in one pass or, for long
+/// inputs, in chunks; `enter()`'s result is held while a thread works on a block.
 #[allow(clippy::too_many_arguments)]
 fn by_tiles<T>(
     m: usize,
@@ -97,104 +97,109 @@ fn by_tiles<T>(
 ) {
     let panel_len = group_len(kp);
     let block = block_cols(n);
-    if kp > LONG_INPUTS {
-        return by_chunks(m, n, kp, panels, tiles, bias, out, enter, tile);
-    }
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
-        let (width, groups) = (j1 - j0, (j1 - j0).div_ceil(COLS));
-        let ldo = groups * COLS;
-        let weights = &tiles[j0 / COLS * panel_len..][..groups * panel_len];
+        let groups = (j1 - j0).div_ceil(COLS);
+        let columns = Block {
+            m,
+            n,
+            kp,
+            j0,
+            width: j1 - j0,
+            ldo: groups * COLS,
+            weights: &tiles[j0 / COLS * panel_len..][..groups * panel_len],
+            bias: bias.map(|b| &b[j0..j1]),
+            out,
+        };
         BLOCK_SUMS.with_borrow_mut(|storage| {
-            // Every tile call writes its 32 x 32 sums before they are read.
-            let sums = reused_aligned(storage, amx::ROWS * ldo);
             let _entered = enter();
-            for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
-                let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(m - panel * amx::ROWS));
-                // The tiles store straight into the output when they cover exactly this
-                // panel's rows and the block's columns (all but the last panel and block, at
-                // most): a copy through `sums` cost a sixth of a vision-tower product.
-                let direct = (rows == amx::ROWS || rows == 16) && width == ldo;
-                for (g, ws) in weights.chunks_exact(panel_len).enumerate() {
-                    let (to, stride) = match direct {
-                        // SAFETY: rows first_row.. first_row + rows < m, columns inside j0..j1.
-                        true => (unsafe { out.0.add(first_row * n + j0 + g * COLS) }, n),
-                        false => (sums[g * COLS..].as_mut_ptr(), ldo),
-                    };
-                    tile(TileCall {
-                        x: xs.as_ptr(),
-                        w: ws.as_ptr(),
-                        inputs: kp,
-                        out: to,
-                        ldo: stride,
-                        rows,
-                        adding: false,
-                    });
-                }
-                for r in 0..rows {
-                    let at = (first_row + r) * n + j0;
-                    if !direct {
-                        // SAFETY: inside `out`, and only this block writes columns j0..j1.
-                        unsafe { out.write_row(at, &sums[r * ldo..][..width]) };
-                    }
-                    if let Some(bias) = bias {
-                        // SAFETY: as above; the row's columns j0..j1 are written.
-                        let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), width) };
-                        row.iter_mut().zip(&bias[j0..j1]).for_each(|(v, b)| *v += b);
-                    }
-                }
+            if kp > LONG_INPUTS {
+                columns.in_chunks(panels, storage, &tile)
+            } else {
+                columns.in_one_pass(panels, storage, &tile)
             }
         })
     });
 }
 
-/// [`by_tiles`] for long inputs: each block runs chunk by chunk of [`CHUNK_INPUTS`] inputs over
-/// every panel, its sums for all panels kept in the block's buffer between chunks (stored and
-/// loaded as they are, so the sums are those of one pass), then copied out.
-#[allow(clippy::too_many_arguments)]
-fn by_chunks<T>(
+/// One parallel block: columns `j0..j0 + width` of the `[m, n]` output, their weight tiles
+/// (groups of 32 columns, `ldo` in all) and bias.
+struct Block<'a> {
     m: usize,
     n: usize,
     kp: usize,
-    panels: &[u16],
-    tiles: &[u16],
-    bias: Option<&[f32]>,
+    j0: usize,
+    width: usize,
+    ldo: usize,
+    weights: &'a [u16],
+    bias: Option<&'a [f32]>,
     out: SharedOut,
-    enter: impl Fn() -> T + Sync,
-    tile: impl Fn(TileCall) + Sync,
-) {
-    let panel_len = group_len(kp);
-    let block = block_cols(n);
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
-        let (width, groups) = (j1 - j0, (j1 - j0).div_ceil(COLS));
-        let ldo = groups * COLS;
-        let weights = &tiles[j0 / COLS * panel_len..][..groups * panel_len];
-        BLOCK_SUMS.with_borrow_mut(|storage| {
-            let sums = reused_aligned(storage, panels.len() / panel_len * amx::ROWS * ldo);
-            let _entered = enter();
-            for first in (0..kp).step_by(CHUNK_INPUTS) {
-                let (inputs, at) = (CHUNK_INPUTS.min(kp - first), first / amx::STEP * STEP_UNITS);
-                let panel_sums = sums.chunks_exact_mut(amx::ROWS * ldo);
-                for (panel, (xs, panel_sums)) in panels.chunks_exact(panel_len).zip(panel_sums).enumerate() {
-                    let rows = amx::ROWS.min(m - panel * amx::ROWS);
-                    for (g, ws) in weights.chunks_exact(panel_len).enumerate() {
-                        let (x, w) = (xs[at..].as_ptr(), ws[at..].as_ptr());
-                        let to = panel_sums[g * COLS..].as_mut_ptr();
-                        tile(TileCall { x, w, inputs, out: to, ldo, rows, adding: first > 0 });
-                    }
+}
+
+impl Block<'_> {
+    /// Every panel over all the inputs at once.
+    fn in_one_pass(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
+        let (n, j0, ldo, panel_len) = (self.n, self.j0, self.ldo, group_len(self.kp));
+        // Every tile call writes its 32 x 32 sums before they are read.
+        let sums = reused_aligned(storage, amx::ROWS * ldo);
+        for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
+            let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(self.m - panel * amx::ROWS));
+            // The tiles store straight into the output when they cover exactly this panel's
+            // rows and the block's columns (all but the last panel and block, at most): a copy
+            // through `sums` cost a sixth of a vision-tower product.
+            let direct = (rows == amx::ROWS || rows == 16) && self.width == ldo;
+            for (g, ws) in self.weights.chunks_exact(panel_len).enumerate() {
+                let (to, stride) = match direct {
+                    // SAFETY: rows first_row.. first_row + rows < m, columns inside the block.
+                    true => (unsafe { self.out.0.add(first_row * n + j0 + g * COLS) }, n),
+                    false => (sums[g * COLS..].as_mut_ptr(), ldo),
+                };
+                let (x, w, inputs) = (xs.as_ptr(), ws.as_ptr(), self.kp);
+                tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, adding: false });
+            }
+            for r in 0..rows {
+                let at = (first_row + r) * n + j0;
+                if !direct {
+                    // SAFETY: inside `out`, and only this block writes its columns.
+                    unsafe { self.out.write_row(at, &sums[r * ldo..][..self.width]) };
+                }
+                // SAFETY: as above; the row's columns in the block are written.
+                self.add_bias(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
+            }
+        }
+    }
+
+    /// Chunk by chunk of [`CHUNK_INPUTS`] inputs over every panel, all panels' sums kept in the
+    /// block's buffer between chunks (stored and loaded as they are, so the sums are those of
+    /// one pass), then copied out.
+    fn in_chunks(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
+        let (ldo, panel_len) = (self.ldo, group_len(self.kp));
+        let sums = reused_aligned(storage, panels.len() / panel_len * amx::ROWS * ldo);
+        for first in (0..self.kp).step_by(CHUNK_INPUTS) {
+            let (inputs, at) = (CHUNK_INPUTS.min(self.kp - first), first / amx::STEP * STEP_UNITS);
+            let panel_sums = sums.chunks_exact_mut(amx::ROWS * ldo);
+            for (panel, (xs, panel_sums)) in panels.chunks_exact(panel_len).zip(panel_sums).enumerate() {
+                let rows = amx::ROWS.min(self.m - panel * amx::ROWS);
+                for (g, ws) in self.weights.chunks_exact(panel_len).enumerate() {
+                    let (x, w) = (xs[at..].as_ptr(), ws[at..].as_ptr());
+                    let to = panel_sums[g * COLS..].as_mut_ptr();
+                    tile(TileCall { x, w, inputs, out: to, ldo, rows, adding: first > 0 });
                 }
             }
-            for (r, row) in sums.chunks_exact_mut(ldo).take(m).enumerate() {
-                let row = &mut row[..width];
-                if let Some(bias) = bias {
-                    row.iter_mut().zip(&bias[j0..j1]).for_each(|(v, b)| *v += b);
-                }
-                // SAFETY: inside `out`, and only this block writes columns j0..j1.
-                unsafe { out.write_row(r * n + j0, row) };
-            }
-        })
-    });
+        }
+        for (r, row) in sums.chunks_exact_mut(ldo).take(self.m).enumerate() {
+            let row = &mut row[..self.width];
+            self.add_bias(row);
+            // SAFETY: inside `out`, and only this block writes its columns.
+            unsafe { self.out.write_row(r * self.n + self.j0, row) };
+        }
+    }
+
+    fn add_bias(&self, row: &mut [f32]) {
+        if let Some(bias) = self.bias {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
 }
 
 thread_local! {
