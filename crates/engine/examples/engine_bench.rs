@@ -4,29 +4,39 @@
 //!
 //!     cargo run --release -p weft-engine --example engine_bench -- MODEL_DIR [TOKENS] [RUNS]
 
-use candle_core::Device;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_engine::{Engine, EngineConfig, EngineHandle, Event, GenerateRequest, ImageInput};
+use weft_engine::{Engine, EngineConfig, EngineHandle, Event, GenerateRequest, PromptBuilder};
 use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::{render_builtin, Message, Part};
+use weft_model::prompt::{Message, Part, PromptRenderer};
 use weft_model::tokenizer::PromptTokenizer;
 use weft_model::{LlavaModel, LoadOptions};
 
 struct Bench {
     handle: EngineHandle,
-    tokenizer: Arc<PromptTokenizer>,
-    pixels: candle_core::Tensor,
+    prompts: PromptBuilder,
+    picture: image::RgbImage,
 }
 
 impl Bench {
-    fn request(&self, messages: &[Message], image_hash: Option<u128>, tokens: usize) -> GenerateRequest {
-        let ids = self.tokenizer.encode_prompt(&render_builtin(messages, true)).unwrap().ids;
-        let mut r = GenerateRequest::new(ids, tokens);
+    /// A request whose image (if `variant` is given) is the bench picture with one pixel
+    /// changed: a new variant is a new image to the vision and prefix caches.
+    fn request(&self, messages: &[Message], variant: Option<u32>, tokens: usize) -> GenerateRequest {
+        let pictures: Vec<_> = variant
+            .map(|v| {
+                let mut picture = self.picture.clone();
+                let [r, g, b, _] = v.to_le_bytes();
+                picture.put_pixel(0, 0, image::Rgb([r, g, b]));
+                image::DynamicImage::ImageRgb8(picture)
+            })
+            .into_iter()
+            .collect();
+        let prompt = self.prompts.chat(messages, &pictures, true).unwrap();
+        let mut r = GenerateRequest::new(prompt, NonZeroUsize::new(tokens).unwrap());
         r.sampling.temperature = 0.0;
         r.ignore_eos = true;
-        r.images = image_hash.map(|hash| ImageInput { pixels: self.pixels.clone(), hash }).into_iter().collect();
         r
     }
 }
@@ -77,11 +87,12 @@ fn main() {
     let cfg = model.config().clone();
     let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir, cfg.image_token_id, cfg.tokens_per_image()).unwrap());
     let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
-    let img = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images/square.png")).unwrap();
-    let pixels = processor.batch(&[img], &Device::Cpu).unwrap().squeeze(0).unwrap();
-    let handle = Engine::start(model, tokenizer.clone(), EngineConfig::default());
-    let b = Bench { handle, tokenizer, pixels };
-    let mut hash = 1000u128;
+    let picture =
+        image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images/square.png")).unwrap().to_rgb8();
+    let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
+    let handle = Engine::start(model, tokenizer, EngineConfig::default());
+    let b = Bench { handle, prompts, picture };
+    let mut variant = 1000u32;
 
     println!("| requests | kind | aggregate output tok/s (median of {runs}) | x single stream |");
     println!("|---:|---|---:|---:|");
@@ -92,9 +103,9 @@ fn main() {
                 .map(|round| {
                     let requests = (0..c)
                         .map(|i| {
-                            hash += 1; // distinct images: no vision-cache or prefix-cache help
+                            variant += 1; // distinct images: no vision-cache or prefix-cache help
                             let text = format!("Request {round}-{i}: describe what you see in detail.");
-                            b.request(&[user(image, text)], image.then_some(hash), tokens)
+                            b.request(&[user(image, text)], image.then_some(variant), tokens)
                         })
                         .collect();
                     let (wall, n, _, _) = run(&b, requests);

@@ -85,14 +85,7 @@ impl Engine {
         let cfg = model.config().clone();
         let bytes_per_token = model.new_cache().bytes_per_token();
         let kv_tokens = (config.kv_cache_memory / bytes_per_token).max(1);
-        let bounds = Bounds {
-            context: cfg.text.max_position_embeddings,
-            kv_tokens,
-            image_token_id: cfg.image_token_id,
-            tokens_per_image: cfg.tokens_per_image(),
-            vocab_size: cfg.text.vocab_size,
-            image_size: cfg.vision.image_size,
-        };
+        let bounds = Bounds { context: cfg.text.max_position_embeddings, kv_tokens };
         let stats = Arc::new(EngineStats::default());
         stats.kv_budget_bytes.store(kv_tokens * bytes_per_token, Relaxed);
         let sample_on_device = config.sample_on_device.unwrap_or(!model.device().is_cpu());
@@ -188,13 +181,14 @@ impl Engine {
         }
         let tpi = self.model.config().tokens_per_image();
         let image_token = self.model.config().image_token_id;
-        let prompt = s.request.prompt_ids.clone();
+        // A ValidPrompt has one image per tokens_per_image slots, so every run is whole images.
+        let prompt = s.request.prompt.ids().to_vec();
         let mut keys = Vec::with_capacity(prompt.len());
         let mut image_starts = Vec::new();
         let mut i = 0;
         while i < prompt.len() {
             if prompt[i] == image_token {
-                let hash = s.request.images[image_starts.len()].hash;
+                let hash = s.request.prompt.images()[image_starts.len()].hash;
                 image_starts.push(i);
                 keys.extend((0..tpi).map(|slot| image_key(hash, slot)));
                 i += tpi;
@@ -207,13 +201,13 @@ impl Engine {
         let seq = Sequence::new(self.new_id(), req_id, 0, &s.request);
         self.waiting.push_back(seq.id);
         self.seqs.insert(seq.id, seq);
-        let n_images = s.request.images.len();
+        let n_images = s.request.prompt.images().len();
         self.requests.insert(
             req_id,
             Request {
                 prompt,
                 keys,
-                images: s.request.images.clone(),
+                images: s.request.prompt.images().to_vec(),
                 image_starts,
                 features: vec![None; n_images],
                 spec: s.request,
@@ -259,7 +253,7 @@ impl Engine {
         if req.choices_spawned {
             0
         } else {
-            (req.spec.n - 1) * grown_capacity(0, req.prompt.len(), self.limits.kv_tokens)
+            (req.spec.n.get() - 1) * grown_capacity(0, req.prompt.len(), self.limits.kv_tokens)
         }
     }
 

@@ -90,9 +90,8 @@ impl Engine {
                 s.computed(),
                 s.tokens.len()
             );
-            if self.requests[&s.req_id].spec.fault.is_some() {
-                panic!("fault injected into the step of sequence {id}");
-            }
+            #[cfg(feature = "fault-injection")]
+            self.inject_fault(s.req_id, id);
         }
         let wanted: Vec<(u64, usize, usize)> = chunks
             .iter()
@@ -188,9 +187,9 @@ impl Engine {
         if !req.choices_spawned {
             req.choices_spawned = true;
             req.features.iter_mut().for_each(|f| *f = None); // the prompt is in the KV now
-            req.live_choices = req.spec.n;
+            req.live_choices = req.spec.n.get();
             let spec = req.spec.clone();
-            for choice in 1..spec.n {
+            for choice in 1..spec.n.get() {
                 let cache = {
                     let seq = &self.seqs[&id];
                     seq.cache.as_ref().expect("running").fork(seq.computed())?

@@ -8,6 +8,7 @@ mod engine;
 mod forward;
 mod handle;
 pub mod prefix_cache;
+pub mod prompt;
 mod recovery;
 pub mod request;
 pub mod sampling;
@@ -21,9 +22,10 @@ pub use config::EngineConfig;
 pub use constraint::{Constraint, ConstraintCompiler, Grammar};
 pub use engine::Engine;
 pub use handle::{EngineHandle, EventStream};
+pub use prompt::{PromptBuilder, PromptError, ValidPrompt};
 pub use recovery::Audit;
-pub use request::{
-    EngineError, Event, Fault, FinishReason, GenerateRequest, Health, ImageInput, SubmitError, Timing, Usage,
-};
+#[cfg(feature = "fault-injection")]
+pub use request::Fault;
+pub use request::{EngineError, Event, FinishReason, GenerateRequest, Health, ImageInput, SubmitError, Timing, Usage};
 pub use sampling::{SamplingParams, TokenLogprobs};
 pub use stats::StatsSnapshot;

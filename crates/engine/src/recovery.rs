@@ -5,7 +5,7 @@
 //! simulation tests run after every step.
 
 use crate::engine::Engine;
-use crate::request::{EngineError, Event, Fault, Health};
+use crate::request::{EngineError, Event, Health};
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -73,7 +73,8 @@ impl Engine {
         );
         failed.sort_unstable();
         failed.dedup();
-        if failed.iter().any(|r| self.requests.get(r).is_some_and(|r| r.spec.fault == Some(Fault::Fatal))) {
+        #[cfg(feature = "fault-injection")]
+        if failed.iter().any(|&r| self.injected(r) == Some(crate::request::Fault::Fatal)) {
             return false; // the caller gives up, failing every request
         }
         for req_id in failed {
@@ -208,5 +209,20 @@ impl Engine {
         self.prefix.clear();
         self.vision.clear();
         self.publish_gauges();
+    }
+}
+
+/// Test-only faults (builds with the `fault-injection` feature): a request that carries one
+/// panics the step that runs it.
+#[cfg(feature = "fault-injection")]
+impl Engine {
+    fn injected(&self, req_id: u64) -> Option<crate::request::Fault> {
+        self.requests.get(&req_id).and_then(|r| r.spec.fault)
+    }
+
+    pub(crate) fn inject_fault(&self, req_id: u64, seq_id: u64) {
+        if self.injected(req_id).is_some() {
+            panic!("fault injected into the step of sequence {seq_id}");
+        }
     }
 }

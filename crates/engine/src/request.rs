@@ -1,22 +1,31 @@
 //! What goes into the engine (a generation request) and what comes out (a stream of events).
 
 use crate::constraint::Constraint;
+use crate::prompt::ValidPrompt;
 use crate::sampling::{SamplingParams, TokenLogprobs};
 use candle_core::Tensor;
+use std::num::NonZeroUsize;
 
-/// One preprocessed image or video frame, identified by a hash of its decoded pixels.
+/// One preprocessed image or video frame, identified by a hash of its decoded pixels; made
+/// only by [`crate::PromptBuilder::image_input`].
 #[derive(Debug, Clone)]
 pub struct ImageInput {
     /// `[3, size, size]`, f32, normalised.
-    pub pixels: Tensor,
-    /// 128-bit keyed (or cryptographic) hash of the decoded pixels: the vision and prefix
-    /// caches trust it as the image's identity, so it must not be forgeable.
-    pub hash: u128,
+    pub(crate) pixels: Tensor,
+    /// 128-bit cryptographic hash of the decoded pixels: the vision and prefix caches trust it
+    /// as the image's identity, so it must not be forgeable.
+    pub(crate) hash: u128,
 }
 
-/// A fault to inject, for tests of fault containment only (the server sets it only when
-/// started with `WEFT_FAULT_INJECTION=1`).
-#[doc(hidden)]
+impl ImageInput {
+    pub fn hash(&self) -> u128 {
+        self.hash
+    }
+}
+
+/// A fault to inject, for tests of fault containment only (builds with the
+/// `fault-injection` feature).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Panic inside the step that runs this request.
@@ -25,16 +34,15 @@ pub enum Fault {
     Fatal,
 }
 
-/// A prompt ready to run: token ids with every image slot expanded, and its images in order.
+/// A proven prompt and how to answer it.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    pub prompt_ids: Vec<u32>,
-    pub images: Vec<ImageInput>,
+    pub prompt: ValidPrompt,
     pub sampling: SamplingParams,
     /// Tokens to generate at most (per choice).
-    pub max_tokens: usize,
+    pub max_tokens: NonZeroUsize,
     /// Independent choices sharing the prompt's KV.
-    pub n: usize,
+    pub n: NonZeroUsize,
     /// Strings that end generation; never sent.
     pub stop: Vec<String>,
     /// Extra token ids that end generation.
@@ -43,22 +51,22 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// A compiled grammar every choice's answer must match (structured outputs).
     pub constraint: Option<Constraint>,
-    #[doc(hidden)]
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<Fault>,
 }
 
 impl GenerateRequest {
-    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+    pub fn new(prompt: ValidPrompt, max_tokens: NonZeroUsize) -> Self {
         GenerateRequest {
-            prompt_ids,
-            images: Vec::new(),
+            prompt,
             sampling: SamplingParams::default(),
             max_tokens,
-            n: 1,
+            n: NonZeroUsize::MIN,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            #[cfg(feature = "fault-injection")]
             fault: None,
         }
     }
@@ -125,8 +133,8 @@ pub enum Event {
 }
 
 /// A failure inside the engine after a request was accepted, sent to every request it affects.
-/// Everything a client can get wrong is refused earlier, at submission ([`SubmitError`]), so
-/// these are the server's own faults.
+/// Everything a client can get wrong is refused earlier (when its prompt is built, or at
+/// submission: [`SubmitError`]), so these are the server's own faults.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     /// A step failed (a model error, or a panic that was contained); the engine goes on.
@@ -137,16 +145,14 @@ pub enum EngineError {
     Stopped(String),
 }
 
-/// Why a request was refused at submission.
+/// Why a request was refused at submission: the checks only the engine can make (the prompt
+/// itself was proven when it was built, see [`crate::prompt`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the prompt has {tokens} tokens, more than the {limit} this server can hold ({why})")]
     PromptTooLong { tokens: usize, limit: usize, why: &'static str },
     #[error("the server is overloaded: {waiting} requests are already waiting")]
     Overloaded { waiting: usize },
-    /// The request is wrong; `param` names the field at fault, as the client sent it.
-    #[error("{message}")]
-    Invalid { param: &'static str, message: String },
     #[error("the engine has stopped")]
     Stopped,
 }

@@ -3,12 +3,15 @@
 //! every choice, while free requests in the same batch are unchanged.
 
 use serde_json::{json, Value};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use weft_engine::{
     Constraint, ConstraintCompiler, Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, Grammar,
+    PromptBuilder,
 };
-use weft_model::prompt::{render_builtin, Message, Part};
+use weft_model::preprocess::ImageProcessor;
+use weft_model::prompt::{Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
 use weft_model::{LlavaModel, LoadOptions};
 
@@ -18,7 +21,7 @@ fn fixture() -> PathBuf {
 
 struct Setup {
     handle: EngineHandle,
-    tokenizer: Arc<PromptTokenizer>,
+    prompts: PromptBuilder,
     compiler: ConstraintCompiler,
 }
 
@@ -30,13 +33,15 @@ fn start() -> Setup {
     let eos = stop_token_ids(&dir, &tokenizer).unwrap();
     let compiler = ConstraintCompiler::new(tokenizer.clone(), cfg.text.vocab_size, &eos).unwrap();
     let config = EngineConfig { eos_token_ids: eos, ..EngineConfig::default() };
-    Setup { handle: Engine::start(model, tokenizer.clone(), config), tokenizer, compiler }
+    let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
+    let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
+    Setup { handle: Engine::start(model, tokenizer, config), prompts, compiler }
 }
 
 fn request(s: &Setup, question: &str, constraint: Option<Constraint>, max_tokens: usize) -> GenerateRequest {
     let messages = [Message { role: "user".into(), parts: vec![Part::Text(question.into())] }];
-    let mut r =
-        GenerateRequest::new(s.tokenizer.encode_prompt(&render_builtin(&messages, true)).unwrap().ids, max_tokens);
+    let prompt = s.prompts.chat(&messages, &[], true).unwrap();
+    let mut r = GenerateRequest::new(prompt, NonZeroUsize::new(max_tokens).unwrap());
     r.sampling.temperature = 0.0;
     r.constraint = constraint;
     r
@@ -44,7 +49,7 @@ fn request(s: &Setup, question: &str, constraint: Option<Constraint>, max_tokens
 
 /// Text and finish reason of every choice.
 fn run(s: &Setup, r: GenerateRequest) -> Vec<(String, FinishReason)> {
-    let n = r.n;
+    let n = r.n.get();
     let mut stream = s.handle.submit(r).unwrap();
     let mut out = vec![(String::new(), FinishReason::Length); n];
     while let Some(event) = stream.blocking_next() {
@@ -98,7 +103,7 @@ fn json_schema_answers_validate_greedy_and_sampled_for_every_choice() {
     let mut sampled = request(&s, "Describe the animal as JSON.", Some(constraint), 200);
     sampled.sampling.temperature = 1.0;
     sampled.sampling.seed = Some(5);
-    sampled.n = 3;
+    sampled.n = NonZeroUsize::new(3).unwrap();
     for (text, reason) in run(&s, sampled) {
         check_against_schema(&text);
         assert_eq!(reason, FinishReason::Stop);
@@ -112,7 +117,7 @@ fn regex_choice_and_lark_answers_match() {
     let mut r = request(&s, "A code please.", Some(rx), 50);
     r.sampling.temperature = 1.0;
     r.sampling.seed = Some(1);
-    r.n = 4;
+    r.n = NonZeroUsize::new(4).unwrap();
     for (text, _) in run(&s, r) {
         let (digits, letters) = text.split_once('-').unwrap_or_else(|| panic!("{text:?}"));
         assert!(digits.len() == 3 && digits.chars().all(|c| c.is_ascii_digit()), "{text:?}");
@@ -123,7 +128,7 @@ fn regex_choice_and_lark_answers_match() {
     let mut r = request(&s, "Well?", Some(choice), 50);
     r.sampling.temperature = 1.0;
     r.sampling.seed = Some(2);
-    r.n = 4;
+    r.n = NonZeroUsize::new(4).unwrap();
     for (text, reason) in run(&s, r) {
         assert!(choices.contains(&text), "{text:?}");
         assert_eq!(reason, FinishReason::Stop);

@@ -1,12 +1,14 @@
 //! The engine on the tiny fixture: batch invariance, preemption, cancellation, seeds, stop
 //! strings across tokens, n > 1, and prefix-cache reuse.
 
-use candle_core::Device;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use weft_engine::{Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, ImageInput, Usage};
+use weft_engine::{
+    Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, PromptBuilder, PromptError, Usage,
+};
 use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::{render_builtin, Message, Part};
+use weft_model::prompt::{Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
 use weft_model::{LlavaModel, LoadOptions};
 
@@ -17,7 +19,7 @@ fn fixture() -> PathBuf {
 struct Setup {
     handle: EngineHandle,
     tokenizer: Arc<PromptTokenizer>,
-    processor: ImageProcessor,
+    prompts: PromptBuilder,
 }
 
 fn start(config: EngineConfig) -> Setup {
@@ -27,21 +29,21 @@ fn start(config: EngineConfig) -> Setup {
     let tokenizer = Arc::new(PromptTokenizer::from_dir(&dir, cfg.image_token_id, cfg.tokens_per_image()).unwrap());
     let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
     let config = EngineConfig { eos_token_ids: stop_token_ids(&dir, &tokenizer).unwrap(), ..config };
-    Setup { handle: Engine::start(model, tokenizer.clone(), config), tokenizer, processor }
+    let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
+    Setup { handle: Engine::start(model, tokenizer.clone(), config), tokenizer, prompts }
 }
 
-fn image(s: &Setup, name: &str) -> ImageInput {
-    let img = image::open(fixture().join("../images").join(name)).unwrap();
-    let pixels = s.processor.batch(&[img], &Device::Cpu).unwrap().squeeze(0).unwrap();
-    // Any stable hash of the pixels will do for the tests.
-    let hash = name.bytes().fold(1469598103934665603u64, |h, b| (h ^ b as u64).wrapping_mul(1099511628211));
-    ImageInput { pixels, hash: hash as u128 }
+fn picture(name: &str) -> image::DynamicImage {
+    image::open(fixture().join("../images").join(name)).unwrap()
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap()
 }
 
 fn request(s: &Setup, messages: &[Message], images: &[&str], max_tokens: usize) -> GenerateRequest {
-    let prompt = render_builtin(messages, true);
-    let mut r = GenerateRequest::new(s.tokenizer.encode_prompt(&prompt).unwrap().ids, max_tokens);
-    r.images = images.iter().map(|n| image(s, n)).collect();
+    let pictures: Vec<_> = images.iter().map(|n| picture(n)).collect();
+    let mut r = GenerateRequest::new(s.prompts.chat(messages, &pictures, true).unwrap(), nz(max_tokens));
     r.sampling.temperature = 0.0;
     r.ignore_eos = true;
     r
@@ -117,8 +119,8 @@ fn greedy_tokens_chosen_where_the_logits_are_equal_the_host_sampler() {
         requests[2].sampling.repetition_penalty = 1.3;
         requests[3].sampling.temperature = 0.7;
         requests[3].sampling.seed = Some(11);
-        requests[5].n = 2;
-        let counts: Vec<usize> = requests.iter().map(|r| r.n).collect();
+        requests[5].n = nz(2);
+        let counts: Vec<usize> = requests.iter().map(|r| r.n.get()).collect();
         let streams: Vec<_> = requests.into_iter().map(|r| s.handle.submit(r).unwrap()).collect();
         streams.into_iter().zip(counts).flat_map(|(st, n)| collect(st, n)).collect::<Vec<Outcome>>()
     };
@@ -138,7 +140,7 @@ fn preemption_under_a_tiny_kv_budget_keeps_outputs() {
     let expected: Vec<Outcome> = requests.iter().map(|r| run_one(&roomy, r.clone())).collect();
     // Every prompt fits at admission, but not the answers: sequences must be preempted and
     // recomputed as they grow.
-    let prompts: usize = requests.iter().map(|r| r.prompt_ids.len()).sum();
+    let prompts: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let bytes_per_token = 2 * 2 * 2 * 16 * 4; // layers * (k, v) * kv_heads * head_dim * f32
     let tight = start(EngineConfig {
         prefix_caching: false,
@@ -168,7 +170,7 @@ fn a_sampled_image_token_is_just_a_token() {
     let tight = start(EngineConfig {
         prefix_caching: false,
         // Both prompts fit (KV storage grows in steps of 16 tokens), their answers do not.
-        kv_cache_memory: 2 * (r.prompt_ids.len() + 1).div_ceil(16) * 16 * bytes_per_token,
+        kv_cache_memory: 2 * (r.prompt.len() + 1).div_ceil(16) * 16 * bytes_per_token,
         ..Default::default()
     });
     let streams: Vec<_> = (0..2).map(|_| tight.handle.submit(r.clone()).unwrap()).collect();
@@ -211,7 +213,7 @@ fn n_choices_share_the_prompt_and_differ() {
     let mut r = ask(&s, "Tell me a story.", &["square.png"], 12);
     r.sampling.temperature = 1.0;
     r.sampling.seed = Some(5);
-    r.n = 3;
+    r.n = nz(3);
     let outs = collect(s.handle.submit(r).unwrap(), 3);
     assert!(outs.iter().all(|o| o.ids.len() == 12 && o.reason == Some(FinishReason::Length)));
     assert!(outs[0].ids != outs[1].ids || outs[1].ids != outs[2].ids);
@@ -268,10 +270,30 @@ fn refusals_are_precise() {
     let err = s.handle.submit(ask(&s, "Hi", &[], 4)).err().unwrap();
     assert!(matches!(err, weft_engine::SubmitError::Overloaded { .. }), "{err}");
     let s = start(EngineConfig::default());
-    let long = GenerateRequest::new(vec![1; s.handle.context_len()], 4);
+    let long = GenerateRequest::new(s.prompts.ids(vec![1; s.handle.context_len()]).unwrap(), nz(4));
     let err = s.handle.submit(long).err().unwrap();
     assert!(err.to_string().contains("context"), "{err}");
-    let mut missing_image = ask(&s, "Hi", &["square.png"], 4);
-    missing_image.images.clear();
-    assert!(matches!(s.handle.submit(missing_image), Err(weft_engine::SubmitError::Invalid { param: "messages", .. })));
+}
+
+#[test]
+fn only_proven_prompts_are_built() {
+    let s = start(EngineConfig::default());
+    let user = |parts| [Message { role: "user".into(), parts }];
+    let with_image = user(vec![Part::Image, Part::Text("Hi".into())]);
+    let missing_image = s.prompts.chat(&with_image, &[], true).unwrap_err();
+    assert!(matches!(missing_image, PromptError::SlotCount { slots: 729, images: 0, .. }), "{missing_image}");
+    let spare_image = s.prompts.chat(&user(vec![Part::Text("Hi".into())]), &[picture("square.png")], true);
+    assert!(matches!(spare_image, Err(PromptError::SlotCount { slots: 0, images: 1, .. })));
+    assert_eq!(s.prompts.ids(vec![]).unwrap_err(), PromptError::Empty);
+    let vocab = s.tokenizer.image_token_id() + 100_000;
+    assert_eq!(s.prompts.ids(vec![1, vocab]).unwrap_err(), PromptError::OutsideVocabulary(vocab));
+    let image_id = s.tokenizer.image_token_id();
+    assert_eq!(s.prompts.ids(vec![1, image_id]).unwrap_err(), PromptError::ImageInText);
+    assert_eq!(s.prompts.text("Look: <image>").unwrap_err(), PromptError::ImageInText);
+    // A video's frames are consecutive slots, one picture each.
+    let frames = [picture("square.png"), picture("wide.png")];
+    let video = s.prompts.chat(&user(vec![Part::Video { frames: 2 }]), &frames, true).unwrap();
+    assert_eq!(video.ids().iter().filter(|&&id| id == image_id).count(), 2 * 729);
+    assert_eq!(video.images().len(), 2);
+    assert_ne!(video.images()[0].hash(), video.images()[1].hash());
 }

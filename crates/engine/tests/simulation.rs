@@ -6,14 +6,16 @@
 //! every KV byte and cache entry is accounted for. A failing seed replays exactly:
 //! `WEFT_SIM_SEED=<seed> cargo test -p weft-engine --test simulation`.
 
-use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use weft_engine::{Engine, EngineConfig, Event, EventStream, Fault, FinishReason, GenerateRequest, ImageInput};
+use weft_engine::{
+    Engine, EngineConfig, Event, EventStream, Fault, FinishReason, GenerateRequest, ImageInput, PromptBuilder,
+};
 use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::{render_builtin, Message, Part};
+use weft_model::prompt::{Message, Part, PromptRenderer};
 use weft_model::tokenizer::{stop_token_ids, PromptTokenizer};
 use weft_model::{LlavaModel, LoadOptions};
 
@@ -21,10 +23,10 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v5")
 }
 
-/// What every seed shares: the tokenizer and a pool of preprocessed pictures.
+/// What every seed shares: the prompt builder and a pool of preprocessed pictures.
 struct World {
-    tokenizer: Arc<PromptTokenizer>,
-    pictures: Vec<Tensor>,
+    prompts: PromptBuilder,
+    pictures: Vec<ImageInput>,
     eos: Vec<u32>,
 }
 
@@ -47,12 +49,10 @@ fn world() -> World {
         .collect();
     let gif = std::fs::read(dir.join("../images/clip.gif")).unwrap();
     images.extend(weft_media::video::sample_gif(&gif, 4).unwrap().1);
-    let pictures = images
-        .iter()
-        .map(|i| processor.batch(std::slice::from_ref(i), &Device::Cpu).unwrap().squeeze(0).unwrap())
-        .collect();
     let eos = stop_token_ids(&dir, &tokenizer).unwrap();
-    World { tokenizer, pictures, eos }
+    let prompts = PromptBuilder::new(tokenizer, PromptRenderer::BuiltIn, processor, &cfg);
+    let pictures = images.iter().map(|i| prompts.image_input(i).unwrap()).collect();
+    World { prompts, pictures, eos }
 }
 
 /// One simulated client and what it has seen of its stream.
@@ -96,13 +96,10 @@ fn random_request(w: &World, rng: &mut StdRng) -> GenerateRequest {
         messages.push(Message::text("assistant", "It is a picture."));
         messages.push(Message::text("user", "And the colours?"));
     }
-    let prompt = render_builtin(&messages, true);
-    let mut r = GenerateRequest::new(w.tokenizer.encode_prompt(&prompt).unwrap().ids, rng.random_range(1..=12));
-    r.images = images
-        .into_iter()
-        .map(|k| ImageInput { pixels: w.pictures[k].clone(), hash: 0x5eed_0000 + k as u128 * 7919 })
-        .collect();
-    r.n = [1, 1, 1, 2, 3][rng.random_range(0..5)];
+    let images = images.into_iter().map(|k| w.pictures[k].clone()).collect();
+    let prompt = w.prompts.chat_inputs(&messages, images, true).unwrap();
+    let mut r = GenerateRequest::new(prompt, NonZeroUsize::new(rng.random_range(1..=12)).unwrap());
+    r.n = NonZeroUsize::new([1, 1, 1, 2, 3][rng.random_range(0..5)]).unwrap();
     r.sampling.temperature = if rng.random_bool(0.5) { 0.0 } else { 0.8 };
     r.sampling.seed = Some(rng.random());
     r.ignore_eos = rng.random_bool(0.7);
@@ -135,7 +132,7 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let config = random_config(w, &mut rng);
     let model = LlavaModel::load(&fixture(), &LoadOptions::default()).unwrap();
-    let (mut engine, handle) = Engine::new(model, w.tokenizer.clone(), config.clone());
+    let (mut engine, handle) = Engine::new(model, w.prompts.tokenizer().clone(), config.clone());
     let mut clients: Vec<Client> = Vec::new();
     let mut trace = vec![format!("{config:?}")];
     let mut faults_in_flight = false;
@@ -160,7 +157,7 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
                 if faulty {
                     r.fault = Some(Fault::Panic);
                 }
-                let (n, max_tokens) = (r.n, r.max_tokens);
+                let (n, max_tokens) = (r.n.get(), r.max_tokens.get());
                 match handle.submit(r) {
                     Ok(stream) => {
                         let leaves_at = rng.random_bool(0.15).then(|| step + rng.random_range(0..30));

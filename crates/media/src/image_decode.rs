@@ -54,21 +54,6 @@ pub fn decode(bytes: &[u8], declared: Option<&str>, max_pixels: u64) -> Result<D
     Ok(image)
 }
 
-/// A content hash of decoded pixels: SHA-256 over the geometry, layout and samples, cut to 128
-/// bits, so that the same picture sent twice, in any encoding that decodes identically, is
-/// recognised, and no client can craft a different picture with the same hash (the vision and
-/// prefix caches trust it as the image's identity).
-pub fn pixel_hash(image: &DynamicImage) -> u128 {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(image.width().to_le_bytes());
-    h.update(image.height().to_le_bytes());
-    h.update(format!("{:?}", image.color()).as_bytes());
-    h.update(image.as_bytes());
-    let digest = h.finalize();
-    u128::from_le_bytes(digest[..16].try_into().expect("32-byte digest"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,14 +104,5 @@ mod tests {
         .concat();
         let err = decode(&png, Some("image/png"), 40_000_000).unwrap_err();
         assert!(matches!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, .. }), "{err}");
-    }
-
-    #[test]
-    fn hash_follows_pixels() {
-        let a = image::DynamicImage::ImageRgb8(image::RgbImage::new(2, 2));
-        let mut b = image::RgbImage::new(2, 2);
-        assert_eq!(pixel_hash(&a), pixel_hash(&image::DynamicImage::ImageRgb8(b.clone())));
-        b.put_pixel(0, 0, image::Rgb([1, 0, 0]));
-        assert_ne!(pixel_hash(&a), pixel_hash(&image::DynamicImage::ImageRgb8(b)));
     }
 }

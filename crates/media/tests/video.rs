@@ -36,8 +36,7 @@ async fn mp4_and_webm_frames_are_sampled_like_the_demo() {
         assert_eq!(indices, vec![0, 9, 19, 29], "{ext}");
         assert_eq!(frames.len(), 4);
         assert_eq!((frames[0].width(), frames[0].height()), (64, 48));
-        let hashes: Vec<u128> = frames.iter().map(weft_media::image_decode::pixel_hash).collect();
-        assert!(hashes.windows(2).all(|w| w[0] != w[1]), "{ext}: sampled frames differ");
+        assert!(frames.windows(2).all(|w| w[0].as_bytes() != w[1].as_bytes()), "{ext}: sampled frames differ");
     }
 }
 

@@ -121,6 +121,21 @@ impl ImageProcessor {
     }
 }
 
+/// A content hash of a decoded picture: SHA-256 over the geometry, layout and samples, cut to
+/// 128 bits, so that the same picture sent twice, in any encoding that decodes identically, is
+/// recognised, and no client can craft a different picture with the same hash (the vision and
+/// prefix caches trust it as the picture's identity).
+pub fn picture_hash(image: &DynamicImage) -> u128 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(image.width().to_le_bytes());
+    h.update(image.height().to_le_bytes());
+    h.update(format!("{:?}", image.color()).as_bytes());
+    h.update(image.as_bytes());
+    let digest = h.finalize();
+    u128::from_le_bytes(digest[..16].try_into().expect("32-byte digest"))
+}
+
 /// PIL's `alpha_composite` of a pixel onto opaque white, in PIL's own integer arithmetic.
 fn over_white(value: u8, alpha: u8) -> u8 {
     if alpha == 0 {
@@ -275,6 +290,15 @@ mod tests {
         assert_eq!(over_white(0, 255), 0);
         assert_eq!(over_white(200, 255), 200);
         assert_eq!(over_white(0, 128), 127);
+    }
+
+    #[test]
+    fn the_hash_follows_the_pixels() {
+        let a = DynamicImage::ImageRgb8(RgbImage::new(2, 2));
+        let mut b = RgbImage::new(2, 2);
+        assert_eq!(picture_hash(&a), picture_hash(&DynamicImage::ImageRgb8(b.clone())));
+        b.put_pixel(0, 0, image::Rgb([1, 0, 0]));
+        assert_ne!(picture_hash(&a), picture_hash(&DynamicImage::ImageRgb8(b)));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! content or tool calls).
 
 use crate::admission::Admission;
-use crate::error::{ApiError, ApiJson, ErrorKind};
-use crate::prepare::prepare_chat;
+use crate::error::{ApiError, ApiJson};
+use crate::prepare::Answer;
 use crate::routes::{check_model, loaded, now_secs, request_id};
 use crate::sse::{ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
@@ -18,7 +18,7 @@ use weft_engine::{FinishReason, TokenLogprobs};
 
 /// Converts engine logprobs to OpenAI's shape.
 pub fn wire_logprobs(state: &Loaded, id: u32, lp: &TokenLogprobs) -> TokenLogprob {
-    let text = |id: u32| state.tokenizer.decode(&[id], false).unwrap_or_default();
+    let text = |id: u32| state.prompts.tokenizer().decode(&[id], false).unwrap_or_default();
     let token = text(id);
     TokenLogprob {
         bytes: token.as_bytes().to_vec(),
@@ -61,14 +61,16 @@ pub async fn chat_completions(
         return Err(ApiError::invalid("stream_options", "only allowed when stream is true"));
     }
     let want_logprobs = req.logprobs;
-    let refs = crate::media::media_refs(&state, &req.messages)?;
-    let resolved = crate::media::resolve_media(&state, &refs).await?;
-    let prep_state = state.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare_chat(&prep_state, &req, resolved, plan.as_ref()))
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
-    let n = prepared.request.n;
-    let events = crate::sse::merge(vec![state.engine.submit(prepared.request)?], n);
+    let logprobs = crate::prepare::chat_logprobs(req.logprobs, req.top_logprobs)?;
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let answer = Answer::check(&state, &req.sampling, max_tokens, param, logprobs)?;
+    let chat = crate::prompt::chat_prompt(&state, &req.messages, true).await?;
+    let constraint = crate::structured::compile_plan(&state, plan).await?;
+    let n = answer.n();
+    let request = answer.request(&state, chat.prompt, constraint);
+    let submitted = state.engine.submit(request).map_err(|e| ApiError::submit(e, "messages"))?;
+    let events = crate::sse::merge(vec![submitted], n);
     let meta = Meta {
         id: format!("chatcmpl-{}", request_id(&headers)),
         model: shared.model_name.clone(),
@@ -114,7 +116,7 @@ pub async fn chat_completions(
         system_fingerprint: crate::routes::fingerprint(),
         choices,
         usage: collected.tally.body(),
-        video_frames: prepared.video_frames,
+        video_frames: chat.video_frames,
     })
     .into_response())
 }

@@ -4,7 +4,7 @@
 use crate::admission::Admission;
 use crate::config::api_limits::{MAX_COMPLETION_LOGPROBS, MAX_PROMPTS};
 use crate::error::{ApiError, ApiJson, ErrorKind};
-use crate::prepare::generation;
+use crate::prepare::Answer;
 use crate::routes::{check_model, fingerprint, loaded, now_secs, request_id};
 use crate::sse::{ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
-use weft_engine::{FinishReason, TokenLogprobs};
+use weft_engine::{FinishReason, TokenLogprobs, ValidPrompt};
 
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
     responses((status = 200, description = "A completion, or an SSE stream of them", body = Completion),
@@ -52,26 +52,18 @@ pub async fn completions(
     if count == 0 || count > MAX_PROMPTS {
         return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts")));
     }
-    // Tokenizing up to 64 long prompts and compiling a grammar are CPU work: not on an async
-    // worker.
+    let answer = Answer::check(&state, &req.sampling, req.sampling.max_tokens, "max_tokens", logprobs)?;
+    // Tokenizing up to 64 long prompts is CPU work: not on an async worker.
     let (st, prompt) = (state.clone(), req.prompt.clone());
-    let (prompts, constraint) = tokio::task::spawn_blocking(move || {
-        let constraint = plan.map(|p| crate::structured::compile(&st, &p)).transpose()?;
-        Ok::<_, ApiError>((tokenize(&st, &prompt)?, constraint))
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
-    let image_id = state.tokenizer.image_token_id();
-    if prompts.iter().any(|p| p.contains(&image_id)) {
-        return Err(ApiError::invalid("prompt", "text completions take no images; use /v1/chat/completions"));
-    }
-    let n = req.sampling.n.unwrap_or(1).max(1) as usize;
+    let prompts = tokio::task::spawn_blocking(move || text_prompts(&st, &prompt))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+    let constraint = crate::structured::compile_plan(&state, plan).await?;
+    let n = answer.n();
     let mut streams = Vec::with_capacity(prompts.len());
-    for ids in prompts {
-        let mut request = generation(&state, &req.sampling, req.sampling.max_tokens, ids, logprobs)?;
-        request.constraint = constraint.clone();
-        let param = |e: ApiError| if e.param.as_deref() == Some("messages") { e.with_param("prompt") } else { e };
-        streams.push(state.engine.submit(request).map_err(|e| param(ApiError::from(e)))?);
+    for prompt in prompts {
+        let request = answer.request(&state, prompt, constraint.clone());
+        streams.push(state.engine.submit(request).map_err(|e| ApiError::submit(e, "prompt"))?);
     }
     let total = streams.len() * n;
     let events = crate::sse::merge(streams, n);
@@ -101,14 +93,16 @@ pub async fn completions(
     Ok(axum::Json(format.completion(choices, Some(collected.tally.body()))).into_response())
 }
 
-fn tokenize(state: &Loaded, prompt: &PromptField) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| state.tokenizer.encode(text).map_err(|e| ApiError::invalid("prompt", e.to_string()));
-    Ok(match prompt {
-        PromptField::Text(t) => vec![encode(t)?],
-        PromptField::Texts(list) => list.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        PromptField::Tokens(ids) => vec![ids.clone()],
-        PromptField::TokenLists(lists) => lists.clone(),
-    })
+/// Each prompt of the request, tokenized (or taken as ids) and proven.
+fn text_prompts(state: &Loaded, prompt: &PromptField) -> Result<Vec<ValidPrompt>, ApiError> {
+    let b = &state.prompts;
+    let proven: Result<Vec<_>, _> = match prompt {
+        PromptField::Text(t) => b.text(t).map(|p| vec![p]),
+        PromptField::Texts(list) => list.iter().map(|t| b.text(t)).collect(),
+        PromptField::Tokens(ids) => b.ids(ids.clone()).map(|p| vec![p]),
+        PromptField::TokenLists(lists) => lists.iter().map(|ids| b.ids(ids.clone())).collect(),
+    };
+    proven.map_err(|e| ApiError::prompt(e, "prompt"))
 }
 
 /// What every completion object of one response repeats.
@@ -133,7 +127,7 @@ impl Format {
     }
 
     fn text(&self, id: u32) -> String {
-        self.state.tokenizer.decode(&[id], false).unwrap_or_default()
+        self.state.prompts.tokenizer().decode(&[id], false).unwrap_or_default()
     }
 
     /// The legacy completions logprobs shape for `(token, logprobs, text offset)` triples.

@@ -3,6 +3,7 @@
 //! defaults written here (the engine's come from `weft_engine::config::defaults`), which
 //! `config/weft.toml` documents (a test checks that it says exactly these values).
 
+use crate::flags::ModelFlags;
 use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches};
@@ -21,6 +22,9 @@ pub mod api_limits {
     /// Prompts in one `/v1/completions` request.
     pub const MAX_PROMPTS: usize = 64;
 }
+
+/// Frames sampled from a video part that does not say how many (`weft generate --frames`).
+pub const VIDEO_FRAMES: usize = 16;
 
 /// A byte count as the size strings the settings take ("512MiB").
 pub fn bytes_text(n: usize) -> String {
@@ -60,24 +64,10 @@ pub struct ServeArgs {
     /// Require the API key on /metrics too.
     #[arg(long, env = "WEFT_METRICS_AUTH")]
     pub metrics_auth: bool,
-    /// Compute device: cpu (cuda:N needs a build with the `cuda` feature).
-    #[arg(long, env = "WEFT_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Weights: auto (on the CPU bf16 for a bf16 checkpoint, else f32; on a GPU bf16), f32
-    /// (exact), bf16 (on the CPU bf16 weights with f32 activations, half the memory traffic; on a
-    /// GPU bf16 throughout) or f16 (weights and activations).
-    #[arg(long, env = "WEFT_DTYPE", default_value = "auto")]
-    pub dtype: String,
-    /// Quantize linear-layer weights at load time: none, q8_0 or q4k (f32 activations).
-    #[arg(long, env = "WEFT_QUANTIZE", default_value = "none")]
-    pub quantize: String,
-    /// KV cache storage: auto (bf16 for q8_0 and q4k weights on the CPU, else the activations'
-    /// dtype), f32 or bf16 (half the memory per token and the bytes each decode step reads).
-    #[arg(long, env = "WEFT_KV_CACHE_DTYPE", default_value = "auto")]
-    pub kv_cache_dtype: String,
-    /// Render prompts with this Hugging Face Jinja chat template instead of the built-in renderer.
-    #[arg(long, env = "WEFT_CHAT_TEMPLATE")]
-    pub chat_template: Option<PathBuf>,
+    /// Device, weights, KV cache and chat template (shared with `weft generate`).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model_flags: ModelFlags,
     /// Tokens one forward pass may carry (decode tokens plus prefill chunks).
     #[arg(long, env = "WEFT_MAX_NUM_BATCHED_TOKENS", default_value_t = engine::MAX_NUM_BATCHED_TOKENS)]
     pub max_num_batched_tokens: usize,
@@ -132,7 +122,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WEFT_MAX_VIDEO_FRAMES", default_value_t = 20_000)]
     pub max_video_frames: usize,
     /// Frames sampled from a video part that does not say.
-    #[arg(long, env = "WEFT_VIDEO_FRAMES", default_value_t = 16)]
+    #[arg(long, env = "WEFT_VIDEO_FRAMES", default_value_t = VIDEO_FRAMES)]
     pub video_frames: usize,
     /// Fetch media from loopback, private, link-local and other non-public addresses.
     #[arg(long, env = "WEFT_ALLOW_PRIVATE_MEDIA")]
@@ -191,6 +181,12 @@ pub fn parse_bytes(field: &str, text: &str) -> Result<usize> {
 }
 
 impl ServeArgs {
+    /// Generation requests that may be in progress at once: every running sequence plus every
+    /// waiting one (fetching media, or queued in the engine).
+    pub fn admission_capacity(&self) -> usize {
+        self.max_num_seqs + self.max_waiting
+    }
+
     /// Every setting at its default (as if no flag, variable or file set it).
     #[cfg(test)]
     pub fn defaults() -> Self {

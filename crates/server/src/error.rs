@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use weft_engine::{EngineError, SubmitError};
+use weft_engine::{EngineError, PromptError, SubmitError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -78,12 +78,24 @@ impl ApiError {
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
+impl ApiError {
+    /// A prompt the engine's builder refused; `param` is the field the prompt came from
+    /// (`messages` or `prompt`): the engine names none.
+    pub fn prompt(e: PromptError, param: &str) -> Self {
+        match e {
+            PromptError::Preprocess(_) => ApiError::new(ErrorKind::Internal, e.to_string()),
+            PromptError::ImageInText => {
+                ApiError::invalid(param, "text completions take no images; use /v1/chat/completions")
+            }
+            _ => ApiError::invalid(param, e.to_string()),
+        }
+    }
+
+    /// A request the engine refused at submission; `param` as for [`ApiError::prompt`].
+    pub fn submit(e: SubmitError, param: &str) -> Self {
         let (kind, param) = match &e {
-            SubmitError::PromptTooLong { .. } => (ErrorKind::ContextLength, Some("messages")),
+            SubmitError::PromptTooLong { .. } => (ErrorKind::ContextLength, Some(param)),
             SubmitError::Overloaded { .. } => (ErrorKind::Overloaded, None),
-            SubmitError::Invalid { param, .. } => (ErrorKind::InvalidRequest, Some(*param)),
             SubmitError::Stopped => (ErrorKind::NotReady, None),
         };
         ApiError { kind, message: e.to_string(), param: param.map(str::to_string) }

@@ -1,10 +1,12 @@
 //! `weft generate`: one prompt, streamed to stdout, with timings on stderr.
 
+use crate::flags::ModelFlags;
 use crate::hub::{HubEnv, ModelSource};
-use crate::serve::{ModelParts, WeightFlags};
+use crate::load::ModelParts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Instant;
 use weft_engine::sampling::SamplingParams;
@@ -27,7 +29,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     video: Option<PathBuf>,
     /// Frames to sample from --video.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = crate::config::VIDEO_FRAMES)]
     frames: usize,
     /// The user's question.
     #[arg(long)]
@@ -38,21 +40,9 @@ pub struct GenerateArgs {
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Weights: auto (on the CPU bf16 for a bf16 checkpoint, else f32; on a GPU bf16), f32
-    /// (exact), bf16 (on the CPU bf16 weights with f32 activations; on a GPU bf16 throughout) or
-    /// f16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// Quantize linear-layer weights at load time: none, q8_0 or q4k.
-    #[arg(long, default_value = "none")]
-    quantize: String,
-    /// KV cache storage: auto (bf16 for q8_0 and q4k weights on the CPU, else the activations'
-    /// dtype), f32 or bf16 (half the memory per token and the bytes each decode step reads).
-    #[arg(long, default_value = "auto")]
-    kv_cache_dtype: String,
-    /// Compute device: cpu, or cuda / cuda:N in builds with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device, weights, KV cache and chat template (as `weft serve` takes them).
+    #[command(flatten)]
+    model_flags: ModelFlags,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -67,24 +57,15 @@ pub struct GenerateArgs {
     /// in its warm-up). The prefix and image caches are off, so each run computes everything.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
-    /// Render the prompt with this Hugging Face Jinja chat template instead of the built-in one.
-    #[arg(long)]
-    chat_template: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
+    let device = args.model_flags.device()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let model_dir = runtime.block_on(crate::hub::resolve(&source, &HubEnv::from_env()))?;
-    let device = crate::serve::parse_device(&args.device)?;
     let started = Instant::now();
-    let ModelParts { model, tokenizer, processor, renderer, eos_token_ids } = ModelParts::load(
-        &model_dir,
-        device,
-        &WeightFlags::of(&args.dtype, &args.quantize, &args.kv_cache_dtype),
-        args.chat_template.as_deref(),
-        false,
-    )?;
+    let ModelParts { model, prompts, eos_token_ids } = ModelParts::load(&model_dir, device, &args.model_flags, false)?;
     let mut engine_config = EngineConfig { eos_token_ids, ..EngineConfig::default() };
     if args.repeat > 1 {
         // Each run computes everything: no KV or image features kept from the one before.
@@ -113,20 +94,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         messages.push(Message::text("system", system));
     }
     messages.push(Message { role: "user".into(), parts });
-    let encoded = tokenizer.encode_prompt(&renderer.render(&messages, true)?)?;
-    if encoded.num_images != pictures.len() {
-        bail!("the prompt holds {} <image> slots but {} images were given", encoded.num_images, pictures.len());
-    }
-    let mut request = GenerateRequest::new(encoded.ids, args.max_tokens);
-    for picture in &pictures {
-        request.images.push(crate::prepare::image_input(&processor, picture)?);
-    }
+    let prompt = prompts.chat(&messages, &pictures, true).context("--prompt")?;
+    let max_tokens = NonZeroUsize::new(args.max_tokens).context("--max-tokens must be at least 1")?;
+    let mut request = GenerateRequest::new(prompt, max_tokens);
     request.sampling =
         SamplingParams { temperature: args.temperature as f32, seed: Some(args.seed), ..Default::default() };
     request.ignore_eos = args.ignore_eos;
 
     // The engine every server request goes through: one generation path to make fast.
-    let engine = Engine::start(model, tokenizer, engine_config);
+    let engine = Engine::start(model, prompts.tokenizer().clone(), engine_config);
     for _ in 0..args.repeat {
         generate_once(&engine, request.clone(), pictures.len())?;
     }

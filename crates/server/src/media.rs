@@ -1,12 +1,11 @@
-//! The media parts of a chat request: found and checked against the per-request budget before
-//! anything is fetched, then fetched and decoded concurrently under one deadline and one byte
-//! budget charged while reading, in the order the client sent them, by at most
-//! `media_concurrency` requests at once. Dropping the future (client gone) cancels every
-//! fetch and decoder.
+//! The media parts of a chat request: counted against the per-request limits as the walk over
+//! the messages finds them (`prompt.rs`), before anything is fetched, then fetched and decoded
+//! concurrently under one deadline and one byte budget charged while reading, answered in the
+//! order the client sent them, by at most `media_concurrency` requests at once. Dropping the
+//! future (client gone) cancels every fetch and decoder.
 
 use crate::error::{ApiError, ErrorKind};
-use crate::state::Loaded;
-use crate::wire::{ChatMessage, ContentPart, MessageContent};
+use crate::state::{Loaded, RequestLimits};
 use image::DynamicImage;
 use std::time::Instant;
 use weft_media::budget::ByteBudget;
@@ -29,59 +28,56 @@ pub enum Resolved {
     Video { indices: Vec<usize>, frames: Vec<DynamicImage> },
 }
 
-/// Lists the media parts and refuses requests whose declared images and frames exceed the
-/// limits, before fetching anything.
-pub fn media_refs(state: &Loaded, messages: &[ChatMessage]) -> Result<Vec<MediaRef>, ApiError> {
-    let limits = &state.limits;
-    let mut refs = Vec::new();
-    let mut slots = 0;
-    for (i, m) in messages.iter().enumerate() {
-        let Some(MessageContent::Parts(parts)) = &m.content else { continue };
-        for (j, part) in parts.iter().enumerate() {
-            let param = format!("messages[{i}].content[{j}]");
-            let (url_param, url, frames) = match part {
-                ContentPart::Text { .. } => continue,
-                ContentPart::ImageUrl { image_url } => (format!("{param}.image_url.url"), image_url.url.clone(), None),
-                ContentPart::VideoUrl { video_url } => {
-                    let n = match video_url.num_frames {
-                        None => limits.video_frames,
-                        Some(n) if n >= 1 && n as usize <= limits.max_frames_per_request => n as usize,
-                        Some(n) => {
-                            return Err(ApiError::invalid(
-                                format!("{param}.video_url.num_frames"),
-                                format!("{n} is outside 1..={}", limits.max_frames_per_request),
-                            ))
-                        }
-                    };
-                    (format!("{param}.video_url.url"), video_url.url.clone(), Some(n))
-                }
-            };
-            slots += frames.unwrap_or(1);
-            if slots > limits.max_images_per_request {
-                return Err(ApiError::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!(
-                        "more than {} images and video frames in one request (max_images_per_request)",
-                        limits.max_images_per_request
-                    ),
-                )
-                .with_param(param));
-            }
-            let visual = slots * state.tokenizer.tokens_per_image();
-            if visual > limits.max_visual_tokens {
-                return Err(ApiError::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!(
-                        "{visual} visual tokens exceed the limit of {} (max_visual_tokens)",
-                        limits.max_visual_tokens
-                    ),
-                )
-                .with_param(param));
-            }
-            refs.push(MediaRef { param: url_param, url, frames });
+/// The request's images and video frames, counted against its limits as the walk over the
+/// messages finds them, before anything is fetched.
+pub struct SlotBudget<'a> {
+    limits: &'a RequestLimits,
+    tokens_per_image: usize,
+    slots: usize,
+}
+
+impl<'a> SlotBudget<'a> {
+    pub fn new(state: &'a Loaded) -> Self {
+        SlotBudget { limits: &state.limits, tokens_per_image: state.prompts.tokens_per_image(), slots: 0 }
+    }
+
+    /// Frames to sample from the video part at `param`: `num_frames`, or the default.
+    pub fn frames(&self, param: &str, num_frames: Option<i64>) -> Result<Option<usize>, ApiError> {
+        let limits = self.limits;
+        match num_frames {
+            None => Ok(Some(limits.video_frames)),
+            Some(n) if n >= 1 && n as usize <= limits.max_frames_per_request => Ok(Some(n as usize)),
+            Some(n) => Err(ApiError::invalid(
+                format!("{param}.video_url.num_frames"),
+                format!("{n} is outside 1..={}", limits.max_frames_per_request),
+            )),
         }
     }
-    Ok(refs)
+
+    /// Counts `slots` images or frames of the part at `param`.
+    pub fn take(&mut self, param: &str, slots: usize) -> Result<(), ApiError> {
+        let limits = self.limits;
+        self.slots += slots;
+        if self.slots > limits.max_images_per_request {
+            return Err(ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "more than {} images and video frames in one request (max_images_per_request)",
+                    limits.max_images_per_request
+                ),
+            )
+            .with_param(param));
+        }
+        let visual = self.slots * self.tokens_per_image;
+        if visual > limits.max_visual_tokens {
+            return Err(ApiError::new(
+                ErrorKind::PayloadTooLarge,
+                format!("{visual} visual tokens exceed the limit of {} (max_visual_tokens)", limits.max_visual_tokens),
+            )
+            .with_param(param));
+        }
+        Ok(())
+    }
 }
 
 fn fetch_error(param: &str, e: FetchError) -> ApiError {

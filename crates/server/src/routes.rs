@@ -245,26 +245,17 @@ pub async fn tokenize(
     }
     let (tokens, images) = match (&req.messages, &req.prompt) {
         (Some(messages), None) => {
-            let (messages, add) = (messages.clone(), req.add_generation_prompt);
-            let refs = crate::media::media_refs(&state, &messages)?;
-            let resolved = crate::media::resolve_media(&state, &refs).await?;
-            let st = state.clone();
-            let prompt =
-                tokio::task::spawn_blocking(move || crate::prepare::chat_prompt(&st, &messages, resolved, add))
-                    .await
-                    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
-            (prompt.ids, prompt.images.len())
+            let chat = crate::prompt::chat_prompt(&state, messages, req.add_generation_prompt).await?;
+            (chat.prompt.ids().to_vec(), chat.prompt.images().len())
         }
-        (None, Some(prompt)) => {
-            (state.tokenizer.encode(prompt).map_err(|e| ApiError::invalid("prompt", e.to_string()))?, 0)
-        }
+        (None, Some(prompt)) => (state.prompts.tokenize(prompt).map_err(|e| ApiError::prompt(e, "prompt"))?, 0),
         _ => return Err(ApiError::invalid("messages", "give exactly one of `messages` and `prompt`")),
     };
     Ok(axum::Json(TokenizeResponse {
         count: tokens.len(),
         max_model_len: state.context_len,
         images,
-        image_tokens: images * state.tokenizer.tokens_per_image(),
+        image_tokens: images * state.prompts.tokens_per_image(),
         tokens,
     }))
 }

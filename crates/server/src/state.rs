@@ -2,10 +2,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use weft_engine::EngineHandle;
-use weft_model::preprocess::ImageProcessor;
-use weft_model::prompt::PromptRenderer;
-use weft_model::tokenizer::PromptTokenizer;
+use weft_engine::{EngineHandle, PromptBuilder};
 
 /// Per-request caps (from the configuration).
 #[derive(Debug, Clone)]
@@ -28,9 +25,8 @@ pub struct RequestLimits {
 /// The loaded model and everything needed to turn requests into engine work.
 pub struct Loaded {
     pub engine: EngineHandle,
-    pub tokenizer: Arc<PromptTokenizer>,
-    pub processor: ImageProcessor,
-    pub renderer: PromptRenderer,
+    /// Makes the proven prompts the engine takes (and holds the tokenizer).
+    pub prompts: PromptBuilder,
     pub fetch_policy: weft_media::fetch::FetchPolicy,
     pub context_len: usize,
     pub limits: RequestLimits,
@@ -40,6 +36,7 @@ pub struct Loaded {
     pub media_slots: Arc<tokio::sync::Semaphore>,
     /// Honour the test-only fault requests (`user: "weft-fault:panic"`); set from the
     /// environment (`WEFT_FAULT_INJECTION=1`) at start, never by a request.
+    #[cfg(feature = "fault-injection")]
     pub fault_injection: bool,
 }
 
@@ -58,5 +55,3 @@ pub struct Shared {
     pub admission: Arc<tokio::sync::Semaphore>,
     pub admission_capacity: usize,
 }
-
-pub type AppState = Loaded;

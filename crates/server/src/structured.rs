@@ -4,9 +4,10 @@
 //! or as they stream.
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::Loaded;
 use crate::wire::{ChatCompletionRequest, FunctionCall, ResponseFormat, StructuredOutputs, Tool, ToolChoice};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use weft_engine::{Constraint, Grammar};
 
 /// How a constrained answer is returned.
@@ -161,8 +162,16 @@ pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> 
     Ok(plans.into_iter().next())
 }
 
-/// Compiles a plan's grammar (CPU work: call it off the async threads).
-pub fn compile(state: &AppState, plan: &Plan) -> Result<Constraint, ApiError> {
+/// Compiles the grammar of a plan, if there is one, off the async threads (CPU work).
+pub async fn compile_plan(state: &Arc<Loaded>, plan: Option<Plan>) -> Result<Option<Constraint>, ApiError> {
+    let Some(plan) = plan else { return Ok(None) };
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || compile(&state, &plan).map(Some))
+        .await
+        .map_err(|e| ApiError::new(crate::error::ErrorKind::Internal, e.to_string()))?
+}
+
+fn compile(state: &Loaded, plan: &Plan) -> Result<Constraint, ApiError> {
     let compiler = state.constraints.as_ref().map_err(|why| {
         ApiError::invalid(plan.param.clone(), format!("structured outputs are not available for this model: {why}"))
     })?;

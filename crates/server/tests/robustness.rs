@@ -1,7 +1,8 @@
 //! End-to-end: the server under faults and hostile clients. An engine fault fails only its
 //! own request and the server goes on; an unrecoverable one turns the probes 503 and ends the
 //! process; places are taken before any work; every stage has a timeout; text completions
-//! stream through the same state machine as chat.
+//! stream through the same state machine as chat. The injected faults need a build with
+//! `--features fault-injection` (as `./scripts/test` builds).
 
 mod common;
 
@@ -28,6 +29,7 @@ async fn status_of(s: &Server, path: &str) -> u16 {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "injects faults: needs --features fault-injection")]
 async fn an_engine_fault_fails_only_its_request_and_the_server_goes_on() {
     let s = start_with_env(&[], &[("WEFT_FAULT_INJECTION", "1")]);
     let (status, body) = post(&s, "/v1/chat/completions", faulty("weft-fault:panic", false)).await;
@@ -47,6 +49,7 @@ async fn an_engine_fault_fails_only_its_request_and_the_server_goes_on() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "injects faults: needs --features fault-injection")]
 async fn an_unrecoverable_engine_turns_unready_and_exits_nonzero() {
     let mut s = start_with_env(&[], &[("WEFT_FAULT_INJECTION", "1")]);
     let data = sse_lines(&s, "/v1/chat/completions", &faulty("weft-fault:fatal", true)).await;
@@ -133,7 +136,7 @@ async fn every_stage_has_a_timeout() {
 
 #[tokio::test]
 async fn text_completions_stream_like_chat() {
-    let s = start_with_env(&[], &[("WEFT_FAULT_INJECTION", "1")]);
+    let s = start(&[]);
     let req = json!({"model": "tiny-v5", "prompt": ["Hello", "Bye"], "max_tokens": 4, "n": 2, "logprobs": 2,
         "ignore_eos": true, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     let data = sse_lines(&s, "/v1/completions", &req).await;
@@ -148,6 +151,12 @@ async fn text_completions_stream_like_chat() {
     let with_logprobs =
         chunks.iter().filter(|c| c["choices"].get(0).is_some_and(|c| c["logprobs"]["tokens"].is_array()));
     assert!(with_logprobs.count() >= 4, "logprobs stream with the tokens");
+}
+
+#[tokio::test]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "injects faults: needs --features fault-injection")]
+async fn a_text_completion_fault_streams_as_an_error_event() {
+    let s = start_with_env(&[], &[("WEFT_FAULT_INJECTION", "1")]);
     // An engine error reaches the client as an error event, not as silence.
     let mut bad = json!({"model": "tiny-v5", "prompt": "Hello", "max_tokens": 4, "stream": true});
     bad["user"] = json!("weft-fault:panic");

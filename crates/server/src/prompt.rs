@@ -1,0 +1,159 @@
+//! OpenAI chat messages -> a proven prompt, in one pass over the messages: each message's role,
+//! tool calls and text are checked and its media parts listed (and counted against the
+//! request's limits before anything is fetched); the media are fetched and decoded in the order
+//! sent (`media.rs`); then the engine's [`weft_engine::PromptBuilder`] renders, tokenizes,
+//! preprocesses, hashes and proves the prompt. Every refusal names the field at fault.
+
+use crate::error::{ApiError, ErrorKind};
+use crate::media::{MediaRef, Resolved};
+use crate::state::Loaded;
+use crate::wire::{ChatMessage, ContentPart, MessageContent};
+use std::sync::Arc;
+use weft_engine::ValidPrompt;
+use weft_model::prompt::{Message, Part, IMAGE_PLACEHOLDER};
+
+/// A chat made ready for the engine.
+pub struct ChatPrompt {
+    pub prompt: ValidPrompt,
+    /// Frame indices used for each video part, in order (reported back to the client).
+    pub video_frames: Vec<Vec<usize>>,
+}
+
+/// The messages as the prompt renderer takes them, and each media part: where it sits and what
+/// to fetch.
+struct Draft {
+    messages: Vec<Message>,
+    media: Vec<Placed>,
+}
+
+/// A media part of message `message`, at `part` in its prompt parts.
+struct Placed {
+    message: usize,
+    part: usize,
+    source: MediaRef,
+}
+
+/// The whole chat: walked, fetched, built and proven. The CPU work (decoding, resizing,
+/// tokenizing) runs off the async threads.
+pub async fn chat_prompt(
+    state: &Arc<Loaded>,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<ChatPrompt, ApiError> {
+    let draft = walk(state, messages)?;
+    let sources: Vec<MediaRef> = draft.media.iter().map(|m| m.source.clone()).collect();
+    let resolved = crate::media::resolve_media(state, &sources).await?;
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || build(&state, draft, resolved, add_generation_prompt))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+}
+
+/// The one pass over the messages.
+fn walk(state: &Loaded, messages: &[ChatMessage]) -> Result<Draft, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "at least one message is required"));
+    }
+    let mut draft = Draft { messages: Vec::with_capacity(messages.len()), media: Vec::new() };
+    let mut budget = crate::media::SlotBudget::new(state);
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            // A tool's result, under its own role (ChatML takes any role name).
+            "tool" => "tool",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unsupported role {other:?} (expected system, user, assistant or tool)"),
+                ))
+            }
+        };
+        let mut parts = Vec::new();
+        for call in m.tool_calls.iter().flatten() {
+            if role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "only assistant messages make calls",
+                ));
+            }
+            // Written as the `required` grammar writes a call (see structured.rs).
+            serde_json::from_str::<serde_json::Value>(&call.function.arguments).map_err(|e| {
+                ApiError::invalid(format!("messages[{i}].tool_calls"), format!("arguments are not JSON: {e}"))
+            })?;
+            let name = serde_json::Value::String(call.function.name.clone());
+            parts.push(Part::Text(format!("{{\"name\": {name}, \"arguments\": {}}}", call.function.arguments)));
+        }
+        match &m.content {
+            None => {}
+            Some(MessageContent::Text(t)) => parts.push(Part::Text(t.clone())),
+            Some(MessageContent::Parts(list)) => {
+                for (j, part) in list.iter().enumerate() {
+                    let param = format!("messages[{i}].content[{j}]");
+                    let source = match part {
+                        ContentPart::Text { text } => {
+                            parts.push(Part::Text(text.clone()));
+                            continue;
+                        }
+                        ContentPart::ImageUrl { image_url } => MediaRef {
+                            param: format!("{param}.image_url.url"),
+                            url: image_url.url.clone(),
+                            frames: None,
+                        },
+                        ContentPart::VideoUrl { video_url } => {
+                            let frames = budget.frames(&param, video_url.num_frames)?;
+                            MediaRef { param: format!("{param}.video_url.url"), url: video_url.url.clone(), frames }
+                        }
+                    };
+                    budget.take(&param, source.frames.unwrap_or(1))?;
+                    // The frame count is the video's own, set once it is sampled.
+                    parts.push(if source.frames.is_some() { Part::Video { frames: 0 } } else { Part::Image });
+                    draft.media.push(Placed { message: i, part: parts.len() - 1, source });
+                }
+            }
+        }
+        if role != "user" && parts.iter().any(|p| !matches!(p, Part::Text(_))) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "only user messages may carry images or video",
+            ));
+        }
+        // A literal "<image>" in text would claim an image slot: refuse it rather than guess.
+        if parts.iter().any(|p| matches!(p, Part::Text(t) if t.contains(IMAGE_PLACEHOLDER))) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "text may not contain the reserved token \"<image>\"; send images as image_url parts",
+            ));
+        }
+        draft.messages.push(Message { role: role.to_string(), parts });
+    }
+    Ok(draft)
+}
+
+/// Puts the decoded media in their places, then renders, tokenizes, preprocesses and proves.
+fn build(
+    state: &Loaded,
+    mut draft: Draft,
+    resolved: Vec<Resolved>,
+    add_generation_prompt: bool,
+) -> Result<ChatPrompt, ApiError> {
+    let mut pictures = Vec::with_capacity(resolved.len());
+    let mut video_frames = Vec::new();
+    // `resolve_media` answers every source, in order.
+    for (placed, media) in draft.media.iter().zip(resolved) {
+        match media {
+            Resolved::Image(image) => pictures.push(image),
+            Resolved::Video { indices, frames } => {
+                draft.messages[placed.message].parts[placed.part] = Part::Video { frames: frames.len() };
+                pictures.extend(frames);
+                video_frames.push(indices);
+            }
+        }
+    }
+    let prompt = state
+        .prompts
+        .chat(&draft.messages, &pictures, add_generation_prompt)
+        .map_err(|e| ApiError::prompt(e, "messages"))?;
+    Ok(ChatPrompt { prompt, video_frames })
+}
