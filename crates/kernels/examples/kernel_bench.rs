@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use std::time::Instant;
-use weft_kernels::{matmul_with, Isa, PackedWeight, WeightFormat};
+use weft_kernels::{matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
 
 fn median_seconds(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -45,7 +45,7 @@ fn main() {
         let mut out = vec![0.0; m * n];
         let mut ours = |format, isa| {
             let packed = PackedWeight::from_f32(&w, n, k, format);
-            let s = median_seconds(runs, || matmul_with(isa, &x, m, &packed, None, &mut out));
+            let s = median_seconds(runs, || matmul_using(isa, Kernel::Auto, &x, m, &packed, None, &mut out));
             (s, packed.bytes() as f64)
         };
         let (f32_s, f32_bytes) = ours(WeightFormat::F32, Isa::detected().min(Isa::Avx2));

@@ -4,7 +4,7 @@
 //! weight GB/s (one row) medians, and the 8-bit speed-up over bf16 (time over time).
 
 use std::time::Instant;
-use weft_kernels::{matmul_with, Isa, PackedWeight, WeightFormat};
+use weft_kernels::{matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
 
 const RUNS: usize = 11;
 
@@ -38,7 +38,7 @@ fn main() {
         for run in 0..=RUNS {
             for (times, (isa, packed)) in seconds.iter_mut().zip(&weights) {
                 let started = Instant::now();
-                matmul_with(*isa, &x, m, packed, None, &mut out);
+                matmul_using(*isa, Kernel::Auto, &x, m, packed, None, &mut out);
                 if run > 0 {
                     times.push(started.elapsed().as_secs_f64());
                 }

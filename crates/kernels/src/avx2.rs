@@ -1,25 +1,7 @@
 //! AVX2 + FMA tiles: eight f32 lanes per step. bf16 weights are widened to f32 on load (a shift)
 //! and 8-bit weights converted and scaled, so activations stay exact f32.
 
-use crate::matmul::Tile;
-
-/// Maps a run-time tile shape onto the const-generic kernel instantiations.
-macro_rules! dispatch_tile {
-    ($kernel:ident, $mr:expr, $nr:expr, ($($arg:expr),*)) => {
-        match ($mr, $nr) {
-            (1, 1) => $kernel::<1, 1>($($arg),*), (1, 2) => $kernel::<1, 2>($($arg),*),
-            (1, 3) => $kernel::<1, 3>($($arg),*), (1, 4) => $kernel::<1, 4>($($arg),*),
-            (2, 1) => $kernel::<2, 1>($($arg),*), (2, 2) => $kernel::<2, 2>($($arg),*),
-            (2, 3) => $kernel::<2, 3>($($arg),*), (2, 4) => $kernel::<2, 4>($($arg),*),
-            (3, 1) => $kernel::<3, 1>($($arg),*), (3, 2) => $kernel::<3, 2>($($arg),*),
-            (3, 3) => $kernel::<3, 3>($($arg),*), (3, 4) => $kernel::<3, 4>($($arg),*),
-            (4, 1) => $kernel::<4, 1>($($arg),*), (4, 2) => $kernel::<4, 2>($($arg),*),
-            (4, 3) => $kernel::<4, 3>($($arg),*), (4, 4) => $kernel::<4, 4>($($arg),*),
-            (mr, nr) => unreachable!("no {mr}x{nr} tile"),
-        }
-    };
-}
-pub(crate) use dispatch_tile;
+use crate::shared::Tile;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -168,21 +150,21 @@ mod x86 {
     /// The CPU has AVX2 and FMA; `x` holds `mr` rows and `w` `nr` rows of `kp` (a multiple of 32).
     pub(crate) unsafe fn tile_f32(x: &[f32], mr: usize, w: &[f32], nr: usize, kp: usize, acc: &mut Tile) {
         debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && kp & 31 == 0);
-        super::dispatch_tile!(tile_f32_const, mr, nr, (x.as_ptr(), w.as_ptr(), std::ptr::null(), kp, acc))
+        crate::shared::dispatch_tile!(tile_f32_const, mr, nr, (x.as_ptr(), w.as_ptr(), std::ptr::null(), kp, acc))
     }
 
     /// # Safety
     /// As [`tile_f32`], with bf16 weights and `x` in even/odd order within each run of 16.
     pub(crate) unsafe fn tile_bf16(x: &[f32], mr: usize, w: &[u16], nr: usize, kp: usize, acc: &mut Tile) {
         debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && kp & 31 == 0);
-        super::dispatch_tile!(tile_bf16_const, mr, nr, (x.as_ptr(), w.as_ptr(), std::ptr::null(), kp, acc))
+        crate::shared::dispatch_tile!(tile_bf16_const, mr, nr, (x.as_ptr(), w.as_ptr(), std::ptr::null(), kp, acc))
     }
 
     /// # Safety
     /// As [`tile_f32`], with 8-bit weights and one scale per block of [`Q8_BLOCK`] per row.
     pub(crate) unsafe fn tile_q8(x: &[f32], mr: usize, w: &[i8], scales: &[f32], nr: usize, kp: usize, acc: &mut Tile) {
         debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && scales.len() >= nr * kp / Q8_BLOCK);
-        super::dispatch_tile!(tile_q8_const, mr, nr, (x.as_ptr(), w.as_ptr(), scales.as_ptr(), kp, acc))
+        crate::shared::dispatch_tile!(tile_q8_const, mr, nr, (x.as_ptr(), w.as_ptr(), scales.as_ptr(), kp, acc))
     }
 }
 

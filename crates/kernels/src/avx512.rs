@@ -1,7 +1,7 @@
 //! AVX-512 BF16 tiles: activations rounded to bf16, `vdpbf16ps` multiplies 32 bf16 pairs and
 //! accumulates them into 16 f32 lanes per instruction (what oneDNN uses for torch's bf16).
 
-use crate::matmul::Tile;
+use crate::shared::Tile;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -43,7 +43,7 @@ mod x86 {
     /// (a multiple of 32) bf16 values.
     pub(crate) unsafe fn tile_bf16(x: &[u16], mr: usize, w: &[u16], nr: usize, kp: usize, acc: &mut Tile) {
         debug_assert!(x.len() >= mr * kp && w.len() >= nr * kp && kp & 31 == 0);
-        crate::avx2::dispatch_tile!(tile_const, mr, nr, (x.as_ptr(), w.as_ptr(), kp, acc))
+        crate::shared::dispatch_tile!(tile_const, mr, nr, (x.as_ptr(), w.as_ptr(), kp, acc))
     }
 }
 

@@ -9,8 +9,8 @@
 //! of 256 inputs, a cost shared by every panel of activations; f32 rows are read in place when
 //! there are few panels.
 
-use crate::matmul::SharedOut;
 use crate::packed::{PackedWeight, Storage, Q8_BLOCK};
+use crate::shared::{aligned, SharedOut};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -106,16 +106,6 @@ pub(crate) fn pack_transposed<'a>(
         });
     }
     panels
-}
-
-/// A zeroed buffer of `len` units starting on a cache line, inside `storage`: vector loads from
-/// a 16-byte aligned allocation split every line they cross, which cost a quarter of the AVX2
-/// GEMM's speed.
-pub(crate) fn aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
-    let line = 64 / std::mem::size_of::<T>();
-    *storage = vec![T::default(); len + line];
-    let skip = storage.as_ptr().align_offset(64).min(line);
-    &mut storage[skip..skip + len]
 }
 
 /// Rows `rows`, inputs `p0..p0 + kc`, of the weights as f32 rows of `kc` in `out`. f32 rows are

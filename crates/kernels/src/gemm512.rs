@@ -9,9 +9,9 @@
 //! brings 16 rows' values of two inputs. Weights are read where they lie: bf16 rows store each
 //! pair of inputs side by side already, so no widening pass is needed.
 
-use crate::gemm::{aligned, pack_transposed};
-use crate::matmul::SharedOut;
+use crate::gemm::pack_transposed;
 use crate::packed::PackedWeight;
+use crate::shared::{aligned, SharedOut};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -138,21 +138,13 @@ unsafe fn pack_panels<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a
         let mut row_bits = vec![0u16; kp];
         for (r, row) in rows.chunks_exact(k).enumerate() {
             // SAFETY: the caller vouches for the CPU.
-            unsafe { x86::round_row(row, &mut row_bits) };
+            unsafe { crate::shared::round_to_bf16(row, &mut row_bits) };
             for (q, pair) in row_bits.chunks_exact(2).enumerate() {
                 panel[q * IR + r] = pair[0] as u32 | (pair[1] as u32) << 16;
             }
         }
     });
     panels
-}
-
-/// `src` rounded to bf16 bits (to nearest, ties to even) in `dst`, 32 values at a time.
-///
-/// # Safety
-/// The CPU has AVX-512F and AVX-512 BF16; `dst` is at least as long as `src`.
-pub(crate) unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
-    x86::round_row(src, dst)
 }
 
 mod x86 {
@@ -170,24 +162,6 @@ mod x86 {
                 jr => unreachable!("no {jr}-row tile"),
             }
         };
-    }
-
-    /// `row` rounded to bf16 (to nearest, ties to even) into the start of `out`, 32 at a time.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; `out` is at least as long as `row`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn round_row(row: &[f32], out: &mut [u16]) {
-        let whole = row.len() / 32 * 32;
-        for p in (0..whole).step_by(32) {
-            let lo = _mm512_loadu_ps(row.as_ptr().add(p));
-            let hi = _mm512_loadu_ps(row.as_ptr().add(p + 16));
-            let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(out.as_mut_ptr().add(p) as *mut __m512i, bits);
-        }
-        for p in whole..row.len() {
-            out[p] = half::bf16::from_f32(row[p]).to_bits();
-        }
     }
 
     /// `sums[c][r] = sum_p w[c][p] * x[r][p]` for `jr` weight rows of `kp` and one panel.

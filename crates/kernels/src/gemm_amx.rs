@@ -4,25 +4,20 @@
 //!
 //! Both operands are contiguous 1 KiB tiles, so every tile load reads 16 consecutive cache lines
 //! (a weight row read in place is `kp * 2` bytes from the next, and at 1,024 inputs those lines
-//! share two L1 sets). The weights are packed once, when loaded ([`pack_weights`]): groups of 32
+//! share two L1 sets). The weights are packed once, when loaded (`packed.rs`): groups of 32
 //! columns, pair-interleaved, the last group zero-padded so that every product runs on the
 //! tiles. The activations are rounded to bf16 once per call, as the other bf16 paths round
 //! them, and laid out panel by panel (32 rows). Every output is the same sum in the same order
 //! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
 use crate::amx;
-use crate::gemm::aligned;
-use crate::matmul::SharedOut;
-use crate::packed::PackedWeight;
+use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
+use crate::shared::{aligned, SharedOut};
 use rayon::prelude::*;
 
-/// Weight columns per group (one tile call).
-pub(crate) const COLS: usize = amx::COLS;
 /// Weight columns per parallel block at most: 96 columns of 4,864 inputs are 912 KiB of tiles,
 /// which stay in a 2 MiB L2 next to one activation panel (304 KiB).
 const MAX_BLOCK_COLS: usize = 96;
-/// u16 units of one step (two tiles) of a panel or a group of columns.
-const STEP_UNITS: usize = 2 * amx::TILE;
 /// Inputs from which a block runs in chunks of [`CHUNK_INPUTS`]: past this, one activation panel
 /// (1.2 MB at the 7b's 18,944) and a block's weights (3.6 MB) do not stay in a 2 MiB L2 while
 /// every panel passes over the block. Chunks of 2,048 took that product from 883 to 1,270
@@ -30,11 +25,6 @@ const STEP_UNITS: usize = 2 * amx::TILE;
 const LONG_INPUTS: usize = 8192;
 /// Inputs per chunk: a panel's chunk is 128 KiB, a block's 384 KiB.
 const CHUNK_INPUTS: usize = 2048;
-
-/// u16 units of one group of 32 columns (or one panel of 32 rows) over `kp` inputs.
-pub(crate) fn group_len(kp: usize) -> usize {
-    kp / amx::STEP * STEP_UNITS
-}
 
 /// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights of `w`, packed as `tiles`.
 ///
@@ -269,30 +259,6 @@ unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage
     panels
 }
 
-/// The bf16 rows `bits` (`n` rows of `kp`) as groups of 32 columns into `out` (`n / 32` groups,
-/// rounded up, of [`group_len`]): `kp / 32` steps of two tiles (columns 0-15, 16-31), tile row
-/// `q` holding each column's pair of inputs `2q, 2q + 1` as one 32-bit unit; columns past `n`
-/// are zeros. Groups in parallel.
-///
-/// # Safety
-/// The CPU has AVX-512F.
-pub(crate) unsafe fn pack_weights(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
-    let zeros = [0u16; amx::STEP];
-    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
-        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-            let (s, half) = (t / 2, t % 2);
-            let first = g * COLS + half * 16;
-            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
-            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
-                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
-                _ => zeros.as_ptr(),
-            });
-            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
-            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
-        }
-    });
-}
-
 mod x86 {
     use super::STEP_UNITS;
     use std::arch::x86_64::*;
@@ -316,47 +282,6 @@ mod x86 {
 
     fn lanes(count: usize) -> __mmask16 {
         ((1u32 << count) - 1) as __mmask16
-    }
-
-    /// Writes the 16x16 matrix of 32-bit units whose row `i` is at `rows[i]` transposed to
-    /// `out` (row `j` at `out + 16 j`): unpacks of units and pairs within each 128-bit lane,
-    /// then two rounds of lane shuffles.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; every `rows[i]` holds 64 bytes and `out` 1 KiB.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose_16x16(rows: &[*const u16; 16], out: *mut u32) {
-        let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(rows[i] as *const __m512i));
-        // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved, units 0-1 and 2-3 of each lane.
-        let t: [__m512i; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
-            }
-        });
-        // u[4i + j]: unit 4L + j of rows 4i..4i + 3, in lane L.
-        let u: [__m512i; 16] = std::array::from_fn(|i| {
-            let (base, j) = (i / 4 * 4, i % 4);
-            let (a, b) = (t[base + j / 2], t[base + 2 + j / 2]);
-            if j % 2 == 0 {
-                _mm512_unpacklo_epi64(a, b)
-            } else {
-                _mm512_unpackhi_epi64(a, b)
-            }
-        });
-        for j in 0..4 {
-            let even_lanes_lo = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
-            let odd_lanes_lo = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
-            let even_lanes_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
-            let odd_lanes_hi = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
-            let lane = |l: usize| out.add((4 * l + j) * 16) as *mut __m512i;
-            _mm512_storeu_si512(lane(0), _mm512_shuffle_i32x4::<0x88>(even_lanes_lo, even_lanes_hi));
-            _mm512_storeu_si512(lane(2), _mm512_shuffle_i32x4::<0xDD>(even_lanes_lo, even_lanes_hi));
-            _mm512_storeu_si512(lane(1), _mm512_shuffle_i32x4::<0x88>(odd_lanes_lo, odd_lanes_hi));
-            _mm512_storeu_si512(lane(3), _mm512_shuffle_i32x4::<0xDD>(odd_lanes_lo, odd_lanes_hi));
-        }
     }
 }
 
@@ -404,14 +329,13 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32).collect();
             let w = PackedWeight::from_f32_for(Isa::Avx512Bf16, &values, n, k, WeightFormat::Bf16);
             let crate::packed::Storage::Bf16(bits) = &w.storage else { unreachable!() };
-            let mut tile_storage = Vec::new();
-            let tiles = aligned(&mut tile_storage, n.div_ceil(COLS) * group_len(w.kp));
+            let packed_tiles = crate::packed::Bf16Tiles::from_rows(bits, n, w.kp);
+            let tiles = packed_tiles.tiles();
             let mut want = vec![f32::NAN; m * n];
             let mut got = vec![f32::NAN; m * n];
             // SAFETY: AVX-512 BF16 was detected (and AMX where it is used); outputs of m x n.
             unsafe {
                 crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()));
-                pack_weights(bits, n, w.kp, tiles);
                 let mut storage = Vec::new();
                 let panels = pack_activations(&x, m, k, w.kp, &mut storage);
                 by_tiles(m, n, w.kp, panels, tiles, Some(&bias), SharedOut(got.as_mut_ptr()), || (), model_tile);

@@ -23,12 +23,13 @@ mod gemm_amx;
 mod matmul;
 mod packed;
 mod scalar;
+mod shared;
 mod vector;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
 pub use activations::{gelu_tanh, rms_norm_rows, silu_mul, softmax_rows};
-pub use matmul::{matmul, matmul_new, matmul_using, matmul_with, Kernel};
+pub use matmul::{matmul, matmul_new, matmul_using, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
 pub use vector::{scaled_dots, weighted_sums, CachedValue};
 

@@ -5,16 +5,10 @@
 //! for every row count ([`crate::vnni`]).
 
 use crate::packed::{PackedWeight, Storage, WeightFormat, Q8_BLOCK};
+use crate::shared::{SharedOut, Tile, MR_MAX, NR_MAX};
 use crate::{avx2, avx512, scalar, Isa};
 use half::bf16;
 use rayon::prelude::*;
-
-/// Largest register tile: rows of `x` by rows of `W`.
-pub(crate) const MR_MAX: usize = 4;
-pub(crate) const NR_MAX: usize = 4;
-
-/// Dot products of one tile, `acc[r][c] = x_r . w_c`.
-pub(crate) type Tile = [[f32; NR_MAX]; MR_MAX];
 
 /// Rows of `x` from which the outer-product GEMM ([`crate::gemm`]) beats the dot-product tiles,
 /// measured with `examples/gemm_vs_tiles.rs` on the language model's shapes: f32 weights, read
@@ -39,7 +33,7 @@ const BLOCK_BYTES: usize = 256 * 1024;
 
 /// `out[m, n] = x[m, k] W^T + bias`, with the instruction set [`Isa::active`] picked.
 pub fn matmul(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
-    matmul_with(Isa::active(), x, m, w, bias, out)
+    matmul_using(Isa::active(), Kernel::Auto, x, m, w, bias, out)
 }
 
 /// Which loop nest computes a product.
@@ -54,12 +48,8 @@ pub enum Kernel {
     Gemm,
 }
 
-/// As [`matmul`], on a given instruction set (which must be one of [`Isa::available`]).
-pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
-    matmul_using(isa, Kernel::Auto, x, m, w, bias, out)
-}
-
-/// As [`matmul_with`], with the loop nest chosen (for tests and benchmarks).
+/// As [`matmul`], on a given instruction set (which must be one of [`Isa::available`]) and
+/// with the loop nest chosen (for tests and benchmarks).
 pub fn matmul_using(
     isa: Isa,
     kernel: Kernel,
@@ -149,6 +139,9 @@ unsafe fn product(
         return;
     }
     let job = Job { m, n, kp, bias, out };
+    // SAFETY (every kernel closure below): `isa <= detected` (asserted above) gives each kernel
+    // the instructions it needs; `job.run` passes `mr` rows of `kp` padded activations, and
+    // `rows` the kernel's `nr` weight rows of `kp`, as the kernels' contracts ask.
     match (&w.storage, isa) {
         (Storage::Bf16(wb), Isa::Avx512Bf16 | Isa::Amx) => {
             let xb = pad(x, m, k, kp, 0u16, |v| bf16::from_f32(v).to_bits());
@@ -219,26 +212,6 @@ fn pad<T: Copy>(x: &[f32], m: usize, k: usize, kp: usize, zero: T, convert: impl
         }
     }
     out
-}
-
-/// The output pointer, shared by blocks that write disjoint columns.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `index` is inside the output and no other thread writes it.
-    pub(crate) unsafe fn write(self, index: usize, value: f32) {
-        *self.0.add(index) = value;
-    }
-
-    /// # Safety
-    /// `index..index + values.len()` is inside the output and no other thread writes it.
-    pub(crate) unsafe fn write_row(self, index: usize, values: &[f32]) {
-        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(index), values.len());
-    }
 }
 
 struct Job<'a> {

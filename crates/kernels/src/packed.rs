@@ -2,6 +2,8 @@
 //! with zeros to a multiple of [`K_ALIGN`] so the inner loops never handle a ragged tail, in
 //! f32, bf16 or 8-bit blocks.
 
+#[cfg(target_arch = "x86_64")]
+use crate::amx;
 use crate::Isa;
 use half::bf16;
 use rayon::prelude::*;
@@ -148,12 +150,12 @@ pub(crate) struct Bf16Tiles {
 impl Bf16Tiles {
     /// Tiles of the bf16 rows `rows` (`n` rows of `kp`).
     #[cfg(target_arch = "x86_64")]
-    fn from_rows(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
-        let len = n.div_ceil(crate::gemm_amx::COLS) * crate::gemm_amx::group_len(kp);
+    pub(crate) fn from_rows(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
+        let len = n.div_ceil(COLS) * group_len(kp);
         let mut storage = Vec::new();
-        let tiles = crate::gemm::aligned(&mut storage, len);
+        let tiles = crate::shared::aligned(&mut storage, len);
         // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
-        unsafe { crate::gemm_amx::pack_weights(rows, n, kp, tiles) };
+        unsafe { pack_tiles(rows, n, kp, tiles) };
         let start = tiles.as_ptr() as usize;
         let skip = (start - storage.as_ptr() as usize) / 2;
         Bf16Tiles { storage, skip, len }
@@ -199,7 +201,7 @@ fn bf16_rows(values: &[f32], n: usize, k: usize, kp: usize) -> Vec<u16> {
         #[cfg(target_arch = "x86_64")]
         if vectorized {
             // SAFETY: the CPU has AVX-512F and AVX-512 BF16; `dst` (kp) is as long as `src` (k).
-            unsafe { crate::gemm512::round_to_bf16(src, dst) };
+            unsafe { crate::shared::round_to_bf16(src, dst) };
             continue;
         }
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -283,6 +285,90 @@ impl Q8Panels {
 
     pub(crate) fn bytes(&self) -> usize {
         self.values.len() + self.scales.len() * 4
+    }
+}
+
+/// Weight columns per group of AMX tiles (one tile call).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const COLS: usize = amx::COLS;
+/// u16 units of one step (two tiles) of a panel or a group of columns.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const STEP_UNITS: usize = 2 * amx::TILE;
+
+/// u16 units of one group of 32 columns (or one panel of 32 rows) over `kp` inputs.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn group_len(kp: usize) -> usize {
+    kp / amx::STEP * STEP_UNITS
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The bf16 rows `bits` (`n` rows of `kp`) as groups of 32 columns into `out` (`n / 32` groups,
+/// rounded up, of [`group_len`]): `kp / 32` steps of two tiles (columns 0-15, 16-31), tile row
+/// `q` holding each column's pair of inputs `2q, 2q + 1` as one 32-bit unit; columns past `n`
+/// are zeros. Groups in parallel.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+unsafe fn pack_tiles(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
+    let zeros = [0u16; amx::STEP];
+    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
+        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+            let (s, half) = (t / 2, t % 2);
+            let first = g * COLS + half * 16;
+            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
+                _ => zeros.as_ptr(),
+            });
+            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Writes the 16x16 matrix of 32-bit units whose row `i` is at `rows[i]` transposed to
+    /// `out` (row `j` at `out + 16 j`): unpacks of units and pairs within each 128-bit lane,
+    /// then two rounds of lane shuffles.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `rows[i]` holds 64 bytes and `out` 1 KiB.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_16x16(rows: &[*const u16; 16], out: *mut u32) {
+        let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(rows[i] as *const __m512i));
+        // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved, units 0-1 and 2-3 of each lane.
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4i + j]: unit 4L + j of rows 4i..4i + 3, in lane L.
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (base, j) = (i / 4 * 4, i % 4);
+            let (a, b) = (t[base + j / 2], t[base + 2 + j / 2]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for j in 0..4 {
+            let even_lanes_lo = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+            let odd_lanes_lo = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
+            let even_lanes_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+            let odd_lanes_hi = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
+            let lane = |l: usize| out.add((4 * l + j) * 16) as *mut __m512i;
+            _mm512_storeu_si512(lane(0), _mm512_shuffle_i32x4::<0x88>(even_lanes_lo, even_lanes_hi));
+            _mm512_storeu_si512(lane(2), _mm512_shuffle_i32x4::<0xDD>(even_lanes_lo, even_lanes_hi));
+            _mm512_storeu_si512(lane(1), _mm512_shuffle_i32x4::<0x88>(odd_lanes_lo, odd_lanes_hi));
+            _mm512_storeu_si512(lane(3), _mm512_shuffle_i32x4::<0xDD>(odd_lanes_lo, odd_lanes_hi));
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Portable tiles: plain loops, used where no vector path applies or when forced.
 
-use crate::matmul::Tile;
+use crate::shared::Tile;
 
 /// `acc[r][c] = x_r . w_c` for `mr` rows of `x` (each `kp` long) and `nr` weight rows, where
 /// `weight(c, p)` is element `p` of weight row `c` as f32.

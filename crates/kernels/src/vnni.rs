@@ -14,8 +14,8 @@
 //! one fused multiply-add per block, then the bias. A sequence decoded alone and in a batch of
 //! 40 gets bit-identical logits.
 
-use crate::matmul::SharedOut;
 use crate::packed::{PackedWeight, Q8Panels, PANEL, Q8_BLOCK, Q8_PANEL_BLOCK_BYTES as BLOCK_BYTES};
+use crate::shared::SharedOut;
 use rayon::prelude::*;
 
 /// Activation rows per register tile.

@@ -7,7 +7,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::arch::asm;
-use weft_kernels::{matmul_with, on_compute_pool, Isa, PackedWeight, WeightFormat};
+use weft_kernels::{matmul_using, on_compute_pool, Isa, Kernel, PackedWeight, WeightFormat};
 
 /// Prefill-sized: 64 rows take the AMX GEMM (bf16) and candle's AMX q4k kernel (32 rows on).
 const M: usize = 64;
@@ -69,7 +69,7 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
     let packed = PackedWeight::from_f32(&w, N, K, WeightFormat::Bf16);
     let bf16_product = || {
         let mut out = vec![0.0; M * N];
-        on_compute_pool(|| matmul_with(Isa::Amx, &x, M, &packed, None, &mut out));
+        on_compute_pool(|| matmul_using(Isa::Amx, Kernel::Auto, &x, M, &packed, None, &mut out));
         out
     };
     let concurrently = |work: &(dyn Fn() + Sync)| {

@@ -3,7 +3,7 @@
 
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{matmul, matmul_new, matmul_using, matmul_with, Isa, Kernel, PackedWeight, WeightFormat};
+use weft_kernels::{matmul, matmul_new, matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -140,13 +140,13 @@ fn rows_do_not_depend_on_the_batch(isa: Isa, format: WeightFormat, k: usize) {
         .chunks_exact(k)
         .map(|row| {
             let mut y = vec![0.0; n];
-            matmul_with(isa, row, 1, &packed, Some(&b), &mut y);
+            matmul_using(isa, Kernel::Auto, row, 1, &packed, Some(&b), &mut y);
             y
         })
         .collect();
     for m in [2, 3, 5, 16, 41] {
         let mut y = vec![0.0; m * n];
-        matmul_with(isa, &x[..m * k], m, &packed, Some(&b), &mut y);
+        matmul_using(isa, Kernel::Auto, &x[..m * k], m, &packed, Some(&b), &mut y);
         for (i, row) in y.chunks_exact(n).enumerate() {
             let same = row.iter().zip(&alone[i]).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "row {i} of {m} differs from the row alone");
@@ -166,7 +166,7 @@ fn q8_panels_on_a_lower_set_fall_back_correctly() {
     let packed = PackedWeight::from_f32_for(Isa::Avx512Bf16, &random(n * k, &mut rng), n, k, WeightFormat::Q8);
     let (want, scale) = reference(&x, &packed, &b, m, Isa::Avx2);
     let mut got = vec![0.0; m * n];
-    matmul_with(Isa::Avx2, &x, m, &packed, Some(&b), &mut got);
+    matmul_using(Isa::Avx2, Kernel::Auto, &x, m, &packed, Some(&b), &mut got);
     for i in 0..m * n {
         assert!((got[i] as f64 - want[i]).abs() <= 1e-5 * scale[i] + 1e-6, "[{i}] {} vs {}", got[i], want[i]);
     }
@@ -178,7 +178,7 @@ fn bf16_bits_load_unrounded_and_no_bias_means_zero() {
     let packed = PackedWeight::from_bf16_bits(&bits, 2, 3);
     for isa in Isa::available() {
         let mut y = vec![0.0; 2];
-        matmul_with(isa, &[1.0, 2.0, 4.0], 1, &packed, None, &mut y);
+        matmul_using(isa, Kernel::Auto, &[1.0, 2.0, 4.0], 1, &packed, None, &mut y);
         assert_eq!(y, vec![1.5 - 4.0 + 1.0, 3.0 + 1.0 - 4.0], "{}", isa.name());
     }
 }
@@ -233,6 +233,6 @@ fn a_new_output_equals_a_given_one() {
 fn empty_inputs_are_fine() {
     let packed = PackedWeight::from_f32(&[1.0; 6], 2, 3, WeightFormat::F32);
     let mut y: Vec<f32> = vec![];
-    matmul_with(Isa::Scalar, &[], 0, &packed, None, &mut y);
+    matmul_using(Isa::Scalar, Kernel::Auto, &[], 0, &packed, None, &mut y);
     assert!(y.is_empty());
 }

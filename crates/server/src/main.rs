@@ -15,6 +15,7 @@ mod load;
 mod media;
 mod prepare;
 mod progress;
+mod prometheus;
 mod prompt;
 mod routes;
 mod serve;

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
 use utoipa::OpenApi;
-use weft_engine::{Health, Timing, Usage};
+use weft_engine::Health;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -176,18 +176,6 @@ pub fn fingerprint() -> String {
     concat!("weft-", env!("CARGO_PKG_VERSION")).to_string()
 }
 
-/// Per-request latency histograms and token counters (names follow vLLM's).
-pub fn record_finished(usage: &Usage, timing: &Timing) {
-    metrics::histogram!("weft:time_to_first_token_seconds").record(timing.first_token_s);
-    metrics::histogram!("weft:e2e_request_latency_seconds").record(timing.total_s);
-    metrics::histogram!("weft:request_queue_time_seconds").record(timing.queue_s);
-    for gap in &timing.inter_token_s {
-        metrics::histogram!("weft:inter_token_latency_seconds").record(*gap);
-    }
-    metrics::counter!("weft:request_success_total").increment(1);
-    let _ = usage;
-}
-
 fn card(shared: &Shared) -> ModelCard {
     let max_model_len = shared.loaded.get().map_or(0, |l| l.context_len);
     ModelCard {
@@ -272,30 +260,9 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 /// Prometheus metrics: engine gauges read at scrape time, plus the request histograms.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics_endpoint(State(shared): State<Shared>) -> Response {
-    if let Some(l) = shared.loaded.get() {
-        let s = l.engine.stats();
-        metrics::gauge!("weft:num_requests_running").set(s.running as f64);
-        metrics::gauge!("weft:num_requests_waiting").set(s.waiting as f64);
-        metrics::gauge!("weft:kv_cache_usage_perc").set(s.kv_usage());
-        metrics::counter!("weft:prompt_tokens_total").absolute(s.prompt_tokens_total);
-        metrics::counter!("weft:generation_tokens_total").absolute(s.generation_tokens_total);
-        metrics::counter!("weft:cached_prompt_tokens_total").absolute(s.cached_tokens_total);
-        metrics::counter!("weft:vision_cache_hits_total").absolute(s.vision_cache_hits);
-        metrics::counter!("weft:vision_cache_misses_total").absolute(s.vision_cache_misses);
-        metrics::counter!("weft:vision_encode_seconds_total").absolute(s.vision_encode_seconds as u64);
-        metrics::counter!("weft:preemptions_total").absolute(s.preemptions_total);
-        metrics::counter!("weft:engine_faults_total").absolute(s.faults_total);
-        metrics::counter!("weft:grammar_masks_total").absolute(s.grammar_masks_total);
-        // Cumulative, in seconds (a counter would round it to whole seconds).
-        metrics::gauge!("weft:grammar_mask_seconds").set(s.grammar_mask_seconds);
-        metrics::gauge!("weft:kv_cache_budget_bytes").set(s.kv_budget_bytes as f64);
-        metrics::gauge!("weft:kv_cache_used_bytes").set(s.kv_used_bytes as f64);
-        metrics::gauge!("weft:kv_cache_reserved_bytes").set(s.kv_reserved_bytes as f64);
-        metrics::gauge!("weft:kv_cache_running_reserved_bytes").set(s.kv_running_reserved_bytes as f64);
-        metrics::gauge!("weft:prefix_cache_bytes").set(s.prefix_cache_bytes as f64);
-        metrics::gauge!("weft:vision_cache_bytes").set(s.vision_cache_bytes as f64);
+    if let Some(loaded) = shared.loaded.get() {
         let in_progress = shared.admission_capacity - shared.admission.available_permits();
-        metrics::gauge!("weft:num_requests_in_progress").set(in_progress as f64);
+        crate::prometheus::publish_engine(&loaded.engine.stats(), in_progress);
     }
     let body = shared.prometheus.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -12,18 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_engine::Health;
 
-pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
-    let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&buckets)
-        .expect("non-empty buckets")
-        .build_recorder();
-    let handle = recorder.handle();
-    // A second install (tests starting several servers) keeps the first recorder.
-    let _ = metrics::set_global_recorder(recorder);
-    handle
-}
-
 pub async fn run(args: ServeArgs) -> Result<()> {
     let model = args.model.clone().context("--model is required (or WEFT_MODEL, or `model` in --config)")?;
     let source = ModelSource::parse(&model, args.revision.as_deref())?;
@@ -47,7 +35,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         started: crate::routes::now_secs(),
         loaded: Arc::new(std::sync::OnceLock::new()),
         shutting_down: Arc::new(AtomicBool::new(false)),
-        prometheus: prometheus(),
+        prometheus: crate::prometheus::recorder(),
         admission: Arc::new(tokio::sync::Semaphore::new(args.admission_capacity())),
         admission_capacity: args.admission_capacity(),
     };

@@ -6,7 +6,6 @@
 
 use crate::admission::Admission;
 use crate::error::{ApiError, ErrorKind};
-use crate::routes::record_finished;
 use crate::wire::{PromptTokensDetails, UsageBody};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -133,7 +132,7 @@ impl<F: ChunkFormat> StreamState<F> {
                     Some(self.delta(index, text, lp.as_ref().map(|l| (id, l))))
                 }
                 Some(Event::Finished { index, reason, text, usage, timing }) => {
-                    record_finished(&usage, &timing);
+                    crate::prometheus::record_finished(&timing);
                     self.tally.add(index, self.n, &usage);
                     self.finished[index] = true;
                     let mut out = Vec::new();
@@ -236,7 +235,7 @@ async fn collect_all(mut events: Events, n: usize, total: usize) -> Result<Colle
                 c.texts[index].push_str(&text);
             }
             Event::Finished { index, reason, text, usage, timing } => {
-                record_finished(&usage, &timing);
+                crate::prometheus::record_finished(&timing);
                 c.texts[index].push_str(&text);
                 c.reasons[index] = Some(reason);
                 c.tally.add(index, n, &usage);
