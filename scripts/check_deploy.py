@@ -1,7 +1,7 @@
 """Checks that docker/ and deploy/ refer only to things that exist: `weft serve` flags, WEFT_*
 variables and config keys, ports, paths, probe endpoints and the metric the autoscaler reads.
 
-Usage: python scripts/check_deploy.py WEFT_BINARY RENDERED_MANIFESTS.yaml
+Usage: python scripts/check_deploy.py WEFT_BINARY RENDERED_BASE.yaml [RENDERED_GATEWAY.yaml]
 """
 
 import pathlib
@@ -21,7 +21,51 @@ def check(ok, message):
         problems.append(message)
 
 
-def main(binary, rendered):
+def check_gateway(rendered, metric_sources, spec):
+    """deploy/gateway: the pool selects Weft's pods on Weft's port, the picker it names exists
+    and reads its configuration, and that configuration reads Weft's pods under the metric
+    names Weft exports, chosen by the pods' engine label."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(pathlib.Path(rendered).read_text()) if d}
+    weft = docs[("Deployment", "weft")]["spec"]["template"]
+    labels = weft["metadata"]["labels"]
+    pool = docs[("InferencePool", "weft")]["spec"]
+    check(pool["selector"]["matchLabels"].items() <= labels.items(), "gateway: the pool does not select Weft's pods")
+    port = weft["spec"]["containers"][0]["ports"][0]["containerPort"]
+    check([p["number"] for p in pool["targetPorts"]] == [port], "gateway: the pool's target port is not Weft's")
+    picker = pool["endpointPickerRef"]
+    service = docs.get(("Service", picker["name"]))
+    check(service is not None, f"gateway: no Service {picker['name']} for the endpoint picker")
+    if service:
+        check(picker["port"]["number"] in [p["port"] for p in service["spec"]["ports"]], "gateway: picker port")
+    epp = docs[("Deployment", "weft-epp")]["spec"]["template"]["spec"]
+    args = dict(a[2:].split("=", 1) for a in epp["containers"][0]["args"] if "=" in a)
+    check(args.get("pool-name") == "weft", "gateway: the picker watches another pool")
+    mount = epp["containers"][0]["volumeMounts"][0]["mountPath"]
+    config_map = [v["configMap"]["name"] for v in epp["volumes"] if "configMap" in v][0]
+    files = docs[("ConfigMap", config_map)]["data"]
+    config_file = pathlib.PurePosixPath(args.get("config-file", "")).relative_to(mount).as_posix()
+    check(config_file in files, "gateway: --config-file is not a file of the mounted ConfigMap")
+    config = yaml.safe_load(files.get(config_file, "{}"))
+    plugins = {p["type"]: p.get("parameters", {}) for p in config["plugins"]}
+    check(plugins.get("metrics-data-source", {}).get("path") == "/metrics" and "/metrics:" in spec,
+          "gateway: the picker reads metrics from another path")
+    extractor = plugins["core-metrics-extractor"]
+    engine = labels.get(extractor.get("engineLabelKey", "inference.networking.k8s.io/engine-type"))
+    engines = {e["name"]: e for e in extractor["engineConfigs"]}
+    check(engine in engines and extractor.get("defaultEngine") == engine,
+          f"gateway: the pods' engine label {engine!r} is not the picker's engine configuration")
+    for key, value in engines.get(engine, {}).items():
+        if key.endswith("Spec") and value:
+            name = value.split("{")[0]
+            check(f'"{name}"' in metric_sources, f"gateway: {key} {name} is not a metric Weft exports")
+    route = docs[("HTTPRoute", "weft")]["spec"]["rules"][0]["backendRefs"][0]
+    check((route["kind"], route["name"]) == ("InferencePool", "weft"), "gateway: the route does not go to the pool")
+    for (kind, name), doc in docs.items():
+        if kind == "InferenceObjective":
+            check(doc["spec"]["poolRef"]["name"] == "weft", f"gateway: objective {name} names another pool")
+
+
+def main(binary, rendered, gateway=None):
     help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
     flags = set(re.findall(r"--([a-z0-9-]+)", help_text))
     env_vars = set(re.findall(r"env: (WEFT_[A-Z0-9_]+)=", help_text))
@@ -101,6 +145,9 @@ def main(binary, rendered):
     series = rule["seriesQuery"].split("{")[0]
     check(f'"{series}"' in metric_sources, f"the server exports no metric {series}")
 
+    if gateway:
+        check_gateway(gateway, metric_sources, spec)
+
     for p in problems:
         print(f"check_deploy: {p}", file=sys.stderr)
     if problems:
@@ -109,4 +156,4 @@ def main(binary, rendered):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

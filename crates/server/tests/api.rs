@@ -131,6 +131,26 @@ async fn completions_tokenize_and_metrics() {
     let metrics = client().get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("weft:num_requests_running"), "{metrics}");
     assert!(metrics.contains("weft:time_to_first_token_seconds"), "{metrics}");
+    // The inference gateway's endpoint picker reads these series (deploy/gateway).
+    let specs = gateway_metric_specs();
+    assert!(specs.len() >= 3, "queue, running and KV usage at least: {specs:?}");
+    for name in specs {
+        let exported =
+            metrics.lines().any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")));
+        assert!(exported, "deploy/gateway/epp-config.yaml reads {name}, which /metrics does not export");
+    }
+}
+
+/// The metric names (without label matchers) of every non-empty `...Spec` in the endpoint
+/// picker's configuration of deploy/gateway.
+fn gateway_metric_specs() -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/gateway/epp-config.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim().split_once("Spec: "))
+        .map(|(_, value)| value.trim().trim_matches('"').split('{').next().unwrap().to_string())
+        .filter(|name| !name.is_empty())
+        .collect()
 }
 
 #[test]
