@@ -138,7 +138,43 @@ def test_tool_calls_whole_and_streamed(client, choice):
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
 
 
+def cut_call(client, kwargs, max_tokens):
+    """The call of an answer cut at `max_tokens`, whole and streamed (which must agree)."""
+    cut = client.chat.completions.create(**kwargs, max_tokens=max_tokens).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content is None, cut
+    [call] = cut.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    chunks = [c for c in client.chat.completions.create(**kwargs, max_tokens=max_tokens, stream=True) if c.choices]
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == call.function.name
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+    return call
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_a_call_cut_off_by_max_tokens_is_still_a_call_whole_and_streamed(client, choice):
+    kwargs = dict(model=MODEL, messages=ask("What is the weather?"), tools=[WEATHER, CLOCK], tool_choice=choice,
+                  temperature=0)
+    full = client.chat.completions.create(**kwargs, max_tokens=100, logprobs=True).choices[0]
+    [whole] = full.message.tool_calls
+    # Three tokens before its end the answer is inside the arguments: a call, as OpenAI returns
+    # one, with the arguments written so far.
+    tokens = [t.token for t in full.logprobs.content]
+    inside = cut_call(client, kwargs, len(tokens) - 3)
+    assert inside.function.name == whole.function.name
+    assert inside.function.arguments and whole.function.arguments.startswith(inside.function.arguments)
+    assert inside.function.arguments != whole.function.arguments
+    if choice == "required":
+        # Cut once the name is written, before the arguments begin (what pydantic-ai's
+        # `final_result` call hit): the call, with no argument text yet.
+        named_at = next(k for k in range(1, len(tokens)) if f'"{whole.function.name}"' in "".join(tokens[:k]))
+        header = cut_call(client, kwargs, named_at)
+        assert (header.function.name, header.function.arguments) == (whole.function.name, "")
+
+
 def test_a_call_cut_before_its_name_comes_back_as_content_whole_and_streamed(client):
+    # Two tools, and the answer cut before the name tells them apart: no function to name.
     kwargs = dict(model=MODEL, messages=ask("Weather?"), tools=[WEATHER, CLOCK], tool_choice="required",
                   temperature=0, max_tokens=2)
     whole = client.chat.completions.create(**kwargs).choices[0]
@@ -160,6 +196,15 @@ def test_auto_tool_choice_and_bad_schemas_are_400s_naming_the_field(client):
          "tool_choice.function.name"),
         (dict(response_format={"type": "json_object"}, extra_body={"structured_outputs": {"regex": "a"}}),
          "structured_outputs"),
+        # strict: true holds a schema to OpenAI's rules: every object closed, every property required.
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}),
+         "response_format.json_schema.schema"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}},
+                                                   "additionalProperties": False}},
+            "required": ["a"], "additionalProperties": False}}}], tool_choice="required"),
+         "tools[0].function.parameters.properties.a"),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as e:

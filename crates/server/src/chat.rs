@@ -88,7 +88,8 @@ pub async fn chat_completions(
     let choices = (0..n)
         .map(|i| {
             let text = collected.texts[i].clone();
-            let call = meta.tool.clone().and_then(|mode| ToolCallSplitter::whole(mode, &text));
+            let cut = collected.reasons[i] == Some(FinishReason::Length);
+            let call = meta.tool.clone().and_then(|mode| ToolCallSplitter::whole(mode, &text, cut));
             let called = call.is_some();
             let message = match call {
                 Some(function) => AssistantMessage {
@@ -199,7 +200,7 @@ impl ChunkFormat for Meta {
         _offset: usize,
     ) -> Vec<String> {
         if self.tool.is_some() {
-            let piece = self.splitters[index].push(&text, false);
+            let piece = self.splitters[index].push(&text);
             if piece.name.is_none() && piece.arguments.is_empty() {
                 return Vec::new();
             }
@@ -214,7 +215,7 @@ impl ChunkFormat for Meta {
         let mut out = Vec::new();
         let mut called = false;
         if self.tool.is_some() {
-            let piece = self.splitters[index].push("", true);
+            let piece = self.splitters[index].finish(reason == FinishReason::Length);
             if piece.name.is_some() || !piece.arguments.is_empty() {
                 out.push(self.tool_chunk(index, piece.name, piece.arguments));
             }

@@ -16,8 +16,8 @@ pub enum ToolMode {
     /// `tool_choice` named this function: the answer is its arguments.
     Named(String),
     /// `tool_choice: "required"`: the answer is `{"name": ..., "arguments": ...}` for one of
-    /// the tools, which is what the grammar allows.
-    AnyOf,
+    /// these tools, which is what the grammar allows.
+    AnyOf(Vec<String>),
 }
 
 /// A grammar to enforce, the request field it came from, and whether the answer is a tool call.
@@ -73,6 +73,51 @@ fn parameters(tool: &Tool) -> Value {
     tool.function.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))
 }
 
+/// OpenAI's rules for a `strict: true` schema: every object is closed (`additionalProperties:
+/// false`) and requires all of its properties. `path` names the schema in errors; the walk
+/// covers properties, items, the combinators and definitions.
+fn check_strict(schema: &Value, path: &str) -> Result<(), ApiError> {
+    let Some(object) = schema.as_object() else { return Ok(()) };
+    let is_object =
+        object.get("type").is_some_and(|t| t == "object" || t.as_array().is_some_and(|a| a.contains(&json!("object"))))
+            || object.contains_key("properties");
+    if is_object {
+        if object.get("additionalProperties") != Some(&Value::Bool(false)) {
+            return Err(ApiError::invalid(path, "strict: true needs \"additionalProperties\": false on every object"));
+        }
+        let required: Vec<&str> =
+            object.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        let properties = object.get("properties").and_then(Value::as_object);
+        if let Some(missing) = properties.into_iter().flat_map(|p| p.keys()).find(|k| !required.contains(&k.as_str())) {
+            return Err(ApiError::invalid(
+                path,
+                format!(
+                    "strict: true needs every property in \"required\"; {missing:?} is not (make it nullable instead)"
+                ),
+            ));
+        }
+    }
+    for (key, value) in object {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" | "patternProperties" => {
+                for (name, sub) in value.as_object().into_iter().flatten() {
+                    check_strict(sub, &format!("{path}.{key}.{name}"))?;
+                }
+            }
+            "anyOf" | "allOf" | "oneOf" | "prefixItems" => {
+                for (i, sub) in value.as_array().into_iter().flatten().enumerate() {
+                    check_strict(sub, &format!("{path}.{key}[{i}]"))?;
+                }
+            }
+            "items" | "not" | "additionalProperties" | "if" | "then" | "else" => {
+                check_strict(value, &format!("{path}.{key}"))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// `tools` and `tool_choice` -> a grammar for a tool call, or none (`"none"`).
 fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan>, ApiError> {
     for (i, tool) in tools.iter().enumerate() {
@@ -84,6 +129,9 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan
                 format!("tools[{i}].function.name"),
                 "must be 1 to 64 letters, digits, underscores or dashes",
             ));
+        }
+        if tool.function.strict == Some(true) {
+            check_strict(&parameters(tool), &format!("tools[{i}].function.parameters"))?;
         }
     }
     match choice {
@@ -105,7 +153,12 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan
                 })
                 .collect();
             let schema = json!({"anyOf": calls});
-            Ok(Some(Plan { grammar: Grammar::JsonSchema(schema), param: "tools".into(), tool: Some(ToolMode::AnyOf) }))
+            let names = tools.iter().map(|t| t.function.name.clone()).collect();
+            Ok(Some(Plan {
+                grammar: Grammar::JsonSchema(schema),
+                param: "tools".into(),
+                tool: Some(ToolMode::AnyOf(names)),
+            }))
         }
         Some(ToolChoice::Named { kind, function }) => {
             if kind != "function" {
@@ -141,11 +194,14 @@ pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> 
         Some(ResponseFormat::JsonObject) => {
             Some(Plan { grammar: Grammar::JsonSchema(any_object()), param: "response_format".into(), tool: None })
         }
-        Some(ResponseFormat::JsonSchema { json_schema }) => Some(Plan {
-            grammar: Grammar::JsonSchema(json_schema.schema.clone().unwrap_or_else(any_object)),
-            param: "response_format.json_schema.schema".into(),
-            tool: None,
-        }),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let schema = json_schema.schema.clone().unwrap_or_else(any_object);
+            let param = "response_format.json_schema.schema";
+            if json_schema.strict == Some(true) {
+                check_strict(&schema, param)?;
+            }
+            Some(Plan { grammar: Grammar::JsonSchema(schema), param: param.into(), tool: None })
+        }
     };
     let extension = req.structured_outputs.as_ref().map(from_structured_outputs).transpose()?;
     let plans: Vec<Plan> = [tools, format, extension].into_iter().flatten().collect();
@@ -187,7 +243,8 @@ const NAME_PREFIX: &str = "{\"name\": \"";
 const ARGUMENTS_PREFIX: &str = "\", \"arguments\": ";
 
 /// Splits one choice's tool-call answer into the function's name and its argument text, as
-/// the text arrives.
+/// the text arrives. An answer cut off (`max_tokens`) is still a call, with the arguments
+/// written so far, once its function is known, as OpenAI returns one.
 #[derive(Debug)]
 pub struct ToolCallSplitter {
     mode: ToolMode,
@@ -210,36 +267,55 @@ impl ToolCallSplitter {
         ToolCallSplitter { mode, text: String::new(), named: false, sent: 0 }
     }
 
-    /// The name and where the arguments start, once the text holds them.
-    fn header(&self) -> Option<(String, usize)> {
-        match &self.mode {
-            ToolMode::Named(name) => Some((name.clone(), 0)),
-            ToolMode::AnyOf => {
-                let rest = self.text.strip_prefix(NAME_PREFIX)?;
-                let end = rest.find('"')?;
-                let after = &rest[end..];
-                after
-                    .starts_with(ARGUMENTS_PREFIX)
-                    .then(|| (rest[..end].to_string(), NAME_PREFIX.len() + end + ARGUMENTS_PREFIX.len()))
+    /// The name and where the arguments start, once the text holds them; with `cut`, from
+    /// what there is: a name cut short is the one tool it can still be (if only one), and the
+    /// arguments start at the end when their key is not complete.
+    fn header(&self, cut: bool) -> Option<(String, usize)> {
+        let names = match &self.mode {
+            ToolMode::Named(name) => return Some((name.clone(), 0)),
+            ToolMode::AnyOf(names) => names,
+        };
+        let Some(rest) = self.text.strip_prefix(NAME_PREFIX) else {
+            let one = cut && NAME_PREFIX.starts_with(self.text.as_str()) && names.len() == 1;
+            return one.then(|| (names[0].clone(), self.text.len()));
+        };
+        match rest.find('"') {
+            Some(end) if rest[end..].starts_with(ARGUMENTS_PREFIX) => {
+                Some((rest[..end].to_string(), NAME_PREFIX.len() + end + ARGUMENTS_PREFIX.len()))
             }
+            Some(end) if cut => Some((rest[..end].to_string(), self.text.len())),
+            None if cut => {
+                let mut candidates = names.iter().filter(|n| n.starts_with(rest));
+                match (candidates.next(), candidates.next()) {
+                    (Some(name), None) => Some((name.clone(), self.text.len())),
+                    _ => None,
+                }
+            }
+            _ => None,
         }
     }
 
-    /// Adds generated text; `last` says it is the end of the answer.
-    pub fn push(&mut self, delta: &str, last: bool) -> ToolCallPiece {
+    /// Adds generated text.
+    pub fn push(&mut self, delta: &str) -> ToolCallPiece {
         self.text.push_str(delta);
-        let Some((name, start)) = self.header() else { return ToolCallPiece::default() };
-        let mut end = self.text.len();
-        if self.mode == ToolMode::AnyOf {
-            // Hold back the last character: it may be the wrapper's closing brace.
-            end = if last && self.text.ends_with('}') {
-                end - 1
-            } else if last {
-                end
-            } else {
-                self.text.char_indices().last().map_or(end, |(i, _)| i)
-            };
-        }
+        // Hold back the last character: it may be the wrapper's closing brace.
+        let held = self.text.char_indices().last().map_or(0, |(i, _)| i);
+        self.take(false, held)
+    }
+
+    /// The rest of the call once the answer has ended: whole (`cut` false; the grammar closed
+    /// the wrapper's brace, which is not an argument), or cut off by `max_tokens`.
+    pub fn finish(&mut self, cut: bool) -> ToolCallPiece {
+        let wrapper_brace = matches!(self.mode, ToolMode::AnyOf(_)) && !cut && self.text.ends_with('}');
+        let end = self.text.len() - usize::from(wrapper_brace);
+        self.take(cut, end)
+    }
+
+    /// Hands out the argument text up to `end` (all of it for a named call, which has no
+    /// wrapper) and the name, the first time it is known.
+    fn take(&mut self, cut: bool, end: usize) -> ToolCallPiece {
+        let Some((name, start)) = self.header(cut) else { return ToolCallPiece::default() };
+        let end = if matches!(self.mode, ToolMode::Named(_)) { self.text.len() } else { end };
         let end = end.max(start + self.sent);
         let arguments = self.text[start + self.sent..end].to_string();
         self.sent += arguments.len();
@@ -260,11 +336,14 @@ impl ToolCallSplitter {
         &self.text
     }
 
-    /// The whole call from a whole answer; `None` when the answer stopped before naming one.
-    pub fn whole(mode: ToolMode, text: &str) -> Option<FunctionCall> {
+    /// The whole call from a whole answer (`cut` as for [`Self::finish`]); `None` when the
+    /// answer does not say which function it calls.
+    pub fn whole(mode: ToolMode, text: &str, cut: bool) -> Option<FunctionCall> {
         let mut splitter = ToolCallSplitter::new(mode);
-        let piece = splitter.push(text, true);
-        Some(FunctionCall { name: piece.name?, arguments: piece.arguments })
+        let mut piece = splitter.push(text);
+        let rest = splitter.finish(cut);
+        piece.arguments.push_str(&rest.arguments);
+        Some(FunctionCall { name: piece.name.or(rest.name)?, arguments: piece.arguments })
     }
 }
 
@@ -273,23 +352,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn strict_schemas_follow_openais_rules() {
+        let closed = json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}},
+            "required": ["b"], "additionalProperties": false}}, "required": ["a"], "additionalProperties": false});
+        assert!(check_strict(&closed, "s").is_ok());
+        let mut open = closed.clone();
+        open["properties"]["a"].as_object_mut().unwrap().remove("additionalProperties");
+        assert_eq!(check_strict(&open, "s").unwrap_err().param.as_deref(), Some("s.properties.a"));
+        let mut optional = closed.clone();
+        optional["required"] = json!([]);
+        let err = check_strict(&optional, "s").unwrap_err();
+        assert!(err.message.contains("\"a\""), "{}", err.message);
+        let defs = json!({"$defs": {"Room": {"type": "object", "properties": {}}}, "type": "array", "items": {"$ref": "#/$defs/Room"}});
+        assert_eq!(check_strict(&defs, "s").unwrap_err().param.as_deref(), Some("s.$defs.Room"));
+        let nested = json!({"anyOf": [{"type": "string"}, {"type": ["object", "null"], "properties": {"x": {}}, "required": ["x"]}]});
+        assert_eq!(check_strict(&nested, "s").unwrap_err().param.as_deref(), Some("s.anyOf[1]"));
+    }
+
+    fn any_of() -> ToolMode {
+        ToolMode::AnyOf(vec!["weather".into(), "wake".into()])
+    }
+
+    #[test]
     fn named_calls_are_their_arguments() {
-        let call = ToolCallSplitter::whole(ToolMode::Named("get".into()), "{\"a\": 1}").unwrap();
+        let call = ToolCallSplitter::whole(ToolMode::Named("get".into()), "{\"a\": 1}", false).unwrap();
         assert_eq!((call.name.as_str(), call.arguments.as_str()), ("get", "{\"a\": 1}"));
+        let cut = ToolCallSplitter::whole(ToolMode::Named("get".into()), "{\"a\": ", true).unwrap();
+        assert_eq!((cut.name.as_str(), cut.arguments.as_str()), ("get", "{\"a\": "));
     }
 
     #[test]
     fn any_of_calls_split_while_streaming_and_whole_alike() {
         let text = "{\"name\": \"weather\", \"arguments\": {\"city\": \"Zürich\"}}";
-        let whole = ToolCallSplitter::whole(ToolMode::AnyOf, text).unwrap();
+        let whole = ToolCallSplitter::whole(any_of(), text, false).unwrap();
         assert_eq!(whole.name, "weather");
         assert_eq!(whole.arguments, "{\"city\": \"Zürich\"}");
         // Streamed one character at a time, the pieces add up to the same call.
-        let mut s = ToolCallSplitter::new(ToolMode::AnyOf);
+        let mut s = ToolCallSplitter::new(any_of());
         let (mut name, mut args) = (None, String::new());
-        let chars: Vec<char> = text.chars().collect();
-        for (i, c) in chars.iter().enumerate() {
-            let piece = s.push(&c.to_string(), i + 1 == chars.len());
+        let pieces = text.chars().map(|c| s.push(&c.to_string())).collect::<Vec<_>>();
+        for piece in pieces.into_iter().chain([s.finish(false)]) {
             if piece.name.is_some() {
                 assert!(name.is_none(), "the name comes once");
                 assert!(args.is_empty(), "before any argument text");
@@ -299,6 +401,24 @@ mod tests {
         }
         assert_eq!(name.as_deref(), Some("weather"));
         assert_eq!(args, whole.arguments);
-        assert_eq!(ToolCallSplitter::whole(ToolMode::AnyOf, "{\"name\": \"wea"), None);
+    }
+
+    #[test]
+    fn a_call_cut_off_is_a_call_once_its_function_is_known() {
+        let cut = |text: &str| ToolCallSplitter::whole(any_of(), text, true).map(|c| (c.name, c.arguments));
+        let call = |name: &str, args: &str| Some((name.to_string(), args.to_string()));
+        // Inside the arguments: all of them so far, a closing brace included (it is theirs).
+        assert_eq!(cut("{\"name\": \"wake\", \"arguments\": {\"h\": {\"x\": 1}"), call("wake", "{\"h\": {\"x\": 1}"));
+        // Before the arguments, after the name: the call with no argument text.
+        assert_eq!(cut("{\"name\": \"weather\", \"argum"), call("weather", ""));
+        assert_eq!(cut("{\"name\": \"weather\""), call("weather", ""));
+        // Inside the name: the one tool it can still be, or none.
+        assert_eq!(cut("{\"name\": \"wea"), call("weather", ""));
+        assert_eq!(cut("{\"name\": \"w"), None);
+        assert_eq!(cut("{\"na"), None);
+        let one = ToolMode::AnyOf(vec!["weather".into()]);
+        assert_eq!(ToolCallSplitter::whole(one, "{\"na", true).map(|c| c.name), Some("weather".into()));
+        // Not cut: an unfinished header says nothing yet.
+        assert_eq!(ToolCallSplitter::whole(any_of(), "{\"name\": \"wea", false), None);
     }
 }

@@ -125,14 +125,15 @@ pub enum ResponseFormat {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[allow(dead_code)] // `name`, `description` and `strict` are part of the wire format only
+#[allow(dead_code)] // `name` and `description` are part of the wire format only
 pub struct JsonSchemaFormat {
     pub name: String,
     pub description: Option<String>,
     /// The JSON schema; absent means any JSON object.
     #[schema(value_type = Option<Object>)]
     pub schema: Option<Value>,
-    /// Accepted; the schema is always enforced.
+    /// The schema is always enforced; `true` also holds it to OpenAI's strict rules (every
+    /// object closed, every property required), or the request is a 400.
     pub strict: Option<bool>,
 }
 
@@ -150,14 +151,15 @@ pub struct StructuredOutputs {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[allow(dead_code)] // `description` and `strict` are part of the wire format only
+#[allow(dead_code)] // `description` is part of the wire format only
 pub struct FunctionDefinition {
     pub name: String,
     pub description: Option<String>,
     /// JSON schema of the arguments; absent means no arguments (`{}`).
     #[schema(value_type = Option<Object>)]
     pub parameters: Option<Value>,
-    /// Accepted; the parameters' schema is always enforced.
+    /// The parameters' schema is always enforced; `true` also holds it to OpenAI's strict
+    /// rules, as for `response_format`.
     pub strict: Option<bool>,
 }
 
