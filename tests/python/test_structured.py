@@ -121,7 +121,7 @@ def check_call(name, arguments):
 @pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
 def test_tool_calls_whole_and_streamed(client, choice):
     kwargs = dict(model=MODEL, messages=ask("What is the weather?"), tools=[WEATHER, CLOCK], tool_choice=choice,
-                  temperature=0, max_tokens=100)
+                  temperature=0, max_tokens=300, parallel_tool_calls=False)
     r = client.chat.completions.create(**kwargs)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
@@ -136,6 +136,35 @@ def test_tool_calls_whole_and_streamed(client, choice):
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == call.function.name
     assert all(d.function.name is None for d in deltas[1:])
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+
+def test_auto_tool_choice_answers_in_text_or_in_calls_that_parse(client):
+    # What LangChain's bind_tools sends: tools, no tool_choice ("auto").
+    kwargs = dict(model=MODEL, messages=ask("What is the weather in Paris?"), tools=[WEATHER, CLOCK],
+                  temperature=0, max_tokens=60)
+    r = client.chat.completions.create(**kwargs)
+    c = r.choices[0]
+    # The tiny model's random weights answer in text; any call it opened would parse.
+    assert c.finish_reason in ("stop", "length", "tool_calls")
+    for call in c.message.tool_calls or []:
+        check_call(call.function.name, call.function.arguments)
+    assert c.message.content or c.message.tool_calls
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        **kwargs, stream=True) if chunk.choices)
+    assert streamed == (c.message.content or "")
+    # The tools are described in the prompt (Qwen's `# Tools` section): none of that for "none".
+    without = client.chat.completions.create(**kwargs, tool_choice="none")
+    assert r.usage.prompt_tokens > without.usage.prompt_tokens + 100
+
+
+def test_required_calls_may_come_several_at_once(client):
+    kwargs = dict(model=MODEL, messages=ask("Weather, and an alarm."), tools=[WEATHER, CLOCK],
+                  tool_choice="required", temperature=0.9, seed=4, max_tokens=400, n=3)
+    for c in client.chat.completions.create(**kwargs).choices:
+        if c.finish_reason == "tool_calls":
+            assert c.message.tool_calls and len({t.id for t in c.message.tool_calls}) == len(c.message.tool_calls)
+            for call in c.message.tool_calls:
+                check_call(call.function.name, call.function.arguments)
 
 
 def cut_call(client, kwargs, max_tokens):
@@ -155,13 +184,15 @@ def cut_call(client, kwargs, max_tokens):
 @pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
 def test_a_call_cut_off_by_max_tokens_is_still_a_call_whole_and_streamed(client, choice):
     kwargs = dict(model=MODEL, messages=ask("What is the weather?"), tools=[WEATHER, CLOCK], tool_choice=choice,
-                  temperature=0)
-    full = client.chat.completions.create(**kwargs, max_tokens=100, logprobs=True).choices[0]
+                  temperature=0, parallel_tool_calls=False)
+    full = client.chat.completions.create(**kwargs, max_tokens=300, logprobs=True).choices[0]
     [whole] = full.message.tool_calls
-    # Three tokens before its end the answer is inside the arguments: a call, as OpenAI returns
-    # one, with the arguments written so far.
+    # Cut halfway through the arguments: a call, as OpenAI returns one, with the arguments
+    # written so far.
     tokens = [t.token for t in full.logprobs.content]
-    inside = cut_call(client, kwargs, len(tokens) - 3)
+    text = "".join(tokens)
+    halfway = text.index('"arguments": ') + len('"arguments": ') + len(whole.function.arguments) // 2
+    inside = cut_call(client, kwargs, next(k for k in range(len(tokens)) if len("".join(tokens[:k])) >= halfway))
     assert inside.function.name == whole.function.name
     assert inside.function.arguments and whole.function.arguments.startswith(inside.function.arguments)
     assert inside.function.arguments != whole.function.arguments
@@ -176,7 +207,7 @@ def test_a_call_cut_off_by_max_tokens_is_still_a_call_whole_and_streamed(client,
 def test_a_call_cut_before_its_name_comes_back_as_content_whole_and_streamed(client):
     # Two tools, and the answer cut before the name tells them apart: no function to name.
     kwargs = dict(model=MODEL, messages=ask("Weather?"), tools=[WEATHER, CLOCK], tool_choice="required",
-                  temperature=0, max_tokens=2)
+                  temperature=0, max_tokens=16)
     whole = client.chat.completions.create(**kwargs).choices[0]
     assert whole.finish_reason == "length" and not whole.message.tool_calls and whole.message.content
     chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
@@ -184,9 +215,9 @@ def test_a_call_cut_before_its_name_comes_back_as_content_whole_and_streamed(cli
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
-def test_auto_tool_choice_and_bad_schemas_are_400s_naming_the_field(client):
+def test_bad_schemas_and_tool_choices_are_400s_naming_the_field(client):
     cases = [
-        (dict(tools=[WEATHER]), "tool_choice"),
+        (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
         (dict(response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "wat"}}}}}),
          "response_format.json_schema.schema"),
@@ -286,7 +317,7 @@ def test_every_openai_request_field_is_served_documented_or_refused_by_name(clie
 def test_a_tool_result_goes_back_into_the_conversation(client):
     messages = ask("What is the weather?")
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], tool_choice="required",
-                                       temperature=0, max_tokens=100)
+                                       temperature=0, max_tokens=300)
     call = r.choices[0].message.tool_calls[0]
     messages += [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},

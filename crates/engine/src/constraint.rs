@@ -26,8 +26,8 @@ pub enum Grammar {
 
 /// How JSON answers are laid out unless the schema says otherwise (`x-guidance`): one space
 /// after `,` and `:`, as Python's `json.dumps` writes, and no other whitespace, so that a model
-/// cannot spend its tokens on blank space.
-fn json_layout() -> Value {
+/// cannot spend its tokens on blank space. (Lark grammars that embed `%json` set it themselves.)
+pub fn json_layout() -> Value {
     json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 
@@ -170,6 +170,13 @@ impl Constraint {
     /// Whether the grammar admits nothing more.
     pub(crate) fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
+    }
+
+    /// How many of `tokens` the grammar accepts in a row, and whether it could end there (for
+    /// checking a grammar against example answers).
+    pub fn accepts(&mut self, tokens: &[u32]) -> (usize, bool) {
+        let taken = tokens.iter().take_while(|&&t| self.matcher.consume_token(t).is_ok()).count();
+        (taken, taken == tokens.len() && self.matcher.is_accepting().unwrap_or(false))
     }
 }
 

@@ -8,7 +8,7 @@ use crate::prepare::Answer;
 use crate::routes::{check_model, loaded, now_secs, request_id};
 use crate::sse::{ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
-use crate::structured::{ToolCallSplitter, ToolMode};
+use crate::tool_calls::{Piece, ToolCallSplitter};
 use crate::wire::*;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -51,7 +51,9 @@ pub async fn chat_completions(
     check_model(&shared, &req.model, "model")?;
     crate::fields::check_chat(&req.other)?;
     let plan = crate::structured::chat_plan(&req)?;
-    let tool = plan.as_ref().and_then(|p| p.tool.clone());
+    // The tools the answer may call, written into the prompt (not for "none").
+    let tools = plan.as_ref().and_then(|p| p.tools.clone());
+    let prompt_tools = if tools.is_some() { req.tools.as_deref().unwrap_or_default() } else { &[] };
     if let Some(user) = &req.sampling.user {
         tracing::info!(user = %user, "chat request");
     }
@@ -65,7 +67,7 @@ pub async fn chat_completions(
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let answer = Answer::check(&state, &req.sampling, max_tokens, param, logprobs)?;
-    let chat = crate::prompt::chat_prompt(&state, &req.messages, true).await?;
+    let chat = crate::prompt::chat_prompt(&state, &req.messages, prompt_tools, true).await?;
     let constraint = crate::structured::compile_plan(&state, plan).await?;
     let n = answer.n();
     let request = answer.request(&state, chat.prompt, constraint);
@@ -77,8 +79,8 @@ pub async fn chat_completions(
         created: now_secs(),
         n,
         state: state.clone(),
-        splitters: tool.iter().flat_map(|mode| (0..n).map(|_| ToolCallSplitter::new(mode.clone()))).collect(),
-        tool,
+        splitters: tools.iter().flat_map(|names| (0..n).map(|_| ToolCallSplitter::new(names.clone()))).collect(),
+        tools,
     };
     if stream {
         let spec = StreamSpec { include_usage, want_logprobs, n, total: n };
@@ -89,16 +91,24 @@ pub async fn chat_completions(
         .map(|i| {
             let text = collected.texts[i].clone();
             let cut = collected.reasons[i] == Some(FinishReason::Length);
-            let call = meta.tool.clone().and_then(|mode| ToolCallSplitter::whole(mode, &text, cut));
-            let called = call.is_some();
-            let message = match call {
-                Some(function) => AssistantMessage {
-                    role: "assistant",
-                    content: None,
-                    tool_calls: vec![ToolCall { id: meta.call_id(i), kind: "function", function }],
-                },
-                None => AssistantMessage { role: "assistant", content: Some(text), tool_calls: Vec::new() },
+            let answer = match &meta.tools {
+                Some(names) => crate::tool_calls::Answer::of(names.clone(), &text, cut),
+                None => crate::tool_calls::Answer { content: text, calls: Vec::new() },
             };
+            let called = !answer.calls.is_empty();
+            let tool_calls = answer
+                .calls
+                .into_iter()
+                .enumerate()
+                .map(|(k, (name, arguments))| ToolCall {
+                    id: meta.call_id(i, k),
+                    kind: "function",
+                    function: FunctionCall { name, arguments },
+                })
+                .collect();
+            // OpenAI's `content` is null beside calls when there is no text.
+            let content = (!called || !answer.content.is_empty()).then_some(answer.content);
+            let message = AssistantMessage { role: "assistant", content, tool_calls };
             ChatChoice {
                 index: i,
                 message,
@@ -122,7 +132,7 @@ pub async fn chat_completions(
     .into_response())
 }
 
-/// OpenAI's reason for an answer that is a complete tool call is `tool_calls`.
+/// OpenAI's reason for an answer that ends with tool calls is `tool_calls`.
 fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
     match reason {
         FinishReason::Stop if called => "tool_calls",
@@ -130,34 +140,54 @@ fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
     }
 }
 
-/// What every chunk of one chat response repeats, and each choice's tool call in progress.
+/// What every chunk of one chat response repeats, and each choice's tool calls in progress.
 pub struct Meta {
     pub id: String,
     pub model: String,
     pub created: u64,
     pub n: usize,
     pub state: Arc<Loaded>,
-    /// Set when the answer is a tool call; then one splitter per choice.
-    pub tool: Option<ToolMode>,
+    /// Set when the answer may hold tool calls (the tools' names); then one splitter per choice.
+    pub tools: Option<Vec<String>>,
     pub splitters: Vec<ToolCallSplitter>,
 }
 
 impl Meta {
-    fn call_id(&self, index: usize) -> String {
-        format!("call_{}_{index}", self.id.trim_start_matches("chatcmpl-"))
+    fn call_id(&self, choice: usize, call: usize) -> String {
+        format!("call_{}_{choice}_{call}", self.id.trim_start_matches("chatcmpl-"))
     }
 
-    /// A chunk adding to choice `index`'s tool call: its name first (with the call's id).
-    fn tool_chunk(&self, index: usize, name: Option<String>, arguments: String) -> String {
-        let first = name.is_some();
-        let call = ToolCallDelta {
-            index: 0,
-            id: first.then(|| self.call_id(index)),
-            kind: first.then_some("function"),
-            function: FunctionCallDelta { name, arguments },
-        };
-        let delta = Delta { tool_calls: vec![call], ..Delta::default() };
-        self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None)
+    /// The chunks of choice `index`'s content and tool calls: a call's first delta names it
+    /// (with its id), the next ones add argument text.
+    fn pieces(&self, index: usize, pieces: Vec<Piece>) -> Vec<String> {
+        let delta = |pieces: Delta| vec![ChunkChoice { index, delta: pieces, logprobs: None, finish_reason: None }];
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let d = match piece {
+                    Piece::Content(text) => Delta { content: Some(text), ..Delta::default() },
+                    Piece::Call { index: k, name } => Delta {
+                        tool_calls: vec![ToolCallDelta {
+                            index: k,
+                            id: Some(self.call_id(index, k)),
+                            kind: Some("function"),
+                            function: FunctionCallDelta { name: Some(name), arguments: String::new() },
+                        }],
+                        ..Delta::default()
+                    },
+                    Piece::Arguments { index: k, text } => Delta {
+                        tool_calls: vec![ToolCallDelta {
+                            index: k,
+                            id: None,
+                            kind: None,
+                            function: FunctionCallDelta { name: None, arguments: text },
+                        }],
+                        ..Delta::default()
+                    },
+                };
+                self.chunk(delta(d), None)
+            })
+            .collect()
     }
 
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<UsageBody>) -> String {
@@ -179,10 +209,10 @@ impl ChunkFormat for Meta {
         let roles = (0..self.n)
             .map(|i| ChunkChoice {
                 index: i,
-                // A tool call has no content.
+                // An answer that may be a tool call opens without content.
                 delta: Delta {
                     role: Some("assistant"),
-                    content: self.tool.is_none().then(String::new),
+                    content: self.tools.is_none().then(String::new),
                     tool_calls: Vec::new(),
                 },
                 logprobs: None,
@@ -199,12 +229,9 @@ impl ChunkFormat for Meta {
         token: Option<(u32, &TokenLogprobs)>,
         _offset: usize,
     ) -> Vec<String> {
-        if self.tool.is_some() {
-            let piece = self.splitters[index].push(&text);
-            if piece.name.is_none() && piece.arguments.is_empty() {
-                return Vec::new();
-            }
-            return vec![self.tool_chunk(index, piece.name, piece.arguments)];
+        if self.tools.is_some() {
+            let pieces = self.splitters[index].push(&text);
+            return self.pieces(index, pieces);
         }
         let logprobs = token.map(|(id, lp)| ChoiceLogprobs { content: vec![wire_logprobs(&self.state, id, lp)] });
         let delta = Delta { content: Some(text), ..Delta::default() };
@@ -214,17 +241,10 @@ impl ChunkFormat for Meta {
     fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String> {
         let mut out = Vec::new();
         let mut called = false;
-        if self.tool.is_some() {
-            let piece = self.splitters[index].finish(reason == FinishReason::Length);
-            if piece.name.is_some() || !piece.arguments.is_empty() {
-                out.push(self.tool_chunk(index, piece.name, piece.arguments));
-            }
-            called = self.splitters[index].named();
-            if !called && !self.splitters[index].text().is_empty() {
-                // Cut off before it named a function: the text as content, as the JSON answer does.
-                let delta = Delta { content: Some(self.splitters[index].text().to_string()), ..Delta::default() };
-                out.push(self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None));
-            }
+        if self.tools.is_some() {
+            let pieces = self.splitters[index].finish(reason == FinishReason::Length);
+            out = self.pieces(index, pieces);
+            called = self.splitters[index].calls() > 0;
         }
         let reason = Some(finish_reason(reason, called));
         out.push(

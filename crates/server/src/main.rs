@@ -22,6 +22,7 @@ mod serve;
 mod sse;
 mod state;
 mod structured;
+mod tool_calls;
 mod wire;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

@@ -7,7 +7,8 @@
 use crate::error::{ApiError, ErrorKind};
 use crate::media::{MediaRef, Resolved};
 use crate::state::Loaded;
-use crate::wire::{ChatMessage, ContentPart, MessageContent};
+use crate::tool_calls;
+use crate::wire::{ChatMessage, ContentPart, MessageContent, Tool};
 use std::sync::Arc;
 use weft_engine::ValidPrompt;
 use weft_model::prompt::{Message, Part, IMAGE_PLACEHOLDER};
@@ -38,9 +39,10 @@ struct Placed {
 pub async fn chat_prompt(
     state: &Arc<Loaded>,
     messages: &[ChatMessage],
+    tools: &[Tool],
     add_generation_prompt: bool,
 ) -> Result<ChatPrompt, ApiError> {
-    let draft = walk(state, messages)?;
+    let draft = walk(state, messages, tools)?;
     let sources: Vec<MediaRef> = draft.media.iter().map(|m| m.source.clone()).collect();
     let resolved = crate::media::resolve_media(state, &sources).await?;
     let state = state.clone();
@@ -49,19 +51,24 @@ pub async fn chat_prompt(
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
 }
 
-/// The one pass over the messages.
-fn walk(state: &Loaded, messages: &[ChatMessage]) -> Result<Draft, ApiError> {
+/// The one pass over the messages. `tools` (those the answer may call) are described in the
+/// system message; past calls and tool results are written as the model family writes them
+/// (`tool_calls.rs`).
+fn walk(state: &Loaded, messages: &[ChatMessage], tools: &[Tool]) -> Result<Draft, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "at least one message is required"));
     }
-    let mut draft = Draft { messages: Vec::with_capacity(messages.len()), media: Vec::new() };
+    let mut draft = Draft { messages: Vec::with_capacity(messages.len() + 1), media: Vec::new() };
+    let starts_with_system = matches!(messages[0].role.as_str(), "system" | "developer");
+    if !tools.is_empty() && !starts_with_system {
+        draft.messages.push(Message::text("system", &tool_calls::tools_section(tools)));
+    }
     let mut budget = crate::media::SlotBudget::new(state);
     for (i, m) in messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            // A tool's result, under its own role (ChatML takes any role name).
             "tool" => "tool",
             other => {
                 return Err(ApiError::invalid(
@@ -71,20 +78,6 @@ fn walk(state: &Loaded, messages: &[ChatMessage]) -> Result<Draft, ApiError> {
             }
         };
         let mut parts = Vec::new();
-        for call in m.tool_calls.iter().flatten() {
-            if role != "assistant" {
-                return Err(ApiError::invalid(
-                    format!("messages[{i}].tool_calls"),
-                    "only assistant messages make calls",
-                ));
-            }
-            // Written as the `required` grammar writes a call (see structured.rs).
-            serde_json::from_str::<serde_json::Value>(&call.function.arguments).map_err(|e| {
-                ApiError::invalid(format!("messages[{i}].tool_calls"), format!("arguments are not JSON: {e}"))
-            })?;
-            let name = serde_json::Value::String(call.function.name.clone());
-            parts.push(Part::Text(format!("{{\"name\": {name}, \"arguments\": {}}}", call.function.arguments)));
-        }
         match &m.content {
             None => {}
             Some(MessageContent::Text(t)) => parts.push(Part::Text(t.clone())),
@@ -109,7 +102,7 @@ fn walk(state: &Loaded, messages: &[ChatMessage]) -> Result<Draft, ApiError> {
                     budget.take(&param, source.frames.unwrap_or(1))?;
                     // The frame count is the video's own, set once it is sampled.
                     parts.push(if source.frames.is_some() { Part::Video { frames: 0 } } else { Part::Image });
-                    draft.media.push(Placed { message: i, part: parts.len() - 1, source });
+                    draft.media.push(Placed { message: draft.messages.len(), part: parts.len() - 1, source });
                 }
             }
         }
@@ -125,6 +118,34 @@ fn walk(state: &Loaded, messages: &[ChatMessage]) -> Result<Draft, ApiError> {
                 format!("messages[{i}].content"),
                 "text may not contain the reserved token \"<image>\"; send images as image_url parts",
             ));
+        }
+        // The calls after the text, as the model writes them.
+        for call in m.tool_calls.iter().flatten() {
+            if role != "assistant" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "only assistant messages make calls",
+                ));
+            }
+            serde_json::from_str::<serde_json::Value>(&call.function.arguments).map_err(|e| {
+                ApiError::invalid(format!("messages[{i}].tool_calls"), format!("arguments are not JSON: {e}"))
+            })?;
+            parts.push(Part::Text(tool_calls::written_call(&call.function.name, &call.function.arguments)));
+        }
+        if i == 0 && starts_with_system && !tools.is_empty() {
+            parts.push(Part::Text(format!("\n{}", tool_calls::tools_section(tools))));
+        }
+        if role == "tool" {
+            // Results come back in a user turn, consecutive ones together (Qwen's template).
+            let results = parts.into_iter().map(|p| match p {
+                Part::Text(t) => Part::Text(tool_calls::written_result(&t)),
+                other => other,
+            });
+            match draft.messages.last_mut() {
+                Some(last) if i > 0 && messages[i - 1].role == "tool" => last.parts.extend(results),
+                _ => draft.messages.push(Message { role: "user".into(), parts: results.collect() }),
+            }
+            continue;
         }
         draft.messages.push(Message { role: role.to_string(), parts });
     }

@@ -233,7 +233,7 @@ pub async fn tokenize(
     }
     let (tokens, images) = match (&req.messages, &req.prompt) {
         (Some(messages), None) => {
-            let chat = crate::prompt::chat_prompt(&state, messages, req.add_generation_prompt).await?;
+            let chat = crate::prompt::chat_prompt(&state, messages, &[], req.add_generation_prompt).await?;
             (chat.prompt.ids().to_vec(), chat.prompt.images().len())
         }
         (None, Some(prompt)) => (state.prompts.tokenize(prompt).map_err(|e| ApiError::prompt(e, "prompt"))?, 0),

@@ -1,31 +1,22 @@
 //! Structured outputs on the OpenAI API: `response_format`, vLLM's `structured_outputs` and
 //! `tools` with `tool_choice` become one engine grammar, compiled before admission (a bad schema
-//! or grammar is a 400 naming the field); tool-call answers are split back into calls, whole
-//! or as they stream.
+//! or grammar is a 400 naming the field). Tool calls are written in Qwen's Hermes-style tags
+//! (`tool_calls.rs` splits the answers back into calls).
 
 use crate::error::ApiError;
 use crate::state::Loaded;
-use crate::wire::{ChatCompletionRequest, FunctionCall, ResponseFormat, StructuredOutputs, Tool, ToolChoice};
+use crate::wire::{ChatCompletionRequest, ResponseFormat, StructuredOutputs, Tool, ToolChoice};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use weft_engine::{Constraint, Grammar};
 
-/// How a constrained answer is returned.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ToolMode {
-    /// `tool_choice` named this function: the answer is its arguments.
-    Named(String),
-    /// `tool_choice: "required"`: the answer is `{"name": ..., "arguments": ...}` for one of
-    /// these tools, which is what the grammar allows.
-    AnyOf(Vec<String>),
-}
-
-/// A grammar to enforce, the request field it came from, and whether the answer is a tool call.
+/// A grammar to enforce, the request field it came from, and the tools the answer may call.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub grammar: Grammar,
     pub param: String,
-    pub tool: Option<ToolMode>,
+    /// Set when the answer may hold tool calls: the names of the tools it may call.
+    pub tools: Option<Vec<String>>,
 }
 
 fn any_object() -> Value {
@@ -61,7 +52,7 @@ pub fn from_structured_outputs(so: &StructuredOutputs) -> Result<Plan, ApiError>
         ));
     }
     let (field, grammar) = found.remove(0);
-    Ok(Plan { grammar, param: param(field), tool: None })
+    Ok(Plan { grammar, param: param(field), tools: None })
 }
 
 /// OpenAI's rule for function names, which also keeps them free of JSON escapes.
@@ -118,8 +109,50 @@ fn check_strict(schema: &Value, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `tools` and `tool_choice` -> a grammar for a tool call, or none (`"none"`).
-fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan>, ApiError> {
+/// What `tool_choice` asks of the answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Calls {
+    /// Text, or calls: the model decides (`"auto"`, the default when tools are given).
+    Auto,
+    /// At least one call of any of the tools (`"required"`).
+    Required,
+    /// One call of the tool at this index of `tools`.
+    Named(usize),
+}
+
+/// The object a call of `tool` writes: its name, then its arguments.
+fn call_schema(tool: &Tool) -> Value {
+    json!({
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "arguments": parameters(tool)},
+        "required": ["name", "arguments"],
+        "additionalProperties": false
+    })
+}
+
+/// The grammar of an answer with tool calls (the tags of `tool_calls.rs`): for `Auto`, free
+/// text, or text up to `<tool_call>` and then calls only; otherwise calls only. Each call's
+/// JSON is constrained by its tool's schema, so every call parses; the lazy `head` ends the
+/// text at the first `<tool_call>`, after which only a call can follow.
+fn calls_grammar(calls: Calls, bodies: &[Value], parallel: bool) -> Grammar {
+    let mut body = if bodies.len() == 1 { bodies[0].clone() } else { json!({"anyOf": bodies}) };
+    // The layout the splitter reads (`", "`, `": "`, no other whitespace).
+    body["x-guidance"] = weft_engine::constraint::json_layout();
+    let more = if parallel && !matches!(calls, Calls::Named(_)) { " more*" } else { "" };
+    let start = match calls {
+        Calls::Auto => format!("TEXT | first{more}"),
+        Calls::Required | Calls::Named(_) => format!("call{more}"),
+    };
+    Grammar::Lark(format!(
+        "%llguidance {{}}\nstart: {start}\nTEXT: /(.|\\n)*/\nhead[lazy]: TEXT \"<tool_call>\"\n\
+         first: head \"\\n\" body \"\\n</tool_call>\"\ncall: \"<tool_call>\\n\" body \"\\n</tool_call>\"\n\
+         more: \"\\n\" call\nbody: %json {body}\n"
+    ))
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` -> the grammar of an answer that may (or
+/// must) call them, or none (`"none"`, or no tools).
+fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>, parallel: bool) -> Result<Option<Plan>, ApiError> {
     for (i, tool) in tools.iter().enumerate() {
         if tool.kind != "function" {
             return Err(ApiError::invalid(format!("tools[{i}].type"), "only \"function\" tools are supported"));
@@ -134,31 +167,21 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan
             check_strict(&parameters(tool), &format!("tools[{i}].function.parameters"))?;
         }
     }
-    match choice {
-        None if tools.is_empty() => Ok(None),
-        Some(ToolChoice::Mode(mode)) if mode == "none" => Ok(None),
+    let calls = match choice {
+        Some(ToolChoice::Mode(mode)) if mode == "none" => return Ok(None),
+        Some(ToolChoice::Mode(mode)) if mode == "auto" => Calls::Auto,
+        None => Calls::Auto,
         Some(ToolChoice::Mode(mode)) if mode == "required" => {
             if tools.is_empty() {
                 return Err(ApiError::invalid("tool_choice", "\"required\" needs at least one tool in tools"));
             }
-            let calls: Vec<Value> = tools
-                .iter()
-                .map(|t| {
-                    json!({
-                        "type": "object",
-                        "properties": {"name": {"const": t.function.name}, "arguments": parameters(t)},
-                        "required": ["name", "arguments"],
-                        "additionalProperties": false
-                    })
-                })
-                .collect();
-            let schema = json!({"anyOf": calls});
-            let names = tools.iter().map(|t| t.function.name.clone()).collect();
-            Ok(Some(Plan {
-                grammar: Grammar::JsonSchema(schema),
-                param: "tools".into(),
-                tool: Some(ToolMode::AnyOf(names)),
-            }))
+            Calls::Required
+        }
+        Some(ToolChoice::Mode(other)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                format!("unknown value {other:?} (expected \"none\", \"auto\", \"required\" or a named function)"),
+            ))
         }
         Some(ToolChoice::Named { kind, function }) => {
             if kind != "function" {
@@ -170,29 +193,35 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<Option<Plan
                     format!("no tool named {:?} in tools", function.name),
                 ));
             };
-            Ok(Some(Plan {
-                grammar: Grammar::JsonSchema(parameters(&tools[i])),
-                param: format!("tools[{i}].function.parameters"),
-                tool: Some(ToolMode::Named(function.name.clone())),
-            }))
+            Calls::Named(i)
         }
-        // `auto`, given or implied by tools without a tool_choice.
-        _ => Err(ApiError::invalid(
-            "tool_choice",
-            "\"auto\" (the default when tools are given) is not supported: this model was not trained to decide \
-             when to call a tool, so Weft cannot tell a call from an answer; send \"required\", \
-             {\"type\": \"function\", \"function\": {\"name\": ...}} or \"none\"",
-        )),
+    };
+    if tools.is_empty() {
+        return Ok(None); // "auto" with nothing to call
     }
+    let (bodies, names, param): (Vec<Value>, Vec<String>, String) = match calls {
+        Calls::Named(i) => (
+            vec![call_schema(&tools[i])],
+            vec![tools[i].function.name.clone()],
+            format!("tools[{i}].function.parameters"),
+        ),
+        _ => (
+            tools.iter().map(call_schema).collect(),
+            tools.iter().map(|t| t.function.name.clone()).collect(),
+            "tools".into(),
+        ),
+    };
+    Ok(Some(Plan { grammar: calls_grammar(calls, &bodies, parallel), param, tools: Some(names) }))
 }
 
 /// The grammar of a chat request, if it asks for one.
 pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> {
-    let tools = from_tools(req.tools.as_deref().unwrap_or_default(), req.tool_choice.as_ref())?;
+    let parallel = req.parallel_tool_calls != Some(false);
+    let tools = from_tools(req.tools.as_deref().unwrap_or_default(), req.tool_choice.as_ref(), parallel)?;
     let format = match &req.response_format {
         None | Some(ResponseFormat::Text) => None,
         Some(ResponseFormat::JsonObject) => {
-            Some(Plan { grammar: Grammar::JsonSchema(any_object()), param: "response_format".into(), tool: None })
+            Some(Plan { grammar: Grammar::JsonSchema(any_object()), param: "response_format".into(), tools: None })
         }
         Some(ResponseFormat::JsonSchema { json_schema }) => {
             let schema = json_schema.schema.clone().unwrap_or_else(any_object);
@@ -200,7 +229,7 @@ pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> 
             if json_schema.strict == Some(true) {
                 check_strict(&schema, param)?;
             }
-            Some(Plan { grammar: Grammar::JsonSchema(schema), param: param.into(), tool: None })
+            Some(Plan { grammar: Grammar::JsonSchema(schema), param: param.into(), tools: None })
         }
     };
     let extension = req.structured_outputs.as_ref().map(from_structured_outputs).transpose()?;
@@ -238,118 +267,53 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or(text).trim().to_string()
 }
 
-/// What the `AnyOf` grammar writes before the arguments (its layout is fixed: `", "`, `": "`).
-const NAME_PREFIX: &str = "{\"name\": \"";
-const ARGUMENTS_PREFIX: &str = "\", \"arguments\": ";
-
-/// Splits one choice's tool-call answer into the function's name and its argument text, as
-/// the text arrives. An answer cut off (`max_tokens`) is still a call, with the arguments
-/// written so far, once its function is known, as OpenAI returns one.
-#[derive(Debug)]
-pub struct ToolCallSplitter {
-    mode: ToolMode,
-    text: String,
-    named: bool,
-    /// Bytes of argument text handed out so far.
-    sent: usize,
-}
-
-/// What a piece of generated text added to a tool call.
-#[derive(Debug, Default, PartialEq)]
-pub struct ToolCallPiece {
-    /// The function's name, once, as soon as it is known.
-    pub name: Option<String>,
-    pub arguments: String,
-}
-
-impl ToolCallSplitter {
-    pub fn new(mode: ToolMode) -> Self {
-        ToolCallSplitter { mode, text: String::new(), named: false, sent: 0 }
-    }
-
-    /// The name and where the arguments start, once the text holds them; with `cut`, from
-    /// what there is: a name cut short is the one tool it can still be (if only one), and the
-    /// arguments start at the end when their key is not complete.
-    fn header(&self, cut: bool) -> Option<(String, usize)> {
-        let names = match &self.mode {
-            ToolMode::Named(name) => return Some((name.clone(), 0)),
-            ToolMode::AnyOf(names) => names,
-        };
-        let Some(rest) = self.text.strip_prefix(NAME_PREFIX) else {
-            let one = cut && NAME_PREFIX.starts_with(self.text.as_str()) && names.len() == 1;
-            return one.then(|| (names[0].clone(), self.text.len()));
-        };
-        match rest.find('"') {
-            Some(end) if rest[end..].starts_with(ARGUMENTS_PREFIX) => {
-                Some((rest[..end].to_string(), NAME_PREFIX.len() + end + ARGUMENTS_PREFIX.len()))
-            }
-            Some(end) if cut => Some((rest[..end].to_string(), self.text.len())),
-            None if cut => {
-                let mut candidates = names.iter().filter(|n| n.starts_with(rest));
-                match (candidates.next(), candidates.next()) {
-                    (Some(name), None) => Some((name.clone(), self.text.len())),
-                    _ => None,
-                }
-            }
-            _ => None,
-        }
-    }
-
-    /// Adds generated text.
-    pub fn push(&mut self, delta: &str) -> ToolCallPiece {
-        self.text.push_str(delta);
-        // Hold back the last character: it may be the wrapper's closing brace.
-        let held = self.text.char_indices().last().map_or(0, |(i, _)| i);
-        self.take(false, held)
-    }
-
-    /// The rest of the call once the answer has ended: whole (`cut` false; the grammar closed
-    /// the wrapper's brace, which is not an argument), or cut off by `max_tokens`.
-    pub fn finish(&mut self, cut: bool) -> ToolCallPiece {
-        let wrapper_brace = matches!(self.mode, ToolMode::AnyOf(_)) && !cut && self.text.ends_with('}');
-        let end = self.text.len() - usize::from(wrapper_brace);
-        self.take(cut, end)
-    }
-
-    /// Hands out the argument text up to `end` (all of it for a named call, which has no
-    /// wrapper) and the name, the first time it is known.
-    fn take(&mut self, cut: bool, end: usize) -> ToolCallPiece {
-        let Some((name, start)) = self.header(cut) else { return ToolCallPiece::default() };
-        let end = if matches!(self.mode, ToolMode::Named(_)) { self.text.len() } else { end };
-        let end = end.max(start + self.sent);
-        let arguments = self.text[start + self.sent..end].to_string();
-        self.sent += arguments.len();
-        let name = (!self.named).then(|| {
-            self.named = true;
-            name
-        });
-        ToolCallPiece { name, arguments }
-    }
-
-    /// Whether the function's name has been handed out.
-    pub fn named(&self) -> bool {
-        self.named
-    }
-
-    /// All the text generated so far.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
-    /// The whole call from a whole answer (`cut` as for [`Self::finish`]); `None` when the
-    /// answer does not say which function it calls.
-    pub fn whole(mode: ToolMode, text: &str, cut: bool) -> Option<FunctionCall> {
-        let mut splitter = ToolCallSplitter::new(mode);
-        let mut piece = splitter.push(text);
-        let rest = splitter.finish(cut);
-        piece.arguments.push_str(&rest.arguments);
-        Some(FunctionCall { name: piece.name.or(rest.name)?, arguments: piece.arguments })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Example answers against the tool-call grammars, tokenized by the tiny fixture.
+    #[test]
+    fn tool_call_grammars_take_text_or_calls_that_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v5");
+        let tokenizer = std::sync::Arc::new(weft_model::tokenizer::PromptTokenizer::from_dir(&dir, 545, 729).unwrap());
+        let eos = weft_model::tokenizer::stop_token_ids(&dir, &tokenizer).unwrap();
+        let compiler = weft_engine::ConstraintCompiler::new(tokenizer.clone(), 546, &eos).unwrap();
+        let tool = |name: &str| -> Tool {
+            serde_json::from_value(json!({"type": "function", "function": {"name": name, "parameters": {
+                "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                "additionalProperties": false}}}))
+            .unwrap()
+        };
+        let tools = [tool("f"), tool("g")];
+        let check = |choice: Option<ToolChoice>, parallel: bool, text: &str| {
+            let plan = from_tools(&tools, choice.as_ref(), parallel).unwrap().unwrap();
+            let mut constraint = compiler.compile(&plan.grammar).unwrap();
+            let ids = tokenizer.encode(text).unwrap();
+            constraint.accepts(&ids) == (ids.len(), true)
+        };
+        let call = |name: &str, n: i32| {
+            format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {{\"n\": {n}}}}}\n</tool_call>")
+        };
+        let auto = |text: &str| check(None, true, text);
+        assert!(auto("Just text, a <b> tag and <tool_ca."));
+        assert!(auto(&format!("Let me see.{}", call("g", 2))));
+        assert!(auto(&format!("{}\n{}", call("f", 1), call("g", 2))), "parallel calls");
+        assert!(!check(None, false, &format!("{}\n{}", call("f", 1), call("g", 2))), "one call only");
+        assert!(!auto("<tool_call>\nnot json"), "after the tag, only a call");
+        assert!(!auto(&format!("{}{}", "<tool_call>\n{\"name\": \"h\"", "")), "only the tools given");
+        assert!(!auto(&format!("{} and more text", call("f", 1))), "nothing after the calls");
+        assert!(
+            !auto("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": \"x\"}}\n</tool_call>"),
+            "the schema holds"
+        );
+        let required = Some(ToolChoice::Mode("required".into()));
+        assert!(check(required.clone(), true, &call("g", 3)));
+        assert!(!check(required, true, "No call."), "required: a call");
+        let named: ToolChoice = serde_json::from_value(json!({"type": "function", "function": {"name": "g"}})).unwrap();
+        assert!(check(Some(named.clone()), true, &call("g", 3)));
+        assert!(!check(Some(named), true, &call("f", 3)), "the named function only");
+        assert!(from_tools(&tools, Some(&ToolChoice::Mode("none".into())), true).unwrap().is_none());
+    }
 
     #[test]
     fn strict_schemas_follow_openais_rules() {
@@ -367,58 +331,5 @@ mod tests {
         assert_eq!(check_strict(&defs, "s").unwrap_err().param.as_deref(), Some("s.$defs.Room"));
         let nested = json!({"anyOf": [{"type": "string"}, {"type": ["object", "null"], "properties": {"x": {}}, "required": ["x"]}]});
         assert_eq!(check_strict(&nested, "s").unwrap_err().param.as_deref(), Some("s.anyOf[1]"));
-    }
-
-    fn any_of() -> ToolMode {
-        ToolMode::AnyOf(vec!["weather".into(), "wake".into()])
-    }
-
-    #[test]
-    fn named_calls_are_their_arguments() {
-        let call = ToolCallSplitter::whole(ToolMode::Named("get".into()), "{\"a\": 1}", false).unwrap();
-        assert_eq!((call.name.as_str(), call.arguments.as_str()), ("get", "{\"a\": 1}"));
-        let cut = ToolCallSplitter::whole(ToolMode::Named("get".into()), "{\"a\": ", true).unwrap();
-        assert_eq!((cut.name.as_str(), cut.arguments.as_str()), ("get", "{\"a\": "));
-    }
-
-    #[test]
-    fn any_of_calls_split_while_streaming_and_whole_alike() {
-        let text = "{\"name\": \"weather\", \"arguments\": {\"city\": \"Zürich\"}}";
-        let whole = ToolCallSplitter::whole(any_of(), text, false).unwrap();
-        assert_eq!(whole.name, "weather");
-        assert_eq!(whole.arguments, "{\"city\": \"Zürich\"}");
-        // Streamed one character at a time, the pieces add up to the same call.
-        let mut s = ToolCallSplitter::new(any_of());
-        let (mut name, mut args) = (None, String::new());
-        let pieces = text.chars().map(|c| s.push(&c.to_string())).collect::<Vec<_>>();
-        for piece in pieces.into_iter().chain([s.finish(false)]) {
-            if piece.name.is_some() {
-                assert!(name.is_none(), "the name comes once");
-                assert!(args.is_empty(), "before any argument text");
-                name = piece.name;
-            }
-            args.push_str(&piece.arguments);
-        }
-        assert_eq!(name.as_deref(), Some("weather"));
-        assert_eq!(args, whole.arguments);
-    }
-
-    #[test]
-    fn a_call_cut_off_is_a_call_once_its_function_is_known() {
-        let cut = |text: &str| ToolCallSplitter::whole(any_of(), text, true).map(|c| (c.name, c.arguments));
-        let call = |name: &str, args: &str| Some((name.to_string(), args.to_string()));
-        // Inside the arguments: all of them so far, a closing brace included (it is theirs).
-        assert_eq!(cut("{\"name\": \"wake\", \"arguments\": {\"h\": {\"x\": 1}"), call("wake", "{\"h\": {\"x\": 1}"));
-        // Before the arguments, after the name: the call with no argument text.
-        assert_eq!(cut("{\"name\": \"weather\", \"argum"), call("weather", ""));
-        assert_eq!(cut("{\"name\": \"weather\""), call("weather", ""));
-        // Inside the name: the one tool it can still be, or none.
-        assert_eq!(cut("{\"name\": \"wea"), call("weather", ""));
-        assert_eq!(cut("{\"name\": \"w"), None);
-        assert_eq!(cut("{\"na"), None);
-        let one = ToolMode::AnyOf(vec!["weather".into()]);
-        assert_eq!(ToolCallSplitter::whole(one, "{\"na", true).map(|c| c.name), Some("weather".into()));
-        // Not cut: an unfinished header says nothing yet.
-        assert_eq!(ToolCallSplitter::whole(any_of(), "{\"name\": \"wea", false), None);
     }
 }

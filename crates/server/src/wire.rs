@@ -203,8 +203,7 @@ pub struct ChatCompletionRequest {
     pub structured_outputs: Option<StructuredOutputs>,
     pub tools: Option<Vec<Tool>>,
     pub tool_choice: Option<ToolChoice>,
-    /// Accepted: Weft makes at most one call per choice, which `true` allows and `false` asks.
-    #[allow(dead_code)]
+    /// `false`: at most one tool call per answer (default: several may follow one another).
     pub parallel_tool_calls: Option<bool>,
     /// Every other field, checked against the table of accepted-and-ignored fields.
     #[serde(flatten)]
