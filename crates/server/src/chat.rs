@@ -6,7 +6,7 @@ use crate::admission::Admission;
 use crate::error::{ApiError, ApiJson};
 use crate::prepare::Answer;
 use crate::routes::{check_model, loaded, now_secs, request_id};
-use crate::sse::{ChunkFormat, StreamSpec};
+use crate::sse::{Chunk, ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
 use crate::tool_calls::{Piece, ToolCallSplitter};
 use crate::wire::*;
@@ -159,7 +159,7 @@ impl Meta {
 
     /// The chunks of choice `index`'s content and tool calls: a call's first delta names it
     /// (with its id), the next ones add argument text.
-    fn pieces(&self, index: usize, pieces: Vec<Piece>) -> Vec<String> {
+    fn pieces(&self, index: usize, pieces: Vec<Piece>) -> Vec<Chunk> {
         let delta = |pieces: Delta| vec![ChunkChoice { index, delta: pieces, logprobs: None, finish_reason: None }];
         pieces
             .into_iter()
@@ -185,7 +185,7 @@ impl Meta {
                         ..Delta::default()
                     },
                 };
-                self.chunk(delta(d), None)
+                self.chunk(delta(d), None).into()
             })
             .collect()
     }
@@ -205,7 +205,7 @@ impl Meta {
 }
 
 impl ChunkFormat for Meta {
-    fn opening(&self) -> Option<String> {
+    fn opening(&mut self) -> Vec<Chunk> {
         let roles = (0..self.n)
             .map(|i| ChunkChoice {
                 index: i,
@@ -219,7 +219,7 @@ impl ChunkFormat for Meta {
                 finish_reason: None,
             })
             .collect();
-        Some(self.chunk(roles, None))
+        vec![self.chunk(roles, None).into()]
     }
 
     fn delta(
@@ -228,17 +228,17 @@ impl ChunkFormat for Meta {
         text: String,
         token: Option<(u32, &TokenLogprobs)>,
         _offset: usize,
-    ) -> Vec<String> {
+    ) -> Vec<Chunk> {
         if self.tools.is_some() {
             let pieces = self.splitters[index].push(&text);
             return self.pieces(index, pieces);
         }
         let logprobs = token.map(|(id, lp)| ChoiceLogprobs { content: vec![wire_logprobs(&self.state, id, lp)] });
         let delta = Delta { content: Some(text), ..Delta::default() };
-        vec![self.chunk(vec![ChunkChoice { index, delta, logprobs, finish_reason: None }], None)]
+        vec![self.chunk(vec![ChunkChoice { index, delta, logprobs, finish_reason: None }], None).into()]
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String> {
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Chunk> {
         let mut out = Vec::new();
         let mut called = false;
         if self.tools.is_some() {
@@ -251,12 +251,13 @@ impl ChunkFormat for Meta {
             self.chunk(
                 vec![ChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: reason }],
                 None,
-            ),
+            )
+            .into(),
         );
         out
     }
 
-    fn usage(&self, usage: UsageBody) -> String {
-        self.chunk(Vec::new(), Some(usage))
+    fn closing(&mut self, usage: UsageBody, include_usage: bool) -> Vec<Chunk> {
+        crate::sse::usage_then_done(include_usage.then(|| self.chunk(Vec::new(), Some(usage))))
     }
 }

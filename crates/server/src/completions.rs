@@ -6,7 +6,7 @@ use crate::config::api_limits::{MAX_COMPLETION_LOGPROBS, MAX_PROMPTS};
 use crate::error::{ApiError, ApiJson, ErrorKind};
 use crate::prepare::Answer;
 use crate::routes::{check_model, fingerprint, loaded, now_secs, request_id};
-use crate::sse::{ChunkFormat, StreamSpec};
+use crate::sse::{Chunk, ChunkFormat, StreamSpec};
 use crate::state::{Loaded, Shared};
 use crate::wire::*;
 use axum::extract::State;
@@ -149,28 +149,22 @@ impl Format {
 }
 
 impl ChunkFormat for Format {
-    fn opening(&self) -> Option<String> {
-        None
+    fn opening(&mut self) -> Vec<Chunk> {
+        Vec::new()
     }
 
-    fn delta(
-        &mut self,
-        index: usize,
-        text: String,
-        token: Option<(u32, &TokenLogprobs)>,
-        offset: usize,
-    ) -> Vec<String> {
+    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> Vec<Chunk> {
         let logprobs = token.map(|(id, lp)| self.logprobs(std::iter::once((id, lp, offset))));
-        vec![self.json(vec![CompletionChoice { index, text, logprobs, finish_reason: None }], None)]
+        vec![self.json(vec![CompletionChoice { index, text, logprobs, finish_reason: None }], None).into()]
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String> {
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Chunk> {
         let choice =
             CompletionChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason.as_str()) };
-        vec![self.json(vec![choice], None)]
+        vec![self.json(vec![choice], None).into()]
     }
 
-    fn usage(&self, usage: UsageBody) -> String {
-        self.json(Vec::new(), Some(usage))
+    fn closing(&mut self, usage: UsageBody, include_usage: bool) -> Vec<Chunk> {
+        crate::sse::usage_then_done(include_usage.then(|| self.json(Vec::new(), Some(usage))))
     }
 }

@@ -1,8 +1,9 @@
-//! Engine events -> responses, for both `/v1/chat/completions` and `/v1/completions`: one SSE
-//! state machine (first chunk, content deltas with logprobs, one finish per choice, one usage
-//! chunk at the end, an error event in the OpenAI shape if the engine fails, then `[DONE]`
-//! exactly once) and one collector for JSON answers. The endpoints differ only in how a chunk
-//! is written ([`ChunkFormat`]). The admission permit lives as long as the response.
+//! Engine events -> responses, for `/v1/chat/completions`, `/v1/completions` and
+//! `/v1/responses`: one SSE state machine (opening events, content deltas with logprobs, one
+//! finish per choice, closing events once every choice has finished, or an error event if the
+//! engine fails; chat and completions then end with `[DONE]` exactly once) and one collector
+//! for JSON answers. The endpoints differ only in how their events are written
+//! ([`ChunkFormat`]). The admission permit lives as long as the response.
 
 use crate::admission::Admission;
 use crate::error::{ApiError, ErrorKind};
@@ -63,25 +64,47 @@ impl Tally {
     }
 }
 
-/// How one endpoint writes its chunks (JSON text of one `data:` line each).
+/// One SSE event: its `data:` JSON text, and its `event:` name where the API names events
+/// (the Responses API names each by its type).
+pub struct Chunk {
+    pub event: Option<&'static str>,
+    pub data: String,
+}
+
+impl From<String> for Chunk {
+    fn from(data: String) -> Self {
+        Chunk { event: None, data }
+    }
+}
+
+/// How one endpoint writes its events.
 pub trait ChunkFormat: Send + 'static {
     /// Sent before any token (chat: the assistant role of every choice).
-    fn opening(&self) -> Option<String>;
+    fn opening(&mut self) -> Vec<Chunk>;
     /// New text of a choice; `offset` is where it starts in the choice's text so far.
     /// (Chat's tool calls may hold text back, so a delta may write no chunk.)
-    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize)
-        -> Vec<String>;
+    fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>, offset: usize) -> Vec<Chunk>;
     /// The end of a choice (chat: any tool-call text still held back, then the reason).
-    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<String>;
-    fn usage(&self, usage: UsageBody) -> String;
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Vec<Chunk>;
+    /// Once every choice has finished: chat's and completions' usage chunk when the client
+    /// asked for it (`include_usage`), then `[DONE]`.
+    fn closing(&mut self, usage: UsageBody, include_usage: bool) -> Vec<Chunk>;
+    /// The engine failed mid-stream: an error event in the OpenAI shape, then `[DONE]`.
+    fn failure(&mut self, error: &ApiError) -> Vec<Chunk> {
+        vec![serde_json::to_string(&error.body()).expect("serializable").into(), "[DONE]".to_string().into()]
+    }
+}
+
+/// Chat's and completions' closing: the usage chunk if asked for, then `[DONE]`.
+pub fn usage_then_done(usage_chunk: Option<String>) -> Vec<Chunk> {
+    usage_chunk.into_iter().chain(["[DONE]".to_string()]).map(Chunk::from).collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Opening,
     Tokens,
-    Usage,
-    Done,
+    Closing,
     Closed,
 }
 
@@ -100,12 +123,14 @@ struct StreamState<F: ChunkFormat> {
     _permit: Admission,
 }
 
-fn data(text: String) -> SseEvent {
-    SseEvent::default().data(text)
-}
-
-fn error_event(e: &ApiError) -> SseEvent {
-    data(serde_json::to_string(&e.body()).expect("serializable"))
+fn sse(chunks: Vec<Chunk>) -> Vec<SseEvent> {
+    chunks
+        .into_iter()
+        .map(|c| match c.event {
+            Some(name) => SseEvent::default().event(name).data(c.data),
+            None => SseEvent::default().data(c.data),
+        })
+        .collect()
 }
 
 impl<F: ChunkFormat> StreamState<F> {
@@ -113,7 +138,13 @@ impl<F: ChunkFormat> StreamState<F> {
     fn delta(&mut self, index: usize, text: String, token: Option<(u32, &TokenLogprobs)>) -> Vec<SseEvent> {
         let offset = self.text_len[index];
         self.text_len[index] += text.len();
-        self.format.delta(index, text, token, offset).into_iter().map(data).collect()
+        sse(self.format.delta(index, text, token, offset))
+    }
+
+    /// The engine failed: the format's error events, and the stream ends.
+    fn failure(&mut self, e: ApiError) -> Option<Vec<SseEvent>> {
+        self.phase = Phase::Closed;
+        Some(sse(self.format.failure(&e)))
     }
 
     /// The next SSE events to send (possibly none), or `None` once the stream is over.
@@ -121,7 +152,7 @@ impl<F: ChunkFormat> StreamState<F> {
         match self.phase {
             Phase::Opening => {
                 self.phase = Phase::Tokens;
-                Some(self.format.opening().into_iter().map(data).collect())
+                Some(sse(self.format.opening()))
             }
             Phase::Tokens => match self.events.next().await {
                 Some(Event::Token { index, id, text, logprobs }) => {
@@ -139,32 +170,22 @@ impl<F: ChunkFormat> StreamState<F> {
                     if !text.is_empty() {
                         out.extend(self.delta(index, text, None));
                     }
-                    out.extend(self.format.finish(index, reason).into_iter().map(data));
+                    out.extend(sse(self.format.finish(index, reason)));
                     Some(out)
                 }
-                Some(Event::Error(e)) => {
-                    self.phase = Phase::Done;
-                    Some(vec![error_event(&ApiError::from(e))])
-                }
+                Some(Event::Error(e)) => self.failure(ApiError::from(e)),
                 None if self.finished.iter().all(|&f| f) => {
-                    self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
+                    self.phase = Phase::Closing;
                     Some(Vec::new())
                 }
-                None => {
-                    // The engine went away without finishing: say so rather than end quietly.
-                    self.phase = Phase::Done;
-                    Some(vec![error_event(&ApiError::from(weft_engine::EngineError::Stopped(
-                        "the stream ended before every choice finished".into(),
-                    )))])
-                }
+                // The engine went away without finishing: say so rather than end quietly.
+                None => self.failure(ApiError::from(weft_engine::EngineError::Stopped(
+                    "the stream ended before every choice finished".into(),
+                ))),
             },
-            Phase::Usage => {
-                self.phase = Phase::Done;
-                Some(vec![data(self.format.usage(self.tally.body()))])
-            }
-            Phase::Done => {
+            Phase::Closing => {
                 self.phase = Phase::Closed;
-                Some(vec![data("[DONE]".into())])
+                Some(sse(self.format.closing(self.tally.body(), self.include_usage)))
             }
             Phase::Closed => None,
         }
