@@ -156,6 +156,13 @@ pub struct ServeArgs {
     /// the memory decoded pictures take).
     #[arg(long, env = "WEFT_MEDIA_CONCURRENCY", default_value_t = 4)]
     pub media_concurrency: usize,
+    /// Memory for responses kept for `previous_response_id` (the Responses API); the oldest are
+    /// dropped first.
+    #[arg(long, env = "WEFT_RESPONSES_STORE_MEMORY", default_value = "64MiB")]
+    pub responses_store_memory: String,
+    /// Seconds a kept response can be continued with `previous_response_id`.
+    #[arg(long, env = "WEFT_RESPONSES_STORE_TTL", default_value_t = 3600)]
+    pub responses_store_ttl: u64,
     /// Seconds in-flight requests get to finish after SIGTERM or SIGINT.
     #[arg(long, env = "WEFT_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,

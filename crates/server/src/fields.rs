@@ -65,12 +65,43 @@ const COMPLETIONS: &[(&str, Policy)] = &[
     ("suffix", Refused("insertion (a suffix after the completion) is not supported")),
 ];
 
-/// Every accepted-and-ignored field with its reason (chat, then completions), as
+fn disabled_only(v: &Value) -> Result<(), String> {
+    if v != "disabled" {
+        return Err("Weft never drops input to fit the context: \"disabled\" is the one accepted value".into());
+    }
+    Ok(())
+}
+
+fn false_only_background(v: &Value) -> Result<(), String> {
+    if v == &Value::Bool(true) {
+        return Err("responses run while the client waits: background mode is not supported".into());
+    }
+    Ok(())
+}
+
+/// Responses API fields beyond the ones `responses_wire::ResponsesRequest` implements.
+const RESPONSES: &[(&str, Policy)] = &[
+    ("truncation", Ignored("Weft never drops input to fit the context; \"auto\" is refused", disabled_only)),
+    ("include", Ignored("there is nothing extra to include: no reasoning, files or searches", any)),
+    ("reasoning", Ignored("the model has no reasoning mode", any)),
+    ("background", Ignored("responses run while the client waits; `true` is refused", false_only_background)),
+    ("stream_options", Ignored("events are never obfuscated here", any)),
+    ("service_tier", Ignored("there is one tier: every request is scheduled alike", any)),
+    ("prompt_cache_key", Ignored("the prefix cache is automatic and keyed by content", any)),
+    ("safety_identifier", Ignored("no abuse monitoring runs here to read it", any)),
+    ("top_logprobs", Refused("use /v1/chat/completions for logprobs")),
+    ("conversation", Refused("conversations are not kept: continue with previous_response_id")),
+    ("prompt", Refused("stored prompt templates are not supported")),
+    ("max_tool_calls", Refused("not supported: parallel_tool_calls false allows one call")),
+];
+
+/// Every accepted-and-ignored field with its reason (chat, completions, then responses), as
 /// `docs/api.md` must list them.
 #[cfg(test)]
 fn ignored_fields() -> Vec<(&'static str, &'static str)> {
     CHAT.iter()
         .chain(COMPLETIONS)
+        .chain(RESPONSES)
         .filter_map(|(name, p)| match p {
             Ignored(why, _) => Some((*name, *why)),
             Refused(_) => None,
@@ -109,6 +140,11 @@ pub fn check_chat(other: &Map<String, Value>) -> Result<(), ApiError> {
 /// Refuses the completion fields Weft does not implement and does not ignore.
 pub fn check_completions(other: &Map<String, Value>) -> Result<(), ApiError> {
     check(other, COMPLETIONS)
+}
+
+/// Refuses the Responses API fields Weft does not implement and does not ignore.
+pub fn check_responses(other: &Map<String, Value>) -> Result<(), ApiError> {
+    check(other, RESPONSES)
 }
 
 #[cfg(test)]

@@ -196,6 +196,10 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         limits,
         constraints,
         media_slots: Arc::new(tokio::sync::Semaphore::new(args.media_concurrency.max(1))),
+        responses: Arc::new(crate::responses_store::ResponseStore::new(
+            parse_bytes("responses_store_memory", &args.responses_store_memory)?,
+            Duration::from_secs(args.responses_store_ttl),
+        )),
         #[cfg(feature = "fault-injection")]
         fault_injection: std::env::var("WEFT_FAULT_INJECTION").is_ok_and(|v| v == "1"),
     })

@@ -22,6 +22,7 @@ pub const REQUEST_ID: &str = "x-request-id";
     paths(
         crate::chat::chat_completions,
         crate::completions::completions,
+        crate::responses::create_response,
         list_models,
         get_model,
         health,
@@ -40,7 +41,9 @@ pub const REQUEST_ID: &str = "x-request-id";
         ModelList,
         ModelCard,
         TokenizeRequest,
-        TokenizeResponse
+        TokenizeResponse,
+        crate::responses_wire::ResponsesRequest,
+        crate::responses_wire::ResponseObject
     ))
 )]
 pub struct ApiDoc;
@@ -57,6 +60,7 @@ pub fn router(shared: Shared, body: BodyLimits) -> Router {
     let protected = Router::new()
         .route("/v1/chat/completions", post(crate::chat::chat_completions))
         .route("/v1/completions", post(crate::completions::completions))
+        .route("/v1/responses", post(crate::responses::create_response))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/version", get(version))

@@ -32,6 +32,8 @@ pub struct Loaded {
     pub limits: RequestLimits,
     /// Compiles structured-output grammars; the error says why this model has none.
     pub constraints: Result<weft_engine::ConstraintCompiler, String>,
+    /// Responses kept for `previous_response_id`.
+    pub responses: Arc<crate::responses_store::ResponseStore>,
     /// Requests whose media are being fetched and decoded at once.
     pub media_slots: Arc<tokio::sync::Semaphore>,
     /// Honour the test-only fault requests (`user: "weft-fault:panic"`); set from the

@@ -150,21 +150,36 @@ fn calls_grammar(calls: Calls, bodies: &[Value], parallel: bool) -> Grammar {
     ))
 }
 
+/// Where tool `i`'s field (`type`, `name`, `parameters`) sits in a chat request.
+fn chat_tool_field(i: usize, field: &str) -> String {
+    match field {
+        "type" => format!("tools[{i}].type"),
+        _ => format!("tools[{i}].function.{field}"),
+    }
+}
+
+/// Where tool `i`'s field sits in a Responses request (its tools are flat).
+fn responses_tool_field(i: usize, field: &str) -> String {
+    format!("tools[{i}].{field}")
+}
+
 /// `tools`, `tool_choice` and `parallel_tool_calls` -> the grammar of an answer that may (or
-/// must) call them, or none (`"none"`, or no tools).
-fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>, parallel: bool) -> Result<Option<Plan>, ApiError> {
+/// must) call them, or none (`"none"`, or no tools). `field` names a tool's fields in errors.
+fn from_tools(
+    tools: &[Tool],
+    choice: Option<&ToolChoice>,
+    parallel: bool,
+    field: fn(usize, &str) -> String,
+) -> Result<Option<Plan>, ApiError> {
     for (i, tool) in tools.iter().enumerate() {
         if tool.kind != "function" {
-            return Err(ApiError::invalid(format!("tools[{i}].type"), "only \"function\" tools are supported"));
+            return Err(ApiError::invalid(field(i, "type"), "only \"function\" tools are supported"));
         }
         if !valid_function_name(&tool.function.name) {
-            return Err(ApiError::invalid(
-                format!("tools[{i}].function.name"),
-                "must be 1 to 64 letters, digits, underscores or dashes",
-            ));
+            return Err(ApiError::invalid(field(i, "name"), "must be 1 to 64 letters, digits, underscores or dashes"));
         }
         if tool.function.strict == Some(true) {
-            check_strict(&parameters(tool), &format!("tools[{i}].function.parameters"))?;
+            check_strict(&parameters(tool), &field(i, "parameters"))?;
         }
     }
     let calls = match choice {
@@ -200,11 +215,7 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>, parallel: bool) -> Re
         return Ok(None); // "auto" with nothing to call
     }
     let (bodies, names, param): (Vec<Value>, Vec<String>, String) = match calls {
-        Calls::Named(i) => (
-            vec![call_schema(&tools[i])],
-            vec![tools[i].function.name.clone()],
-            format!("tools[{i}].function.parameters"),
-        ),
+        Calls::Named(i) => (vec![call_schema(&tools[i])], vec![tools[i].function.name.clone()], field(i, "parameters")),
         _ => (
             tools.iter().map(call_schema).collect(),
             tools.iter().map(|t| t.function.name.clone()).collect(),
@@ -214,37 +225,73 @@ fn from_tools(tools: &[Tool], choice: Option<&ToolChoice>, parallel: bool) -> Re
     Ok(Some(Plan { grammar: calls_grammar(calls, &bodies, parallel), param, tools: Some(names) }))
 }
 
-/// The grammar of a chat request, if it asks for one.
-pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> {
-    let parallel = req.parallel_tool_calls != Some(false);
-    let tools = from_tools(req.tools.as_deref().unwrap_or_default(), req.tool_choice.as_ref(), parallel)?;
-    let format = match &req.response_format {
-        None | Some(ResponseFormat::Text) => None,
-        Some(ResponseFormat::JsonObject) => {
-            Some(Plan { grammar: Grammar::JsonSchema(any_object()), param: "response_format".into(), tools: None })
-        }
-        Some(ResponseFormat::JsonSchema { json_schema }) => {
-            let schema = json_schema.schema.clone().unwrap_or_else(any_object);
-            let param = "response_format.json_schema.schema";
-            if json_schema.strict == Some(true) {
-                check_strict(&schema, param)?;
-            }
-            Some(Plan { grammar: Grammar::JsonSchema(schema), param: param.into(), tools: None })
-        }
-    };
-    let extension = req.structured_outputs.as_ref().map(from_structured_outputs).transpose()?;
-    let plans: Vec<Plan> = [tools, format, extension].into_iter().flatten().collect();
+/// A JSON answer: any object, or `schema` (held to OpenAI's strict rules when `strict`).
+fn json_plan(schema: Option<Value>, strict: bool, param: &str) -> Result<Plan, ApiError> {
+    let schema = schema.unwrap_or_else(any_object);
+    if strict {
+        check_strict(&schema, param)?;
+    }
+    Ok(Plan { grammar: Grammar::JsonSchema(schema), param: param.into(), tools: None })
+}
+
+/// At most one of `plans` may constrain an answer.
+fn at_most_one(plans: Vec<Option<Plan>>, fields: &str) -> Result<Option<Plan>, ApiError> {
+    let plans: Vec<Plan> = plans.into_iter().flatten().collect();
     if plans.len() > 1 {
         let names: Vec<&str> = plans.iter().map(|p| p.param.split(['.', '[']).next().unwrap_or("")).collect();
         return Err(ApiError::invalid(
             plans[1].param.split(['.', '[']).next().unwrap_or("").to_string(),
-            format!(
-                "only one of a tool call, response_format and structured_outputs may constrain the answer (got {})",
-                names.join(" and ")
-            ),
+            format!("only one of {fields} may constrain the answer (got {})", names.join(" and ")),
         ));
     }
     Ok(plans.into_iter().next())
+}
+
+/// The grammar of a chat request, if it asks for one.
+pub fn chat_plan(req: &ChatCompletionRequest) -> Result<Option<Plan>, ApiError> {
+    let parallel = req.parallel_tool_calls != Some(false);
+    let tools = req.tools.as_deref().unwrap_or_default();
+    let tools = from_tools(tools, req.tool_choice.as_ref(), parallel, chat_tool_field)?;
+    let format = match &req.response_format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(json_plan(None, false, "response_format")?),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(json_plan(
+            json_schema.schema.clone(),
+            json_schema.strict == Some(true),
+            "response_format.json_schema.schema",
+        )?),
+    };
+    let extension = req.structured_outputs.as_ref().map(from_structured_outputs).transpose()?;
+    at_most_one(vec![tools, format, extension], "a tool call, response_format and structured_outputs")
+}
+
+/// The grammar of a Responses request (`tools` already in chat's shape), if it asks for one:
+/// `text.format` is `{"type": "text" | "json_object" | "json_schema", "schema", "strict"}`.
+pub fn responses_plan(
+    tools: &[Tool],
+    choice: Option<&ToolChoice>,
+    parallel: bool,
+    text: Option<&Value>,
+) -> Result<Option<Plan>, ApiError> {
+    let tools = from_tools(tools, choice, parallel, responses_tool_field)?;
+    let format = match text.and_then(|t| t.get("format")) {
+        None => None,
+        Some(format) => match format.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(json_plan(None, false, "text.format")?),
+            Some("json_schema") => {
+                let strict = format.get("strict").and_then(Value::as_bool) == Some(true);
+                Some(json_plan(format.get("schema").cloned(), strict, "text.format.schema")?)
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "text.format.type",
+                    "expected \"text\", \"json_object\" or \"json_schema\"",
+                ))
+            }
+        },
+    };
+    at_most_one(vec![tools, format], "a tool call and text.format")
 }
 
 /// Compiles the grammar of a plan, if there is one, off the async threads (CPU work).
@@ -286,7 +333,7 @@ mod tests {
         };
         let tools = [tool("f"), tool("g")];
         let check = |choice: Option<ToolChoice>, parallel: bool, text: &str| {
-            let plan = from_tools(&tools, choice.as_ref(), parallel).unwrap().unwrap();
+            let plan = from_tools(&tools, choice.as_ref(), parallel, chat_tool_field).unwrap().unwrap();
             let mut constraint = compiler.compile(&plan.grammar).unwrap();
             let ids = tokenizer.encode(text).unwrap();
             constraint.accepts(&ids) == (ids.len(), true)
@@ -312,7 +359,7 @@ mod tests {
         let named: ToolChoice = serde_json::from_value(json!({"type": "function", "function": {"name": "g"}})).unwrap();
         assert!(check(Some(named.clone()), true, &call("g", 3)));
         assert!(!check(Some(named), true, &call("f", 3)), "the named function only");
-        assert!(from_tools(&tools, Some(&ToolChoice::Mode("none".into())), true).unwrap().is_none());
+        assert!(from_tools(&tools, Some(&ToolChoice::Mode("none".into())), true, chat_tool_field).unwrap().is_none());
     }
 
     #[test]
