@@ -2,7 +2,7 @@
 //! `data: [DONE]` exactly once (the stream itself is `sse.rs`; this file writes its chunks,
 //! content or tool calls).
 
-use crate::admission::Admission;
+use crate::admission::{Admission, InflightBytes};
 use crate::error::{ApiError, ApiJson};
 use crate::prepare::Answer;
 use crate::routes::{check_model, loaded, now_secs, request_id};
@@ -44,8 +44,9 @@ pub fn wire_logprobs(state: &Loaded, id: u32, lp: &TokenLogprobs) -> TokenLogpro
 pub async fn chat_completions(
     State(shared): State<Shared>,
     permit: Admission,
+    inflight: InflightBytes,
     headers: HeaderMap,
-    ApiJson(req): ApiJson<ChatCompletionRequest>,
+    ApiJson(mut req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
     check_model(&shared, &req.model, "model")?;
@@ -67,7 +68,10 @@ pub async fn chat_completions(
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let answer = Answer::check(&state, &req.sampling, max_tokens, param, logprobs)?;
-    let chat = crate::prompt::chat_prompt(&state, &req.messages, prompt_tools, true).await?;
+    let messages = std::mem::take(&mut req.messages);
+    let chat = crate::prompt::chat_prompt(&state, &messages, prompt_tools, true).await?;
+    // The messages (their data URIs) and the decoded media are gone: give their bytes back.
+    drop((messages, inflight));
     let constraint = crate::structured::compile_plan(&state, plan).await?;
     let n = answer.n();
     let request = answer.request(&state, chat.prompt, constraint);

@@ -1,7 +1,7 @@
 //! `POST /v1/completions`: raw text prompts (one or a list, or token ids), no chat template.
 //! Streams through the same state machine as chat (`sse.rs`); this file writes its chunks.
 
-use crate::admission::Admission;
+use crate::admission::{Admission, InflightBytes};
 use crate::config::api_limits::{MAX_COMPLETION_LOGPROBS, MAX_PROMPTS};
 use crate::error::{ApiError, ApiJson, ErrorKind};
 use crate::prepare::Answer;
@@ -24,6 +24,7 @@ use weft_engine::{FinishReason, TokenLogprobs, ValidPrompt};
 pub async fn completions(
     State(shared): State<Shared>,
     permit: Admission,
+    inflight: InflightBytes,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -58,6 +59,7 @@ pub async fn completions(
     let prompts = tokio::task::spawn_blocking(move || text_prompts(&st, &prompt))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))??;
+    drop(inflight); // the prompts are token ids now
     let constraint = crate::structured::compile_plan(&state, plan).await?;
     let n = answer.n();
     let mut streams = Vec::with_capacity(prompts.len());

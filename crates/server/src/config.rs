@@ -156,6 +156,12 @@ pub struct ServeArgs {
     /// the memory decoded pictures take).
     #[arg(long, env = "WEFT_MEDIA_CONCURRENCY", default_value_t = 4)]
     pub media_concurrency: usize,
+    /// Bytes that request bodies and the media decoded from them may take at once, e.g. 1GiB
+    /// (default: 1 GiB, or a tenth of the memory available at start if less). Each request is
+    /// charged three times its body's length until its prompt is built; past the budget,
+    /// requests wait up to --body-timeout, then get 429.
+    #[arg(long, env = "WEFT_MAX_INFLIGHT_MEDIA_BYTES")]
+    pub max_inflight_media_bytes: Option<String>,
     /// Memory for responses kept for `previous_response_id` (the Responses API); the oldest are
     /// dropped first.
     #[arg(long, env = "WEFT_RESPONSES_STORE_MEMORY", default_value = "64MiB")]

@@ -55,7 +55,7 @@ impl ModelParts {
 }
 
 /// Memory available at start, from /proc/meminfo (Linux); None elsewhere.
-fn available_memory() -> Option<usize> {
+pub fn available_memory() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;

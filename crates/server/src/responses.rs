@@ -4,7 +4,7 @@
 //! deltas, `response.completed` with usage) through the one SSE state machine. Responses are
 //! kept in memory for `previous_response_id` unless `store` is false.
 
-use crate::admission::Admission;
+use crate::admission::{Admission, InflightBytes};
 use crate::error::{ApiError, ApiJson};
 use crate::prepare::Answer;
 use crate::responses_input as input;
@@ -30,8 +30,9 @@ use weft_engine::{FinishReason, TokenLogprobs};
 pub async fn create_response(
     State(shared): State<Shared>,
     permit: Admission,
+    inflight: InflightBytes,
     headers: HeaderMap,
-    ApiJson(req): ApiJson<ResponsesRequest>,
+    ApiJson(mut req): ApiJson<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
     let state = loaded(&shared)?;
     check_model(&shared, &req.model, "model")?;
@@ -52,7 +53,7 @@ pub async fn create_response(
         })?,
     };
     let stored = items.len();
-    items.extend(input::input_items(&req.input)?);
+    items.extend(input::input_items(&std::mem::take(&mut req.input))?);
     let converted = input::to_messages(&items, stored, req.instructions.as_deref())?;
     let tools = input::tools(req.tools.as_deref().unwrap_or_default())?;
     let choice = input::tool_choice(req.tool_choice.as_ref())?;
@@ -65,6 +66,8 @@ pub async fn create_response(
     let chat = crate::prompt::chat_prompt(&state, &converted.messages, prompt_tools, true)
         .await
         .map_err(|e| input::rename_param(e, &converted.sources))?;
+    // The decoded media are gone; what stays (the items, for the store) has its own budget.
+    drop((converted, inflight));
     let constraint = crate::structured::compile_plan(&state, plan).await?;
     let submitted = state.engine.submit(answer.request(&state, chat.prompt, constraint));
     let events = crate::sse::merge(vec![submitted.map_err(|e| ApiError::submit(e, "input"))?], 1);

@@ -229,6 +229,7 @@ pub async fn version() -> axum::Json<serde_json::Value> {
 pub async fn tokenize(
     State(shared): State<Shared>,
     _place: crate::admission::Admission,
+    _bytes: crate::admission::InflightBytes,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<axum::Json<TokenizeResponse>, ApiError> {
     let state = loaded(&shared)?;

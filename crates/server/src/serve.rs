@@ -28,6 +28,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
              refused; animated GIF and WebP videos still work"
         );
     }
+    let max_body = parse_bytes("max_body", &args.max_body)?;
+    let inflight_bytes = match &args.max_inflight_media_bytes {
+        Some(text) => parse_bytes("max_inflight_media_bytes", text)?,
+        None => default_inflight_bytes(),
+    };
     let shared = Shared {
         model_name: args.served_model_name.clone().unwrap_or_else(|| source.default_name()),
         api_keys: Arc::new(args.api_key.iter().filter(|k| !k.is_empty()).cloned().collect()),
@@ -38,11 +43,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         prometheus: crate::prometheus::recorder(),
         admission: Arc::new(tokio::sync::Semaphore::new(args.admission_capacity())),
         admission_capacity: args.admission_capacity(),
+        inflight: crate::admission::InflightBudget::new(
+            inflight_bytes,
+            Duration::from_secs(args.body_timeout),
+            max_body,
+        ),
     };
-    let body = BodyLimits {
-        max_bytes: parse_bytes("max_body", &args.max_body)?,
-        timeout: Duration::from_secs(args.body_timeout),
-    };
+    let body = BodyLimits { max_bytes: max_body, timeout: Duration::from_secs(args.body_timeout) };
     let app = crate::routes::router(shared.clone(), body);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -127,6 +134,13 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// `--max-inflight-media-bytes` when not set: 1 GiB, or a tenth of the memory available at
+/// start if that is less.
+fn default_inflight_bytes() -> usize {
+    let gib = 1usize << 30;
+    crate::load::available_memory().map_or(gib, |m| gib.min(m / 10))
 }
 
 /// After a burst, hands the heap's free memory back to the system once the server is idle:

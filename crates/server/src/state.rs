@@ -56,4 +56,6 @@ pub struct Shared {
     /// Places for generation requests in progress (see `admission.rs`).
     pub admission: Arc<tokio::sync::Semaphore>,
     pub admission_capacity: usize,
+    /// Bytes of request bodies and their media in flight (see `admission.rs`).
+    pub inflight: crate::admission::InflightBudget,
 }
