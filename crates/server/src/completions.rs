@@ -12,7 +12,6 @@ use crate::wire::*;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use std::collections::HashMap;
 use std::sync::Arc;
 use weft_engine::{FinishReason, TokenLogprobs, ValidPrompt};
 
@@ -139,7 +138,7 @@ impl Format {
         for (id, lp, offset) in tokens {
             out.tokens.push(self.text(id));
             out.token_logprobs.push(lp.logprob);
-            out.top_logprobs.push(lp.top.iter().map(|&(t, l)| (self.text(t), l)).collect::<HashMap<_, _>>());
+            out.top_logprobs.push(RankedLogprobs(lp.top.iter().map(|&(t, l)| (self.text(t), l)).collect()));
             out.text_offset.push(offset);
         }
         out

@@ -369,11 +369,31 @@ pub struct ChatCompletionChunk {
     pub usage: Option<UsageBody>,
 }
 
+/// One position's most likely tokens as a JSON object of token text -> logprob, most likely
+/// first (a map in a fixed order: the same answer is the same bytes); a text two tokens share
+/// keeps the more likely one's logprob.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RankedLogprobs(pub Vec<(String, f32)>);
+
+impl Serialize for RankedLogprobs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut seen = std::collections::HashSet::new();
+        let mut map = serializer.serialize_map(None)?;
+        for (text, logprob) in self.0.iter().filter(|(t, _)| seen.insert(t.as_str())) {
+            map.serialize_entry(text, logprob)?;
+        }
+        map.end()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<HashMap<String, f32>>,
+    /// Per position, token text -> logprob, most likely first.
+    #[schema(value_type = Vec<HashMap<String, f32>>)]
+    pub top_logprobs: Vec<RankedLogprobs>,
     pub text_offset: Vec<usize>,
 }
 
