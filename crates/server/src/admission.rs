@@ -60,9 +60,10 @@ impl InflightBudget {
             return Err(ApiError::new(
                 ErrorKind::PayloadTooLarge,
                 format!(
-                    "the body and the media in it would take about {} MiB while in flight, more than the server's \
-                     whole budget for them (max_inflight_media_bytes)",
-                    (units as usize * UNIT) >> 20
+                    "the body and the media in it would take about {:.1} MiB while in flight, more than the \
+                     server's whole budget for them ({:.1} MiB, max_inflight_media_bytes)",
+                    (units as usize * UNIT) as f64 / (1 << 20) as f64,
+                    (self.capacity_kib * UNIT) as f64 / (1 << 20) as f64
                 ),
             ));
         }
@@ -77,6 +78,12 @@ impl InflightBudget {
                 ))
             }
         }
+    }
+
+    /// Bytes taken now, and the whole budget.
+    pub fn usage(&self) -> (usize, usize) {
+        let free = self.semaphore.available_permits();
+        ((self.capacity_kib - free) * UNIT, self.capacity_kib * UNIT)
     }
 
     pub fn new(bytes: usize, wait: std::time::Duration, max_body: usize) -> Self {

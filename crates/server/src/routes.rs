@@ -265,6 +265,9 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 /// Prometheus metrics: engine gauges read at scrape time, plus the request histograms.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 pub async fn metrics_endpoint(State(shared): State<Shared>) -> Response {
+    let (taken, budget) = shared.inflight.usage();
+    metrics::gauge!("weft:inflight_media_bytes").set(taken as f64);
+    metrics::gauge!("weft:inflight_media_budget_bytes").set(budget as f64);
     if let Some(loaded) = shared.loaded.get() {
         let in_progress = shared.admission_capacity - shared.admission.available_permits();
         crate::prometheus::publish_engine(&loaded.engine.stats(), in_progress);

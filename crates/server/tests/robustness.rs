@@ -96,6 +96,28 @@ async fn places_are_taken_before_any_work() {
     }
 }
 
+#[tokio::test]
+async fn bodies_take_their_bytes_before_they_are_read() {
+    // 1 MiB for bodies and their media in flight: a declared 400 kB body (charged 1.2 MB) can
+    // never fit, and is refused before a byte of it is sent.
+    let s = start(&["--max-inflight-media-bytes", "1MiB"]);
+    let mut tcp = TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(tcp, "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 400000\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = tcp.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 413") && head.contains("max_inflight_media_bytes"), "{head}");
+    // A smaller one (a 120 kB image: charged about 0.5 MB) fits, and gives its bytes back once
+    // answered.
+    let (status, body) = post(&s, "/v1/chat/completions", image_chat(2)).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = client().get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "weft:inflight_media_bytes 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "weft:inflight_media_budget_bytes 1048576"), "{metrics}");
+}
+
 /// Reads until the server closes the connection; the read timeout only stops a failing test.
 fn read_to_close(tcp: &mut TcpStream) -> String {
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
