@@ -109,9 +109,28 @@ impl PromptBuilder {
         images: Vec<ImageInput>,
         add_generation_prompt: bool,
     ) -> Result<ValidPrompt, PromptError> {
+        let ids = self.render_ids(messages, add_generation_prompt)?;
+        self.check(&ids, images.len())?;
+        Ok(ValidPrompt { ids, images })
+    }
+
+    /// The token ids of chat messages whose parts hold `images` pictures, checked as
+    /// [`Self::chat`] checks them but with no picture preprocessed (what `/tokenize` reports).
+    pub fn chat_ids(
+        &self,
+        messages: &[Message],
+        images: usize,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, PromptError> {
+        let ids = self.render_ids(messages, add_generation_prompt)?;
+        self.check(&ids, images)?;
+        Ok(ids)
+    }
+
+    /// Rendered with the chat template and tokenized, each `<image>` expanded to its slots.
+    fn render_ids(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>, PromptError> {
         let text = self.renderer.render(messages, add_generation_prompt).map_err(render)?;
-        let encoded = self.tokenizer.encode_prompt(&text).map_err(render)?;
-        self.prove(encoded.ids, images)
+        Ok(self.tokenizer.encode_prompt(&text).map_err(render)?.ids)
     }
 
     /// Raw text, no template and no images.
@@ -124,7 +143,8 @@ impl PromptBuilder {
         if ids.contains(&self.tokenizer.image_token_id()) {
             return Err(PromptError::ImageInText);
         }
-        self.prove(ids, Vec::new())
+        self.check(&ids, 0)?;
+        Ok(ValidPrompt { ids, images: Vec::new() })
     }
 
     /// Plain tokenization, one id per `<image>` (what `/tokenize` reports for text).
@@ -143,7 +163,7 @@ impl PromptBuilder {
     }
 
     /// The proof: ids inside the vocabulary, one image for each image's worth of slots.
-    fn prove(&self, ids: Vec<u32>, images: Vec<ImageInput>) -> Result<ValidPrompt, PromptError> {
+    fn check(&self, ids: &[u32], images: usize) -> Result<(), PromptError> {
         if ids.is_empty() {
             return Err(PromptError::Empty);
         }
@@ -155,10 +175,10 @@ impl PromptBuilder {
         let image_id = self.tokenizer.image_token_id();
         let tokens_per_image = self.tokenizer.tokens_per_image();
         let slots = ids.iter().filter(|&&id| id == image_id).count();
-        if slots != images.len() * tokens_per_image {
-            return Err(PromptError::SlotCount { slots, images: images.len(), tokens_per_image });
+        if slots != images * tokens_per_image {
+            return Err(PromptError::SlotCount { slots, images, tokens_per_image });
         }
-        Ok(ValidPrompt { ids, images })
+        Ok(())
     }
 }
 

@@ -280,6 +280,10 @@ fn only_proven_prompts_are_built() {
     let s = start(EngineConfig::default());
     let user = |parts| [Message { role: "user".into(), parts }];
     let with_image = user(vec![Part::Image, Part::Text("Hi".into())]);
+    // Counting only (what /tokenize does): the same ids and the same proof, no pixels made.
+    let proven = s.prompts.chat(&with_image, &[picture("square.png")], true).unwrap();
+    assert_eq!(s.prompts.chat_ids(&with_image, 1, true).unwrap(), proven.ids());
+    assert!(matches!(s.prompts.chat_ids(&with_image, 0, true), Err(PromptError::SlotCount { .. })));
     let missing_image = s.prompts.chat(&with_image, &[], true).unwrap_err();
     assert!(matches!(missing_image, PromptError::SlotCount { slots: 729, images: 0, .. }), "{missing_image}");
     let spare_image = s.prompts.chat(&user(vec![Part::Text("Hi".into())]), &[picture("square.png")], true);

@@ -96,8 +96,8 @@ pub async fn chat_completions(
             let text = collected.texts[i].clone();
             let cut = collected.reasons[i] == Some(FinishReason::Length);
             let answer = match &meta.tools {
-                Some(names) => crate::tool_calls::Answer::of(names.clone(), &text, cut),
-                None => crate::tool_calls::Answer { content: text, calls: Vec::new() },
+                Some(names) => crate::tool_calls::SplitAnswer::of(names.clone(), &text, cut),
+                None => crate::tool_calls::SplitAnswer { content: text, calls: Vec::new() },
             };
             let called = !answer.calls.is_empty();
             let tool_calls = answer
@@ -164,7 +164,7 @@ impl Meta {
     /// The chunks of choice `index`'s content and tool calls: a call's first delta names it
     /// (with its id), the next ones add argument text.
     fn pieces(&self, index: usize, pieces: Vec<Piece>) -> Vec<Chunk> {
-        let delta = |pieces: Delta| vec![ChunkChoice { index, delta: pieces, logprobs: None, finish_reason: None }];
+        let choice = |delta: Delta| vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }];
         pieces
             .into_iter()
             .map(|piece| {
@@ -189,7 +189,7 @@ impl Meta {
                         ..Delta::default()
                     },
                 };
-                self.chunk(delta(d), None).into()
+                self.chunk(choice(d), None).into()
             })
             .collect()
     }

@@ -42,13 +42,61 @@ pub async fn chat_prompt(
     tools: &[Tool],
     add_generation_prompt: bool,
 ) -> Result<ChatPrompt, ApiError> {
-    let draft = walk(state, messages, tools)?;
-    let sources: Vec<MediaRef> = draft.media.iter().map(|m| m.source.clone()).collect();
-    let resolved = crate::media::resolve_media(state, &sources).await?;
+    let Gathered { messages, pictures, video_frames } = gather(state, messages, tools).await?;
     let state = state.clone();
-    tokio::task::spawn_blocking(move || build(&state, draft, resolved, add_generation_prompt))
+    let build = move || state.prompts.chat(&messages, &pictures, add_generation_prompt);
+    let prompt = tokio::task::spawn_blocking(build)
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(|e| ApiError::prompt(e, "messages"))?;
+    Ok(ChatPrompt { prompt, video_frames })
+}
+
+/// The token ids of the chat and its number of pictures, checked as [`chat_prompt`] checks
+/// them but with no picture preprocessed (`/tokenize` only counts).
+pub async fn chat_token_ids(
+    state: &Arc<Loaded>,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<(Vec<u32>, usize), ApiError> {
+    let Gathered { messages, pictures, .. } = gather(state, messages, &[]).await?;
+    let (state, images) = (state.clone(), pictures.len());
+    drop(pictures);
+    let ids = tokio::task::spawn_blocking(move || state.prompts.chat_ids(&messages, images, add_generation_prompt))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(|e| ApiError::prompt(e, "messages"))?;
+    Ok((ids, images))
+}
+
+/// The messages as the renderer takes them, with their decoded pictures in prompt order.
+struct Gathered {
+    messages: Vec<Message>,
+    pictures: Vec<image::DynamicImage>,
+    /// Frame indices used for each video part.
+    video_frames: Vec<Vec<usize>>,
+}
+
+/// Walks the messages once, fetches and decodes their media, and puts them in their places (a
+/// video's part learns its frame count).
+async fn gather(state: &Loaded, messages: &[ChatMessage], tools: &[Tool]) -> Result<Gathered, ApiError> {
+    let mut draft = walk(state, messages, tools)?;
+    let sources: Vec<MediaRef> = draft.media.iter().map(|m| m.source.clone()).collect();
+    let resolved = crate::media::resolve_media(state, &sources).await?;
+    let mut pictures = Vec::with_capacity(resolved.len());
+    let mut video_frames = Vec::new();
+    // `resolve_media` answers every source, in order.
+    for (placed, media) in draft.media.iter().zip(resolved) {
+        match media {
+            Resolved::Image(image) => pictures.push(image),
+            Resolved::Video { indices, frames } => {
+                draft.messages[placed.message].parts[placed.part] = Part::Video { frames: frames.len() };
+                pictures.extend(frames);
+                video_frames.push(indices);
+            }
+        }
+    }
+    Ok(Gathered { messages: draft.messages, pictures, video_frames })
 }
 
 /// The one pass over the messages. `tools` (those the answer may call) are described in the
@@ -150,31 +198,4 @@ fn walk(state: &Loaded, messages: &[ChatMessage], tools: &[Tool]) -> Result<Draf
         draft.messages.push(Message { role: role.to_string(), parts });
     }
     Ok(draft)
-}
-
-/// Puts the decoded media in their places, then renders, tokenizes, preprocesses and proves.
-fn build(
-    state: &Loaded,
-    mut draft: Draft,
-    resolved: Vec<Resolved>,
-    add_generation_prompt: bool,
-) -> Result<ChatPrompt, ApiError> {
-    let mut pictures = Vec::with_capacity(resolved.len());
-    let mut video_frames = Vec::new();
-    // `resolve_media` answers every source, in order.
-    for (placed, media) in draft.media.iter().zip(resolved) {
-        match media {
-            Resolved::Image(image) => pictures.push(image),
-            Resolved::Video { indices, frames } => {
-                draft.messages[placed.message].parts[placed.part] = Part::Video { frames: frames.len() };
-                pictures.extend(frames);
-                video_frames.push(indices);
-            }
-        }
-    }
-    let prompt = state
-        .prompts
-        .chat(&draft.messages, &pictures, add_generation_prompt)
-        .map_err(|e| ApiError::prompt(e, "messages"))?;
-    Ok(ChatPrompt { prompt, video_frames })
 }

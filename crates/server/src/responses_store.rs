@@ -21,6 +21,17 @@ struct Inner {
     bytes: usize,
 }
 
+/// About the bytes a JSON value holds (its strings and keys, and a word per other value),
+/// counted without writing it out: a conversation's data URIs can be tens of megabytes.
+fn size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(size).sum::<usize>() + 8,
+        Value::Object(map) => map.iter().map(|(k, v)| k.len() + size(v)).sum::<usize>() + 8,
+        _ => 8,
+    }
+}
+
 pub struct ResponseStore {
     inner: Mutex<Inner>,
     budget: usize,
@@ -42,7 +53,7 @@ impl ResponseStore {
     /// Keeps `items` under `id`, dropping expired and then the oldest entries to stay within the
     /// budget; a conversation larger than the whole budget is not kept.
     pub fn put(&self, id: String, items: Vec<Value>) {
-        let bytes: usize = items.iter().map(|v| v.to_string().len()).sum::<usize>() + id.len();
+        let bytes: usize = items.iter().map(size).sum::<usize>() + id.len();
         if bytes > self.budget {
             return;
         }
@@ -77,7 +88,7 @@ mod tests {
     #[test]
     fn the_oldest_go_first_and_the_budget_holds() {
         let item = json!({"role": "user", "content": "x".repeat(100)});
-        let size = item.to_string().len() + 2;
+        let size = super::size(&item) + 2;
         let store = ResponseStore::new(3 * size, Duration::from_secs(60));
         for i in 0..5 {
             store.put(format!("r{i}"), vec![item.clone()]);

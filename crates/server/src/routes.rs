@@ -237,10 +237,7 @@ pub async fn tokenize(
         check_model(&shared, model, "model")?;
     }
     let (tokens, images) = match (&req.messages, &req.prompt) {
-        (Some(messages), None) => {
-            let chat = crate::prompt::chat_prompt(&state, messages, &[], req.add_generation_prompt).await?;
-            (chat.prompt.ids().to_vec(), chat.prompt.images().len())
-        }
+        (Some(messages), None) => crate::prompt::chat_token_ids(&state, messages, req.add_generation_prompt).await?,
         (None, Some(prompt)) => (state.prompts.tokenize(prompt).map_err(|e| ApiError::prompt(e, "prompt"))?, 0),
         _ => return Err(ApiError::invalid("messages", "give exactly one of `messages` and `prompt`")),
     };

@@ -238,17 +238,17 @@ fn held_back(text: &str, tag: &str) -> usize {
 
 /// A whole answer: its content and its calls (name, arguments).
 #[derive(Debug, Default, PartialEq)]
-pub struct Answer {
+pub struct SplitAnswer {
     pub content: String,
     pub calls: Vec<(String, String)>,
 }
 
-impl Answer {
-    pub fn of(names: Vec<String>, text: &str, cut: bool) -> Answer {
+impl SplitAnswer {
+    pub fn of(names: Vec<String>, text: &str, cut: bool) -> SplitAnswer {
         let mut splitter = ToolCallSplitter::new(names);
         let mut pieces = splitter.push(text);
         pieces.extend(splitter.finish(cut));
-        let mut answer = Answer::default();
+        let mut answer = SplitAnswer::default();
         for piece in pieces {
             match piece {
                 Piece::Content(t) => answer.content.push_str(&t),
@@ -277,12 +277,12 @@ mod tests {
 
     #[test]
     fn content_and_calls_split_whole_and_streamed_alike() {
-        let whole = Answer::of(names(), TWO, false);
+        let whole = SplitAnswer::of(names(), TWO, false);
         assert_eq!(whole.content, "Let me check.");
         assert_eq!(whole.calls, vec![call("weather", "{\"city\": \"Zürich\"}"), call("wake", "{\"h\": {}}")]);
         // One character at a time: the same pieces, each name before its arguments, no tag text.
         let mut s = ToolCallSplitter::new(names());
-        let mut streamed = Answer::default();
+        let mut streamed = SplitAnswer::default();
         let mut pieces: Vec<Piece> = TWO.chars().flat_map(|c| s.push(&c.to_string())).collect();
         pieces.extend(s.finish(false));
         for piece in pieces {
@@ -301,14 +301,14 @@ mod tests {
         assert_eq!(streamed, whole);
         // Text only, with a `<` that starts no tag.
         assert_eq!(
-            Answer::of(names(), "a <b> c <tool", false),
-            Answer { content: "a <b> c <tool".into(), calls: vec![] }
+            SplitAnswer::of(names(), "a <b> c <tool", false),
+            SplitAnswer { content: "a <b> c <tool".into(), calls: vec![] }
         );
     }
 
     #[test]
     fn a_call_cut_off_is_a_call_once_its_function_is_known() {
-        let cut = |text: &str| Answer::of(names(), text, true);
+        let cut = |text: &str| SplitAnswer::of(names(), text, true);
         let open = "Hm.<tool_call>\n";
         // Inside the arguments: all of them so far, a closing brace included (it is theirs).
         let inside = cut(&format!("{open}{{\"name\": \"wake\", \"arguments\": {{\"h\": {{\"x\": 1}}"));
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(cut(&format!("{open}{{\"name\": \"wea")).calls, vec![call("weather", "")]);
         let ambiguous = cut(&format!("{open}{{\"name\": \"w"));
         assert_eq!((ambiguous.content, ambiguous.calls), (format!("{open}{{\"name\": \"w"), vec![]));
-        let one = Answer::of(vec!["weather".into()], "<tool_call>\n{\"na", true);
+        let one = SplitAnswer::of(vec!["weather".into()], "<tool_call>\n{\"na", true);
         assert_eq!(one.calls, vec![call("weather", "")]);
         // Cut inside the closing tag or at the wrapper's brace: the arguments, whole.
         let args = "{\"h\": {\"x\": 1}}";
@@ -345,7 +345,7 @@ mod tests {
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"
         );
         assert_eq!(
-            Answer::of(vec!["f".into()], &written_call("f", "{\"a\": 1}"), false).calls,
+            SplitAnswer::of(vec!["f".into()], &written_call("f", "{\"a\": 1}"), false).calls,
             vec![call("f", "{\"a\": 1}")]
         );
     }
