@@ -1,6 +1,6 @@
 //! The two loop nests on the same products, interleaved run by run in one process so that the
 //! machine's drift hits both alike: `cargo run --release -p weft-kernels --example gemm_vs_tiles
-//! [-- --geometry 0.5b|7b] [--runs N] [--json]` (`--isa` only names the kernel set). Prints GFLOP/s medians and the GEMM's speed-up
+//! [-- --geometry 0.5b|7b] [--runs N] [--shape MxKxN] [--formats f32,bf16,q8] [--json]` (`--isa` only names the kernel set). Prints GFLOP/s medians and the GEMM's speed-up
 //! over the dot-product tiles per weight format; `--json` prints one object per shape instead
 //! (what `bench/kernels_vs_torch.py` reads). On `amx`, bf16 weights are packed as tiles, whose
 //! one loop nest runs for both columns.
@@ -38,10 +38,17 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let json = args.iter().any(|a| a == "--json");
-    let shapes: &[(usize, usize, usize)] = match value_of("--geometry").as_deref() {
-        Some("7b") => &SHAPES_7B,
-        _ => &SHAPES_05B,
+    let one_shape: Option<(usize, usize, usize)> = value_of("--shape").map(|s| {
+        let dims: Vec<usize> = s.split('x').map(|d| d.parse().expect("--shape MxKxN")).collect();
+        (dims[0], dims[1], dims[2])
+    });
+    let shapes: Vec<(usize, usize, usize)> = match (one_shape, value_of("--geometry").as_deref()) {
+        (Some(shape), _) => vec![shape],
+        (None, Some("7b")) => SHAPES_7B.to_vec(),
+        (None, _) => SHAPES_05B.to_vec(),
     };
+    let formats: Vec<String> =
+        value_of("--formats").unwrap_or("f32,bf16,q8".into()).split(',').map(String::from).collect();
     let runs: usize = value_of("--runs").and_then(|r| r.parse().ok()).unwrap_or(13);
     let isa = Isa::active();
     if args.iter().any(|a| a == "--isa") {
@@ -53,13 +60,16 @@ fn main() {
         println!("| m | k | n | f32 gemm | f32 tiles | bf16 gemm | bf16 tiles | q8 gemm | q8 tiles |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
-    for &(m, k, n) in shapes {
+    for &(m, k, n) in &shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let flops = 2.0 * (m * k * n) as f64;
         let mut row = format!("| {m} | {k} | {n} |");
         let mut fields = format!("\"isa\": \"{}\", \"m\": {m}, \"k\": {k}, \"n\": {n}", isa.name());
         for (name, format) in [("f32", WeightFormat::F32), ("bf16", WeightFormat::Bf16), ("q8", WeightFormat::Q8)] {
+            if !formats.iter().any(|f| f == name) {
+                continue;
+            }
             let packed = PackedWeight::from_f32(&w, n, k, format);
             let mut out = vec![0.0; m * n];
             let mut seconds = [Vec::new(), Vec::new()];

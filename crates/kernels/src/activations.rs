@@ -65,17 +65,26 @@ pub fn softmax_rows(x: &mut [f32], row_len: usize) {
     assert!(row_len > 0 && x.len().is_multiple_of(row_len), "{} values are not rows of {row_len}", x.len());
     let rows_per_chunk = (CHUNK / row_len).max(1);
     x.par_chunks_mut(rows_per_chunk * row_len).for_each(|rows| {
-        for row in rows.chunks_exact_mut(row_len) {
-            let max = row_max(row);
-            if max == f32::NEG_INFINITY {
-                // Nothing visible: match candle (NaN from 0/0) rather than invent a distribution.
-                row.iter_mut().for_each(|v| *v = f32::NAN);
-                continue;
-            }
-            let inverse = 1.0 / exp_shifted(row, max);
-            row.iter_mut().for_each(|v| *v *= inverse);
-        }
+        rows.chunks_exact_mut(row_len).for_each(softmax_row);
     });
+}
+
+/// Softmax of one row, in place, on the calling thread.
+fn softmax_row(row: &mut [f32]) {
+    let inverse = exp_row(row);
+    row.iter_mut().for_each(|v| *v *= inverse);
+}
+
+/// The first half of a softmax: `row[i] = e^(row[i] - max)`, returning what to multiply them
+/// by (one over their sum), for callers that fold the multiplication into their next pass.
+pub(crate) fn exp_row(row: &mut [f32]) -> f32 {
+    let max = row_max(row);
+    if max == f32::NEG_INFINITY {
+        // Nothing visible: match candle (NaN from 0/0) rather than invent a distribution.
+        row.iter_mut().for_each(|v| *v = f32::NAN);
+        return f32::NAN;
+    }
+    1.0 / exp_shifted(row, max)
 }
 
 /// The largest value of `row` (negative infinity for an empty row). Eight lanes at a time: a
@@ -234,11 +243,21 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_max(row: &[f32]) -> f32 {
-        let main = row.len() / 8 * 8;
-        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        for i in (0..main).step_by(8) {
+        // Four independent chains: one waits on each comparison's latency (the maximum is the
+        // same whatever the order).
+        let main = row.len() / 32 * 32;
+        let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        for i in (0..main).step_by(32) {
+            for (c, m) in m.iter_mut().enumerate() {
+                *m = _mm256_max_ps(*m, _mm256_loadu_ps(row.as_ptr().add(i + 8 * c)));
+            }
+        }
+        let mut m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        let eights = row.len() / 8 * 8;
+        for i in (main..eights).step_by(8) {
             m = _mm256_max_ps(m, _mm256_loadu_ps(row.as_ptr().add(i)));
         }
+        let main = eights;
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
         lanes.iter().chain(&row[main..]).copied().fold(f32::NEG_INFINITY, f32::max)

@@ -14,6 +14,7 @@ use crate::amx;
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
 use crate::shared::{aligned, SharedOut};
 use rayon::prelude::*;
+pub(crate) use x86::round_into_steps;
 
 /// Weight columns per parallel block at most: 96 columns of 4,864 inputs are 912 KiB of tiles,
 /// which stay in a 2 MiB L2 next to one activation panel (304 KiB).
@@ -212,12 +213,12 @@ fn reused_aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [
 /// The AMX tiles configured for Weft on this thread for as long as it lives (one parallel
 /// block), and the configuration they had before, put back when it drops: another tile user on
 /// the same thread (candle's q4k kernel) finds its own configuration where it left it.
-struct TilesBorrowed(amx::SavedConfig);
+pub(crate) struct TilesBorrowed(amx::SavedConfig);
 
 impl TilesBorrowed {
     /// # Safety
     /// As [`amx::configure`].
-    unsafe fn new() -> TilesBorrowed {
+    pub(crate) unsafe fn new() -> TilesBorrowed {
         TilesBorrowed(amx::borrow())
     }
 }
@@ -253,7 +254,7 @@ unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage
         for (r, row) in rows.chunks_exact(k).enumerate() {
             let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
             // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
-            unsafe { x86::round_into_steps(row, panel[at..].as_mut_ptr()) };
+            unsafe { x86::round_into_steps(row, 1.0, panel[at..].as_mut_ptr()) };
         }
     });
     panels
@@ -263,18 +264,19 @@ mod x86 {
     use super::STEP_UNITS;
     use std::arch::x86_64::*;
 
-    /// `row` rounded to bf16 (to nearest, ties to even) 32 values at a time, each 32 stored
-    /// [`STEP_UNITS`] after the previous at `out`; the last ones zero-padded to 32.
+    /// `row` times `scale` rounded to bf16 (to nearest, ties to even) 32 values at a time, each
+    /// 32 stored [`STEP_UNITS`] after the previous at `out`; the last ones zero-padded to 32.
     ///
     /// # Safety
     /// The CPU has AVX-512F and AVX-512 BF16; `out` holds `row.len().div_ceil(32)` steps.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn round_into_steps(row: &[f32], out: *mut u16) {
+    pub(crate) unsafe fn round_into_steps(row: &[f32], scale: f32, out: *mut u16) {
+        let scale = _mm512_set1_ps(scale);
         for (s, p) in (0..row.len()).step_by(32).enumerate() {
             let left = row.len() - p;
             let (lo_mask, hi_mask) = (lanes(left.min(16)), lanes(left.saturating_sub(16).min(16)));
-            let lo = _mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(p));
-            let hi = _mm512_maskz_loadu_ps(hi_mask, row.as_ptr().add(p + 16.min(left)));
+            let lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(p)), scale);
+            let hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(hi_mask, row.as_ptr().add(p + 16.min(left))), scale);
             let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
             _mm512_storeu_si512(out.add(s * STEP_UNITS) as *mut __m512i, bits);
         }

@@ -12,6 +12,8 @@
 mod activations;
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod attention_amx;
 mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -29,6 +31,8 @@ mod vector;
 mod vnni;
 
 pub use activations::{gelu_tanh, rms_norm_rows, silu_mul, softmax_rows};
+#[cfg(target_arch = "x86_64")]
+pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{matmul, matmul_new, matmul_using, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
 pub use vector::{scaled_dots, weighted_sums, CachedValue};

@@ -310,20 +310,30 @@ pub(crate) fn group_len(kp: usize) -> usize {
 /// # Safety
 /// The CPU has AVX-512F.
 unsafe fn pack_tiles(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
-    let zeros = [0u16; amx::STEP];
     out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
-        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-            let (s, half) = (t / 2, t % 2);
-            let first = g * COLS + half * 16;
-            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
-            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
-                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
-                _ => zeros.as_ptr(),
-            });
-            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
-            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
-        }
+        // SAFETY: the caller vouches for AVX-512F.
+        unsafe { pack_group(bits, n, kp, g, group) }
     });
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Group `g` of [`pack_tiles`] into `group` ([`group_len`] units).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+pub(crate) unsafe fn pack_group(bits: &[u16], n: usize, kp: usize, g: usize, group: &mut [u16]) {
+    let zeros = [0u16; amx::STEP];
+    for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+        let (s, half) = (t / 2, t % 2);
+        let first = g * COLS + half * 16;
+        // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+        let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+            j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
+            _ => zeros.as_ptr(),
+        });
+        // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+        unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

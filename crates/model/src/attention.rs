@@ -5,6 +5,9 @@
 //! f32 and packs only `v^T` as bf16: rounding `q` and `k` moved logprobs by 0.08 on the tiny
 //! random fixture (scores feed a sharp softmax), rounding the probabilities does not. Candle's
 //! f32 matmul did both before (11% of an image's time to first token for SigLIP alone).
+//! On AMX CPUs both run fused instead, a head at a time (`weft_kernels::AmxHead`): SigLIP's
+//! scores from bf16 queries and keys as here, the language model's from split ones (within
+//! about 1e-5 of f32).
 
 use crate::error::Result;
 use crate::layers::with_f32_values;
@@ -109,6 +112,17 @@ pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor
             .into_par_iter()
             .map(|job| {
                 let (img, h) = (job / heads, job % heads);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use weft_kernels::{AmxHead, ScorePrecision, StridedRows};
+                    let rows = |first: usize| StridedRows { data: &values[first..], stride: fused };
+                    let (q, k, v) = (at_in(img, h, 0), at_in(img, h, 0) + d, at_in(img, h, 0) + 2 * d);
+                    if let Some(head) = AmxHead::new(rows(k), rows(v), p, hd, ScorePrecision::Bf16) {
+                        let mut out = vec![0.0f32; p * hd];
+                        head.attend(rows(q), p, scale, None, &mut out, hd);
+                        return out;
+                    }
+                }
                 let kv = HeadRows::gather(&values[d..], &values[2 * d..], p, hd, |t| at_in(img, h, t))
                     .pack(p, WeightFormat::Bf16);
                 let mut qh = vec![0.0; p * hd];
@@ -148,6 +162,22 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
     // KV heads in parallel (each with its query heads): the products of one block are too
     // small to split between threads without the hand-offs costing more than they share.
     ctx.par_chunks_mut(group * t * hd).enumerate().for_each(|(kvh, ctx)| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use weft_kernels::{AmxHead, ScorePrecision, StridedRows};
+            fn rows(data: &[f32], first_row: usize, hd: usize) -> StridedRows<'_> {
+                StridedRows { data: &data[first_row * hd..], stride: hd }
+            }
+            let head =
+                AmxHead::new(rows(&k, kvh * kv_len, hd), rows(&v, kvh * kv_len, hd), kv_len, hd, ScorePrecision::Split);
+            if let Some(head) = head {
+                for g in 0..group {
+                    let queries = rows(&q, (kvh * group + g) * t, hd);
+                    head.attend(queries, t, scale, Some(past), &mut ctx[g * t * hd..(g + 1) * t * hd], hd);
+                }
+                return;
+            }
+        }
         let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
         let head = HeadRows::gather(&k, &v, kv_len, hd, |s| (kvh * kv_len + s) * hd);
         for start in (0..t).step_by(block) {
