@@ -33,14 +33,17 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// `x[i] = gelu_tanh(x[i]) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, computed as
 /// `x / (1 + e^(-2u))`, the same value without tanh's cancellation for large negative x.
 pub fn gelu_tanh(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(|x| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2 and FMA were detected.
-            return unsafe { x86::gelu_tanh(x) };
-        }
-        gelu_tanh_scalar(x)
-    });
+    x.par_chunks_mut(CHUNK).for_each(gelu_tanh_here);
+}
+
+/// [`gelu_tanh`] on the calling thread (a GEMM's epilogue, on values still in cache).
+pub(crate) fn gelu_tanh_here(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { x86::gelu_tanh(x) };
+    }
+    gelu_tanh_scalar(x)
 }
 
 /// RMSNorm of every row of `weight.len()` values: `out = x / sqrt(mean(x^2) + eps) * weight`,
@@ -137,7 +140,7 @@ fn exp_shifted_scalar(row: &mut [f32], max: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{exp_shifted_scalar, gelu_tanh_scalar, silu_mul_scalar, GELU_CUBIC, GELU_SCALE};
+    use super::{exp_shifted_scalar, silu_mul_scalar, GELU_CUBIC, GELU_SCALE};
     use std::arch::x86_64::*;
 
     /// Below this `e^x` is 0 (f32 would go subnormal); above the other bound it would overflow.
@@ -232,13 +235,26 @@ mod x86 {
     pub(super) unsafe fn gelu_tanh(x: &mut [f32]) {
         let main = x.len() / 8 * 8;
         for i in (0..main).step_by(8) {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            let cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
-            let u = _mm256_mul_ps(_mm256_set1_ps(GELU_SCALE), _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBIC), cube, v));
-            let neg = _mm256_mul_ps(_mm256_set1_ps(-2.0), u);
-            _mm256_storeu_ps(x.as_mut_ptr().add(i), over_one_plus_exp(v, neg));
+            gelu8(x.as_mut_ptr().add(i));
         }
-        gelu_tanh_scalar(&mut x[main..]);
+        // The tail through the same lanes (not the scalar code, whose last bits differ), so
+        // that a value's result does not depend on where it sits: a GEMM's epilogue applies
+        // this to rows of one block at a time.
+        let mut tail = [0.0f32; 8];
+        let rest = x.len() - main;
+        tail[..rest].copy_from_slice(&x[main..]);
+        gelu8(tail.as_mut_ptr());
+        x[main..].copy_from_slice(&tail[..rest]);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn gelu8(at: *mut f32) {
+        let v = _mm256_loadu_ps(at);
+        let cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+        let u = _mm256_mul_ps(_mm256_set1_ps(GELU_SCALE), _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBIC), cube, v));
+        let neg = _mm256_mul_ps(_mm256_set1_ps(-2.0), u);
+        _mm256_storeu_ps(at, over_one_plus_exp(v, neg));
     }
 
     #[target_feature(enable = "avx2,fma")]

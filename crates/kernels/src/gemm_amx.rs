@@ -11,6 +11,7 @@
 //! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
 use crate::amx;
+use crate::matmul::Activation;
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
 use crate::shared::{aligned, SharedOut};
 use rayon::prelude::*;
@@ -38,6 +39,7 @@ pub(crate) unsafe fn gemm_bf16(
     w: &PackedWeight,
     tiles: &[u16],
     bias: Option<&[f32]>,
+    activation: Activation,
     out: SharedOut,
 ) {
     let mut storage = Vec::new();
@@ -54,7 +56,7 @@ pub(crate) unsafe fn gemm_bf16(
             (false, false) => amx::tile(x, w, inputs, out, ldo),
         }
     };
-    by_tiles(m, w.n, w.kp, panels, tiles, bias, out, borrow_tiles, tile);
+    by_tiles(m, w.n, w.kp, panels, tiles, Finish { bias, activation }, out, borrow_tiles, tile);
 }
 
 /// One product of 32 activation rows by 32 weight columns: `inputs` inputs from the tiles at `x`
@@ -81,7 +83,7 @@ fn by_tiles<T>(
     kp: usize,
     panels: &[u16],
     tiles: &[u16],
-    bias: Option<&[f32]>,
+    finish: Finish,
     out: SharedOut,
     enter: impl Fn() -> T + Sync,
     tile: impl Fn(TileCall) + Sync,
@@ -99,7 +101,8 @@ fn by_tiles<T>(
             width: j1 - j0,
             ldo: groups * COLS,
             weights: &tiles[j0 / COLS * panel_len..][..groups * panel_len],
-            bias: bias.map(|b| &b[j0..j1]),
+            bias: finish.bias.map(|b| &b[j0..j1]),
+            activation: finish.activation,
             out,
         };
         BLOCK_SUMS.with_borrow_mut(|storage| {
@@ -124,7 +127,15 @@ struct Block<'a> {
     ldo: usize,
     weights: &'a [u16],
     bias: Option<&'a [f32]>,
+    activation: Activation,
     out: SharedOut,
+}
+
+/// What becomes of the sums: the bias added, then the activation.
+#[derive(Clone, Copy)]
+struct Finish<'a> {
+    bias: Option<&'a [f32]>,
+    activation: Activation,
 }
 
 impl Block<'_> {
@@ -155,7 +166,7 @@ impl Block<'_> {
                     unsafe { self.out.write_row(at, &sums[r * ldo..][..self.width]) };
                 }
                 // SAFETY: as above; the row's columns in the block are written.
-                self.add_bias(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
+                self.finish(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
             }
         }
     }
@@ -180,15 +191,18 @@ impl Block<'_> {
         }
         for (r, row) in sums.chunks_exact_mut(ldo).take(self.m).enumerate() {
             let row = &mut row[..self.width];
-            self.add_bias(row);
+            self.finish(row);
             // SAFETY: inside `out`, and only this block writes its columns.
             unsafe { self.out.write_row(r * self.n + self.j0, row) };
         }
     }
 
-    fn add_bias(&self, row: &mut [f32]) {
+    fn finish(&self, row: &mut [f32]) {
         if let Some(bias) = self.bias {
             row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+        if self.activation == Activation::GeluTanh {
+            crate::activations::gelu_tanh_here(row);
         }
     }
 }
@@ -340,7 +354,8 @@ mod tests {
                 crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()));
                 let mut storage = Vec::new();
                 let panels = pack_activations(&x, m, k, w.kp, &mut storage);
-                by_tiles(m, n, w.kp, panels, tiles, Some(&bias), SharedOut(got.as_mut_ptr()), || (), model_tile);
+                let finish = Finish { bias: Some(&bias), activation: Activation::Identity };
+                by_tiles(m, n, w.kp, panels, tiles, finish, SharedOut(got.as_mut_ptr()), || (), model_tile);
             }
             let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
             for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
@@ -349,7 +364,7 @@ mod tests {
             if Isa::detected() == Isa::Amx {
                 got.fill(f32::NAN);
                 // SAFETY: AMX was detected.
-                unsafe { gemm_bf16(&x, m, &w, tiles, Some(&bias), SharedOut(got.as_mut_ptr())) };
+                unsafe { gemm_bf16(&x, m, &w, tiles, Some(&bias), Activation::Identity, SharedOut(got.as_mut_ptr())) };
                 for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
                     assert!(close(g, e), "AMX tile {m}x{k}x{n} [{i}]: {g} vs {e}");
                 }

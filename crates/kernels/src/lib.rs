@@ -33,7 +33,7 @@ mod vnni;
 pub use activations::{gelu_tanh, rms_norm_rows, silu_mul, softmax_rows};
 #[cfg(target_arch = "x86_64")]
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
-pub use matmul::{matmul, matmul_new, matmul_using, Kernel};
+pub use matmul::{matmul, matmul_new, matmul_new_then, matmul_using, Activation, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
 pub use vector::{scaled_dots, weighted_sums, CachedValue};
 

@@ -61,29 +61,86 @@ pub fn matmul_using(
 ) {
     assert_eq!(out.len(), m * w.n, "out must be {m}x{}", w.n);
     // SAFETY: `out` holds the m x n values `product` writes.
-    unsafe { product(isa, kernel, x, m, w, bias, SharedOut(out.as_mut_ptr())) }
+    unsafe { product(isa, kernel, x, m, w, bias, Activation::Identity, SharedOut(out.as_mut_ptr())) }
 }
 
 /// `x[m, k] W^T + bias` as a new `[m, n]` vector, on [`Isa::active`]. Its memory is never
 /// zeroed first: every loop nest writes each output exactly once (a prefill step's outputs are
 /// tens of megabytes per layer, and zeroing them cost as much as some of the products).
 pub fn matmul_new(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f32> {
+    matmul_new_then(x, m, w, bias, Activation::Identity)
+}
+
+/// What a product's outputs go through once summed (and the bias added).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// [`crate::gelu_tanh`] (SigLIP's MLP).
+    GeluTanh,
+}
+
+/// As [`matmul_new`], each output then through `activation`: on AMX tiles as each block of
+/// outputs is finished, while it is in cache (a separate pass over the vision tower's MLP
+/// outputs, 12.5 MB a layer, cost a tenth of its products); after the product elsewhere.
+pub fn matmul_new_then(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    activation: Activation,
+) -> Vec<f32> {
     let len = m * w.n;
     let mut out = Vec::with_capacity(len);
     // SAFETY: the capacity holds the m x n values `product` writes, through the pointer (no
     // reference to the uninitialised memory is made)...
-    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, bias, SharedOut(out.as_mut_ptr())) };
+    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, bias, activation, SharedOut(out.as_mut_ptr())) };
     // ...and all of them are written (`every_path_matches_the_naive_product` checks each
     // path on an output filled with NaN).
     unsafe { out.set_len(len) };
     out
 }
 
-/// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`.
+/// Writes all of `out[m, n] = activation(x W^T + bias)`.
 ///
 /// # Safety
 /// `out` points to `m * n` writable `f32` that nothing else accesses during the call.
+#[allow(clippy::too_many_arguments)]
 unsafe fn product(
+    isa: Isa,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    activation: Activation,
+    out: SharedOut,
+) {
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
+        assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
+        assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
+        assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
+        // Every row count: the tiles are this layout's only loop nest (the module says why).
+        // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), bias, activation, out) };
+        return;
+    }
+    // SAFETY: as the caller promises.
+    unsafe { product_then_identity(isa, kernel, x, m, w, bias, out) };
+    if activation == Activation::GeluTanh {
+        // SAFETY: every value was written; the caller gives this call the output alone.
+        crate::gelu_tanh(unsafe { std::slice::from_raw_parts_mut(out.0, m * w.n) });
+    }
+}
+
+/// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`.
+///
+/// # Safety
+/// As [`product`].
+unsafe fn product_then_identity(
     isa: Isa,
     kernel: Kernel,
     x: &[f32],
@@ -111,13 +168,6 @@ unsafe fn product(
         // One loop nest for every row count (the module explains why). SAFETY: AVX-512F, BW
         // and VNNI are available (isa <= detected).
         unsafe { crate::vnni::matmul_q8(x, m, w, panels, bias, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
-        // Every row count: the tiles are this layout's only loop nest (the module says why).
-        // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), bias, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]

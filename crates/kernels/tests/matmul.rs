@@ -3,7 +3,9 @@
 
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{matmul, matmul_new, matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
+use weft_kernels::{
+    gelu_tanh, matmul, matmul_new, matmul_new_then, matmul_using, Activation, Isa, Kernel, PackedWeight, WeightFormat,
+};
 
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -224,6 +226,27 @@ fn a_new_output_equals_a_given_one() {
             assert_eq!(
                 new.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 given.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// The activation applied in a product's epilogue (inside the AMX loop nest; after the product
+/// elsewhere) gives the same bits as the same function applied to the product's output.
+#[test]
+fn an_activation_in_the_epilogue_equals_one_after() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for &(m, k, n) in SHAPES {
+        let (x, w, b) = (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng));
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            let packed = PackedWeight::from_f32(&w, n, k, format);
+            let mut after = matmul_new(&x, m, &packed, Some(&b));
+            gelu_tanh(&mut after);
+            let fused = matmul_new_then(&x, m, &packed, Some(&b), Activation::GeluTanh);
+            assert_eq!(
+                fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                after.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{m}x{k}x{n} {format:?}"
             );
         }
     }

@@ -9,6 +9,7 @@ use crate::weights::Scope;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
+pub use weft_kernels::Activation;
 use weft_kernels::{PackedWeight, WeightFormat};
 
 /// How linear-layer weights are stored and multiplied (activations stay in the run dtype).
@@ -132,22 +133,38 @@ impl Linear {
 
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, Activation::Identity)
+    }
+
+    /// [`Linear::forward`], then `activation` on every output: in the product's epilogue on
+    /// Weft's kernels, as a separate step elsewhere.
+    pub fn forward_then(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, in_dim))?;
         let y = match &self.backend {
-            Backend::Candle(w) => add_bias(flat.matmul(&w.t()?)?, &self.bias)?,
-            Backend::Quantized(q) => add_bias(q.forward(&flat.to_dtype(DType::F32)?.contiguous()?)?, &self.bias)?,
+            Backend::Candle(w) => activate(add_bias(flat.matmul(&w.t()?)?, &self.bias)?, activation)?,
+            Backend::Quantized(q) => {
+                activate(add_bias(q.forward(&flat.to_dtype(DType::F32)?.contiguous()?)?, &self.bias)?, activation)?
+            }
             Backend::Packed(w) => {
                 let bias = self.bias_f32.as_deref().map(Vec::as_slice);
-                let out = with_f32_values(&flat, |input| weft_kernels::matmul_new(input, rows, w, bias))?;
+                let out =
+                    with_f32_values(&flat, |input| weft_kernels::matmul_new_then(input, rows, w, bias, activation))?;
                 Tensor::from_vec(out, (rows, self.out_dim), x.device())?
             }
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim;
         Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
+    }
+}
+
+fn activate(y: Tensor, activation: Activation) -> Result<Tensor> {
+    match activation {
+        Activation::Identity => Ok(y),
+        Activation::GeluTanh => crate::layers::gelu_tanh(&y),
     }
 }
 

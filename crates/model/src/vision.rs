@@ -3,8 +3,8 @@
 
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{gelu_tanh, softmax_f32, LayerNorm};
-use crate::linear::Linear;
+use crate::layers::{softmax_f32, LayerNorm};
+use crate::linear::{Activation, Linear};
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
 
@@ -75,7 +75,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let mlp = self.fc2.forward(&gelu_tanh(&self.fc1.forward(&self.norm2.forward(&h)?)?)?)?;
+        let mlp = self.fc2.forward(&self.fc1.forward_then(&self.norm2.forward(&h)?, Activation::GeluTanh)?)?;
         Ok((h + mlp)?)
     }
 }
