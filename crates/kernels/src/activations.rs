@@ -39,6 +39,11 @@ pub fn gelu_tanh(x: &mut [f32]) {
 /// [`gelu_tanh`] on the calling thread (a GEMM's epilogue, on values still in cache).
 pub(crate) fn gelu_tanh_here(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if Isa::active() >= Isa::Avx512Bf16 {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { x86::gelu_tanh16(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { x86::gelu_tanh(x) };
@@ -247,6 +252,21 @@ mod x86 {
         x[main..].copy_from_slice(&tail[..rest]);
     }
 
+    /// [`gelu_tanh`] sixteen lanes at a time: the same operations on each lane (as [`exp16`]
+    /// is [`exp8`]'s), so the same values.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gelu_tanh16(x: &mut [f32]) {
+        let main = x.len() / 16 * 16;
+        for i in (0..main).step_by(16) {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            let u = _mm512_mul_ps(_mm512_set1_ps(GELU_SCALE), _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBIC), cube, v));
+            let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
+            _mm512_storeu_ps(x.as_mut_ptr().add(i), _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0), e)));
+        }
+        gelu_tanh(&mut x[main..]);
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn gelu8(at: *mut f32) {
@@ -292,5 +312,29 @@ mod x86 {
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
         lanes.iter().sum::<f32>() + exp_shifted_scalar(&mut row[main..], max)
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    /// Sixteen lanes and eight give the same GELU bits, tails included (the fused epilogue and
+    /// the separate pass may take either, depending on `WEFT_KERNELS`).
+    #[test]
+    fn gelu_in_sixteen_lanes_equals_eight() {
+        if !(crate::Isa::detected() >= crate::Isa::Avx512Bf16) {
+            println!("skipped: no AVX-512 here");
+            return;
+        }
+        let values: Vec<f32> = (0..1037).map(|i| (i as f32 - 520.0) / 37.0).collect();
+        let (mut sixteen, mut eight) = (values.clone(), values);
+        // SAFETY: AVX-512F (and so AVX2 and FMA) was detected.
+        unsafe {
+            super::x86::gelu_tanh16(&mut sixteen);
+            super::x86::gelu_tanh(&mut eight);
+        }
+        assert_eq!(
+            sixteen.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            eight.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
