@@ -4,7 +4,7 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvLedger};
-use crate::layers::{silu_mul_halves, softmax_f32, RmsNorm};
+use crate::layers::{silu_mul_halves, softmax_f32, with_f32_values, RmsNorm};
 use crate::linear::{Linear, LinearFormat};
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
@@ -46,6 +46,59 @@ impl Rotary {
         let t = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
         let freqs = t.broadcast_mul(&inv_freq)?;
         Ok(Rotary { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+
+    /// The fused projection's output `[t, (heads + 2 kv_heads) * head_dim]` (rows at
+    /// `positions`) as heads-first queries and keys, rotated, and values: `[heads, t, hd]`,
+    /// `[kv_heads, t, hd]` twice. On the CPU in f32 in one pass over the rows (the same
+    /// arithmetic as candle's `rope`); candle's transpose, copy and rope elsewhere.
+    fn split_heads(
+        &self,
+        projected: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        positions: &Tensor,
+    ) -> Result<[Tensor; 3]> {
+        let hd = self.cos.dim(1)? * 2;
+        let total = projected.dim(0)?;
+        let all = heads + 2 * kv_heads;
+        if !(projected.device().is_cpu() && projected.dtype() == DType::F32) {
+            let all_heads = projected.reshape((total, all, hd))?;
+            let heads_first = |first: usize, n: usize| -> Result<Tensor> {
+                Ok(all_heads.narrow(1, first, n)?.transpose(0, 1)?.contiguous()?)
+            };
+            let q = self.apply(&heads_first(0, heads)?, positions)?;
+            let k = self.apply(&heads_first(heads, kv_heads)?, positions)?;
+            return Ok([q, k, heads_first(heads + kv_heads, kv_heads)?]);
+        }
+        let positions = positions.to_vec1::<u32>()?;
+        let mut out = vec![0.0f32; all * total * hd];
+        with_f32_values(&self.cos, |cos| {
+            with_f32_values(&self.sin, |sin| {
+                with_f32_values(projected, |rows| {
+                    out.par_chunks_mut(total * hd).enumerate().for_each(|(head, out)| {
+                        let rotated = head < heads + kv_heads;
+                        for (t, (out, &position)) in out.chunks_exact_mut(hd).zip(&positions).enumerate() {
+                            let x = &rows[(t * all + head) * hd..][..hd];
+                            if !rotated {
+                                out.copy_from_slice(x);
+                                continue;
+                            }
+                            let half = hd / 2;
+                            let (cos, sin) =
+                                (&cos[position as usize * half..][..half], &sin[position as usize * half..][..half]);
+                            for i in 0..half {
+                                let (x1, x2) = (x[i], x[i + half]);
+                                out[i] = x1 * cos[i] - x2 * sin[i];
+                                out[i + half] = x1 * sin[i] + x2 * cos[i];
+                            }
+                        }
+                    })
+                })
+            })
+        })???;
+        let out = Tensor::from_vec(out, (all, total, hd), projected.device())?;
+        Ok([out.narrow(0, 0, heads)?, out.narrow(0, heads, kv_heads)?, out.narrow(0, heads + kv_heads, kv_heads)?])
     }
 
     /// Rotates `x`: `[heads, t, head_dim]` whose rows sit at `positions`.
@@ -108,14 +161,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let total = x.dim(0)?;
         let hd = self.head_dim;
-        // [T, (heads + 2 kv_heads) * hd] -> heads first, one part at a time.
-        let all_heads = self.qkv.forward(x)?.reshape((total, self.heads + 2 * self.kv_heads, hd))?;
-        let heads_first = |first: usize, n: usize| -> Result<Tensor> {
-            Ok(all_heads.narrow(1, first, n)?.transpose(0, 1)?.contiguous()?)
-        };
-        let q = rotary.apply(&heads_first(0, self.heads)?, positions)?;
-        let k = rotary.apply(&heads_first(self.heads, self.kv_heads)?, positions)?;
-        let v = heads_first(self.heads + self.kv_heads, self.kv_heads)?;
+        let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, positions)?;
         let mut attend = Vec::with_capacity(seqs.len());
         for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
             let past = seq.cache.len();
