@@ -101,21 +101,33 @@ impl AmxHead {
             unsafe { pack_group(&rows, len, score_inputs, g, group) };
         }
         let keys_at = key_tiles.as_ptr() as usize - keys_storage.as_ptr() as usize;
-        // Values transposed: row j holds value j of every key, zero past `len`.
-        let mut transposed = vec![0.0f32; hd * len_padded];
-        for t in 0..len {
-            for (j, &v) in values.row(t, hd).iter().enumerate() {
-                transposed[j * len_padded + t] = v;
-            }
-        }
-        let mut value_rows = vec![0u16; hd * len_padded];
-        // SAFETY: as above.
-        unsafe { round_to_bf16(&transposed, &mut value_rows) };
-        let mut values_storage = Vec::new();
-        let value_tiles = aligned(&mut values_storage, hd.div_ceil(COLS) * group_len(len_padded));
-        for (g, group) in value_tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
+        // Values as the weights of the output product: one column per value, one input per
+        // key, so tile row q of a step holds keys 2q and 2q + 1 of its 16 columns side by side,
+        // which is two rows of `values` interleaved (no transpose).
+        let hd_padded = hd.div_ceil(COLS) * COLS;
+        let mut value_rows = vec![0u16; len_padded * hd_padded];
+        for (t, row) in value_rows.chunks_exact_mut(hd_padded).take(len).enumerate() {
             // SAFETY: as above.
-            unsafe { pack_group(&value_rows, hd, len_padded, g, group) };
+            unsafe { round_to_bf16(values.row(t, hd), row) };
+        }
+        let mut values_storage = Vec::new();
+        let value_tiles = aligned(&mut values_storage, hd_padded / COLS * group_len(len_padded));
+        for (g, group) in value_tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
+            for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+                let (step, half) = (t / 2, t % 2);
+                for (q, pairs) in tile.chunks_exact_mut(32).enumerate() {
+                    let key = step * amx::STEP + 2 * q;
+                    let first = g * COLS + half * 16;
+                    let (even, odd) = (
+                        &value_rows[key * hd_padded + first..][..16],
+                        &value_rows[(key + 1) * hd_padded + first..][..16],
+                    );
+                    for c in 0..16 {
+                        pairs[2 * c] = even[c];
+                        pairs[2 * c + 1] = odd[c];
+                    }
+                }
+            }
         }
         let values_at = value_tiles.as_ptr() as usize - values_storage.as_ptr() as usize;
         Some(AmxHead {
@@ -223,24 +235,41 @@ enum Role {
 /// rounded to bf16, so that the rounded rows multiply to `qh.kh + qh.kl + ql.kh`); zeros after.
 fn split_row(values: &[f32], precision: ScorePrecision, role: Role, out: &mut [f32]) {
     let hd = values.len();
-    out.fill(0.0);
-    match precision {
-        ScorePrecision::Bf16 => out[..hd].copy_from_slice(values),
-        ScorePrecision::Split => {
-            let low_at = if role == Role::Query { 2 } else { 1 };
-            for segment in 0..3 {
-                let part = &mut out[segment * hd..(segment + 1) * hd];
-                for (o, &v) in part.iter_mut().zip(values) {
-                    *o = if segment == low_at { v - bf16_value(v) } else { v };
-                }
-            }
+    let segments = precision.segments();
+    out[segments * hd..].fill(0.0);
+    let low_at = match (precision, role) {
+        (ScorePrecision::Bf16, _) => None,
+        (ScorePrecision::Split, Role::Query) => Some(2),
+        (ScorePrecision::Split, Role::Key) => Some(1),
+    };
+    for segment in 0..segments {
+        let part = &mut out[segment * hd..(segment + 1) * hd];
+        match low_at == Some(segment) {
+            // SAFETY: AMX CPUs have AVX-512F and AVX-512 BF16 (`AmxHead::new` checked).
+            true => unsafe { x86::low_parts(values, part) },
+            false => part.copy_from_slice(values),
         }
     }
 }
 
-/// `v` rounded to bf16 (to nearest, ties to even), as an f32.
-fn bf16_value(v: f32) -> f32 {
-    half::bf16::from_f32(v).to_f32()
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `out[i] = values[i] - bf16(values[i])`: what rounding to bf16 (to nearest, ties to even,
+    /// as `round_to_bf16` rounds) leaves out, 16 values at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `out` is as long as `values`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn low_parts(values: &[f32], out: &mut [f32]) {
+        for p in (0..values.len()).step_by(16) {
+            let mask = ((1u32 << (values.len() - p).min(16)) - 1) as __mmask16;
+            let v = _mm512_maskz_loadu_ps(mask, values.as_ptr().add(p));
+            let high = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            let high = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(high)));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(p), mask, _mm512_sub_ps(v, high));
+        }
+    }
 }
 
 const _: () = assert!(STEP_UNITS == 2 * amx::TILE);
@@ -275,7 +304,7 @@ mod tests {
         first: Option<usize>,
         round_pv: bool,
     ) -> Vec<f32> {
-        let round = |x: f64| if round_pv { bf16_value(x as f32) as f64 } else { x };
+        let round = |x: f64| if round_pv { half::bf16::from_f32(x as f32).to_f32() as f64 } else { x };
         let mut out = vec![0.0f32; rows * hd];
         for r in 0..rows {
             let seen = first.map_or(len, |f| (f + r + 1).min(len));
