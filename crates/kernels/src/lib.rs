@@ -30,7 +30,7 @@ mod vector;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-pub use activations::{gelu_tanh, rms_norm_rows, silu_mul, softmax_rows};
+pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_mul_halves, softmax_rows};
 #[cfg(target_arch = "x86_64")]
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{matmul, matmul_new, matmul_new_then, matmul_using, Activation, Kernel};

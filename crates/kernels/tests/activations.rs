@@ -2,7 +2,10 @@
 //! with ragged tails, over the range the networks produce (and far beyond, where exp saturates).
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use weft_kernels::{gelu_tanh, rms_norm_rows, scaled_dots, silu_mul, softmax_rows, weighted_sums, CachedValue};
+use weft_kernels::{
+    gelu_tanh, layer_norm_rows, rms_norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows, weighted_sums,
+    CachedValue,
+};
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
     let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-spread..spread)).collect();
@@ -128,5 +131,45 @@ fn rms_norm_rows_match_f64() {
                 close(got, v as f64 * inverse * w as f64, 1e-6, &format!("rms_norm {v} x {w}"));
             }
         }
+    }
+}
+
+#[test]
+fn layer_norm_rows_match_f64() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for (rows, d) in [(1, 1), (3, 7), (729, 72), (2, 1152)] {
+        let x: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-40.0..40.0) + 100.0).collect();
+        let weight: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let bias: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut out = vec![f32::NAN; rows * d];
+        layer_norm_rows(&x, &weight, &bias, 1e-6, &mut out);
+        for (o, row) in out.chunks(d).zip(x.chunks(d)) {
+            let mean: f64 = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let variance: f64 = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inverse = 1.0 / (variance + 1e-6).sqrt();
+            for (((&got, &v), &w), &b) in o.iter().zip(row).zip(&weight).zip(&bias) {
+                let want = (v as f64 - mean) * inverse * w as f64 + b as f64;
+                assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "layer_norm {v}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+/// The fused gate/up rows give, bit for bit, what copying each gate and multiplying in place
+/// gives.
+#[test]
+fn silu_of_halves_equals_silu_of_each_row() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for (rows, width) in [(1, 1), (3, 37), (300, 64), (5, 2816)] {
+        let fused: Vec<f32> = (0..rows * 2 * width).map(|_| rng.random_range(-8.0..8.0)).collect();
+        let mut want = Vec::new();
+        for row in fused.chunks(2 * width) {
+            let mut gate = row[..width].to_vec();
+            silu_mul(&mut gate, &row[width..]);
+            want.extend(gate);
+        }
+        let got = silu_mul_halves(&fused, width);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{rows} rows of {width}");
     }
 }

@@ -5,7 +5,6 @@
 use crate::error::Result;
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
-use rayon::prelude::*;
 
 /// LayerNorm with weight and bias (SigLIP).
 #[derive(Debug, Clone)]
@@ -21,6 +20,15 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if on_cpu_in_f32(x) && self.weight.dtype() == DType::F32 && self.bias.dtype() == DType::F32 {
+            let mut out = vec![0.0f32; x.elem_count()];
+            with_f32_values(&self.weight, |weight| {
+                with_f32_values(&self.bias, |bias| {
+                    with_f32_values(x, |values| weft_kernels::layer_norm_rows(values, weight, bias, self.eps, &mut out))
+                })
+            })???;
+            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+        }
         Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
     }
 }
@@ -75,13 +83,7 @@ pub fn silu_mul_halves(fused: &Tensor) -> Result<Tensor> {
     let mut dims = fused.dims().to_vec();
     *dims.last_mut().expect("at least one dimension") = width;
     if on_cpu_in_f32(fused) {
-        let mut out = vec![0.0f32; fused.elem_count() / 2];
-        with_f32_values(fused, |values| {
-            out.par_chunks_mut(width).zip(values.par_chunks(2 * width)).for_each(|(out, row)| {
-                out.copy_from_slice(&row[..width]);
-                weft_kernels::silu_mul(out, &row[width..]);
-            })
-        })?;
+        let out = with_f32_values(fused, |values| weft_kernels::silu_mul_halves(values, width))?;
         return Ok(Tensor::from_vec(out, dims, fused.device())?);
     }
     let gate = fused.narrow(D::Minus1, 0, width)?;
