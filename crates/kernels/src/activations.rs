@@ -103,9 +103,9 @@ pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     });
 }
 
-/// LayerNorm of every row of `weight.len()` values: `out = (x - mean) / sqrt(var + eps) * weight
-/// + bias`, the mean and the variance summed in f64 (exact enough to match any summation order
-/// in f32); rows in parallel. Candle's took one thread.
+/// LayerNorm of every row of `weight.len()` values, `out = (x - mean) / sqrt(var + eps) *
+/// weight + bias`, the mean and the variance summed in f64 (exact enough to match any summation
+/// order in f32); rows in parallel. Candle's took one thread.
 pub fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert!(d > 0 && bias.len() == d, "weight and bias differ in length");
