@@ -382,4 +382,35 @@ mod tests {
             assert!(errors[1] * 10.0 < errors[0], "{rows}x{len}x{hd}: split {} against bf16 {}", errors[1], errors[0]);
         }
     }
+
+    /// A prompt attended in two chunks (the second after the first's keys) gives every row the
+    /// bits it gets in one pass, and so does a single row: a row's result does not depend on
+    /// the other rows of its block.
+    #[test]
+    fn rows_do_not_depend_on_how_they_are_blocked() {
+        if crate::Isa::active() != crate::Isa::Amx {
+            println!("skipped: the kernels do not run on AMX here");
+            return;
+        }
+        let (len, hd) = (77, 64);
+        let (q, k, v) = (pseudo_random(len * hd, 4), pseudo_random(len * hd, 5), pseudo_random(len * hd, 6));
+        fn rows(data: &[f32], first: usize) -> StridedRows<'_> {
+            StridedRows { data: &data[first * 64..], stride: 64 }
+        }
+        let head = AmxHead::new(rows(&k, 0), rows(&v, 0), len, hd, ScorePrecision::Split).unwrap();
+        let mut whole = vec![0.0f32; len * hd];
+        head.attend(rows(&q, 0), len, 0.125, Some(0), &mut whole, hd);
+        for split in [1, 20, 45] {
+            // The first chunk sees only its own keys; the second, all of them from `split` on.
+            let first = AmxHead::new(rows(&k, 0), rows(&v, 0), split, hd, ScorePrecision::Split).unwrap();
+            let mut chunks = vec![0.0f32; len * hd];
+            first.attend(rows(&q, 0), split, 0.125, Some(0), &mut chunks, hd);
+            head.attend(rows(&q, split), len - split, 0.125, Some(split), &mut chunks[split * hd..], hd);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&chunks), bits(&whole), "split at {split}");
+        }
+        let mut one = vec![0.0f32; hd];
+        head.attend(rows(&q, 50), 1, 0.125, Some(50), &mut one, hd);
+        assert_eq!(one, whole[50 * hd..51 * hd]);
+    }
 }
