@@ -115,14 +115,14 @@ unsafe fn product(
     activation: Activation,
     out: SharedOut,
 ) {
+    assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
+    assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
+    assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
     if m == 0 || w.n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
-        assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
-        assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
-        assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
         // Every row count: the tiles are this layout's only loop nest (the module says why).
         // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
         unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), bias, activation, out) };
@@ -136,7 +136,8 @@ unsafe fn product(
     }
 }
 
-/// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`.
+/// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`, for the
+/// products [`product`] has checked (non-empty) and does not run on AMX tiles.
 ///
 /// # Safety
 /// As [`product`].
@@ -150,14 +151,6 @@ unsafe fn product_then_identity(
     out: SharedOut,
 ) {
     let (n, k, kp) = (w.n, w.k, w.kp);
-    assert_eq!(x.len(), m * k, "x must be {m}x{k}");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "bias must have {n} values");
-    }
-    assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
-    if m == 0 || n == 0 {
-        return;
-    }
     let gemm = match kernel {
         Kernel::Auto => m >= gemm_min_rows(w.format(), isa),
         Kernel::Tiles => false,
