@@ -94,7 +94,7 @@ pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let rows_per_chunk = (CHUNK / d).max(1);
     out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).for_each(|(out, x)| {
         for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let squares: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let squares = sum_f64(row, |v| v * v);
             let inverse = 1.0 / ((squares / d as f64) as f32 + eps).sqrt();
             for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
                 *o = v * inverse * w;
@@ -113,8 +113,8 @@ pub fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &
     let rows_per_chunk = (CHUNK / d).max(1);
     out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).for_each(|(out, x)| {
         for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let variance = row.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / d as f64;
+            let mean = sum_f64(row, |v| v) / d as f64;
+            let variance = sum_f64(row, |v| (v - mean) * (v - mean)) / d as f64;
             let inverse = 1.0 / (variance as f32 + eps).sqrt();
             let mean = mean as f32;
             for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
@@ -122,6 +122,19 @@ pub fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &
             }
         }
     });
+}
+
+/// The sum of `f(v)` over `values` in f64, on eight independent chains (one chain waits on
+/// each addition's latency: it made LayerNorm slower than candle's f32).
+fn sum_f64(values: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let whole = values.len() / 8 * 8;
+    for chunk in values[..whole].chunks_exact(8) {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + values[whole..].iter().map(|&v| f(v as f64)).sum::<f64>()
 }
 
 /// Softmax of every row of `row_len` values, in place.
