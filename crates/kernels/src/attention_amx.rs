@@ -19,7 +19,7 @@
 
 use crate::amx;
 use crate::gemm_amx::{round_into_steps, TilesBorrowed};
-use crate::packed::{group_len, pack_group, COLS, STEP_UNITS};
+use crate::packed::{group_len, Bf16Tiles, COLS, STEP_UNITS};
 use crate::shared::{aligned, round_to_bf16};
 
 /// How the query-key products are rounded (see the module's comment).
@@ -45,10 +45,8 @@ impl ScorePrecision {
 /// column per key), values transposed as the weights of the output product (one column per
 /// output value, one input per key).
 pub struct AmxHead {
-    keys: Vec<u16>,
-    keys_at: usize,
-    values: Vec<u16>,
-    values_at: usize,
+    keys: Bf16Tiles,
+    values: Bf16Tiles,
     /// Keys, and keys rounded up to a whole step of 32.
     len: usize,
     len_padded: usize,
@@ -93,14 +91,7 @@ impl AmxHead {
             // SAFETY: AMX CPUs have AVX-512F and AVX-512 BF16 (checked above).
             unsafe { round_to_bf16(&widened, out) };
         }
-        let mut keys_storage = Vec::new();
-        let keys_len = len.div_ceil(COLS) * group_len(score_inputs);
-        let key_tiles = aligned(&mut keys_storage, keys_len);
-        for (g, group) in key_tiles.chunks_exact_mut(group_len(score_inputs)).enumerate() {
-            // SAFETY: as above.
-            unsafe { pack_group(&rows, len, score_inputs, g, group) };
-        }
-        let keys_at = key_tiles.as_ptr() as usize - keys_storage.as_ptr() as usize;
+        let keys = Bf16Tiles::from_rows(&rows, len, score_inputs);
         // Values as the weights of the output product: one column per value, one input per
         // key, so tile row q of a step holds keys 2q and 2q + 1 of its 16 columns side by side,
         // which is two rows of `values` interleaved (no transpose).
@@ -110,37 +101,24 @@ impl AmxHead {
             // SAFETY: as above.
             unsafe { round_to_bf16(values.row(t, hd), row) };
         }
-        let mut values_storage = Vec::new();
-        let value_tiles = aligned(&mut values_storage, hd_padded / COLS * group_len(len_padded));
-        for (g, group) in value_tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
-            for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-                let (step, half) = (t / 2, t % 2);
-                for (q, pairs) in tile.chunks_exact_mut(32).enumerate() {
-                    let key = step * amx::STEP + 2 * q;
+        let values = Bf16Tiles::written(hd_padded / COLS * group_len(len_padded), |tiles| {
+            for (g, group) in tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
+                for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+                    let (step, half) = (t / 2, t % 2);
                     let first = g * COLS + half * 16;
-                    let (even, odd) = (
-                        &value_rows[key * hd_padded + first..][..16],
-                        &value_rows[(key + 1) * hd_padded + first..][..16],
-                    );
-                    for c in 0..16 {
-                        pairs[2 * c] = even[c];
-                        pairs[2 * c + 1] = odd[c];
+                    for (q, pairs) in tile.chunks_exact_mut(32).enumerate() {
+                        let key = step * amx::STEP + 2 * q;
+                        let even = &value_rows[key * hd_padded + first..][..16];
+                        let odd = &value_rows[(key + 1) * hd_padded + first..][..16];
+                        for c in 0..16 {
+                            pairs[2 * c] = even[c];
+                            pairs[2 * c + 1] = odd[c];
+                        }
                     }
                 }
             }
-        }
-        let values_at = value_tiles.as_ptr() as usize - values_storage.as_ptr() as usize;
-        Some(AmxHead {
-            keys: keys_storage,
-            keys_at: keys_at / 2,
-            values: values_storage,
-            values_at: values_at / 2,
-            len,
-            len_padded,
-            hd,
-            score_inputs,
-            precision,
-        })
+        });
+        Some(AmxHead { keys, values, len, len_padded, hd, score_inputs, precision })
     }
 
     /// `rows` queries (`hd` values each) attend over the keys: `out` row `r` (`hd` values, at
@@ -164,8 +142,7 @@ impl AmxHead {
         let scores = aligned(&mut s_storage, amx::ROWS * len_padded);
         let sums = aligned(&mut o_storage, amx::ROWS * hd_padded);
         let (mut widened, mut scaled) = (vec![0.0f32; inputs], vec![0.0f32; hd]);
-        let key_tiles = &self.keys[self.keys_at..];
-        let value_tiles = &self.values[self.values_at..];
+        let (key_tiles, value_tiles) = (self.keys.tiles(), self.values.tiles());
         // SAFETY: `new` checked AMX; the tiles are this thread's until the borrow drops.
         let _tiles = unsafe { TilesBorrowed::new() };
         for start in (0..rows).step_by(amx::ROWS) {

@@ -101,8 +101,7 @@ fn by_tiles<T>(
             width: j1 - j0,
             ldo: groups * COLS,
             weights: &tiles[j0 / COLS * panel_len..][..groups * panel_len],
-            bias: finish.bias.map(|b| &b[j0..j1]),
-            activation: finish.activation,
+            finish: Finish { bias: finish.bias.map(|b| &b[j0..j1]), ..finish },
             out,
         };
         BLOCK_SUMS.with_borrow_mut(|storage| {
@@ -126,8 +125,8 @@ struct Block<'a> {
     width: usize,
     ldo: usize,
     weights: &'a [u16],
-    bias: Option<&'a [f32]>,
-    activation: Activation,
+    /// With the block's columns of the bias.
+    finish: Finish<'a>,
     out: SharedOut,
 }
 
@@ -136,6 +135,17 @@ struct Block<'a> {
 struct Finish<'a> {
     bias: Option<&'a [f32]>,
     activation: Activation,
+}
+
+impl Finish<'_> {
+    fn apply(&self, row: &mut [f32]) {
+        if let Some(bias) = self.bias {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+        if self.activation == Activation::GeluTanh {
+            crate::activations::gelu_tanh_here(row);
+        }
+    }
 }
 
 impl Block<'_> {
@@ -166,7 +176,7 @@ impl Block<'_> {
                     unsafe { self.out.write_row(at, &sums[r * ldo..][..self.width]) };
                 }
                 // SAFETY: as above; the row's columns in the block are written.
-                self.finish(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
+                self.finish.apply(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
             }
         }
     }
@@ -191,18 +201,9 @@ impl Block<'_> {
         }
         for (r, row) in sums.chunks_exact_mut(ldo).take(self.m).enumerate() {
             let row = &mut row[..self.width];
-            self.finish(row);
+            self.finish.apply(row);
             // SAFETY: inside `out`, and only this block writes its columns.
             unsafe { self.out.write_row(r * self.n + self.j0, row) };
-        }
-    }
-
-    fn finish(&self, row: &mut [f32]) {
-        if let Some(bias) = self.bias {
-            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        }
-        if self.activation == Activation::GeluTanh {
-            crate::activations::gelu_tanh_here(row);
         }
     }
 }

@@ -151,11 +151,16 @@ impl Bf16Tiles {
     /// Tiles of the bf16 rows `rows` (`n` rows of `kp`).
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn from_rows(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
-        let len = n.div_ceil(COLS) * group_len(kp);
+        // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
+        Bf16Tiles::written(n.div_ceil(COLS) * group_len(kp), |tiles| unsafe { pack_tiles(rows, n, kp, tiles) })
+    }
+
+    /// `len` units starting on a cache line, zeroed, then laid out by `write` (for layouts
+    /// packed another way than from rows: attention's values).
+    pub(crate) fn written(len: usize, write: impl FnOnce(&mut [u16])) -> Bf16Tiles {
         let mut storage = Vec::new();
         let tiles = crate::shared::aligned(&mut storage, len);
-        // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
-        unsafe { pack_tiles(rows, n, kp, tiles) };
+        write(tiles);
         let start = tiles.as_ptr() as usize;
         let skip = (start - storage.as_ptr() as usize) / 2;
         Bf16Tiles { storage, skip, len }
@@ -310,30 +315,20 @@ pub(crate) fn group_len(kp: usize) -> usize {
 /// # Safety
 /// The CPU has AVX-512F.
 unsafe fn pack_tiles(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
-    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
-        // SAFETY: the caller vouches for AVX-512F.
-        unsafe { pack_group(bits, n, kp, g, group) }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-/// Group `g` of [`pack_tiles`] into `group` ([`group_len`] units).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-pub(crate) unsafe fn pack_group(bits: &[u16], n: usize, kp: usize, g: usize, group: &mut [u16]) {
     let zeros = [0u16; amx::STEP];
-    for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-        let (s, half) = (t / 2, t % 2);
-        let first = g * COLS + half * 16;
-        // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
-        let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
-            j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
-            _ => zeros.as_ptr(),
-        });
-        // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
-        unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
-    }
+    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
+        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+            let (s, half) = (t / 2, t % 2);
+            let first = g * COLS + half * 16;
+            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
+                _ => zeros.as_ptr(),
+            });
+            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]

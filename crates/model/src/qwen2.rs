@@ -30,6 +30,13 @@ pub struct SeqInput<'a> {
     pub want_logits: bool,
 }
 
+/// Each new token's position in its sequence, for one forward pass: as values (the CPU's
+/// rotary pass) and as a tensor (candle's rope), made once for every layer.
+struct Positions {
+    ids: Vec<u32>,
+    tensor: Tensor,
+}
+
 /// Rotary embedding tables, computed in f32 for every position of the context.
 struct Rotary {
     cos: Tensor,
@@ -57,7 +64,7 @@ impl Rotary {
         projected: &Tensor,
         heads: usize,
         kv_heads: usize,
-        positions: &Tensor,
+        positions: &Positions,
     ) -> Result<[Tensor; 3]> {
         let hd = self.cos.dim(1)? * 2;
         let total = projected.dim(0)?;
@@ -67,18 +74,17 @@ impl Rotary {
             let heads_first = |first: usize, n: usize| -> Result<Tensor> {
                 Ok(all_heads.narrow(1, first, n)?.transpose(0, 1)?.contiguous()?)
             };
-            let q = self.apply(&heads_first(0, heads)?, positions)?;
-            let k = self.apply(&heads_first(heads, kv_heads)?, positions)?;
+            let q = self.apply(&heads_first(0, heads)?, &positions.tensor)?;
+            let k = self.apply(&heads_first(heads, kv_heads)?, &positions.tensor)?;
             return Ok([q, k, heads_first(heads + kv_heads, kv_heads)?]);
         }
-        let positions = positions.to_vec1::<u32>()?;
         let mut out = vec![0.0f32; all * total * hd];
         with_f32_values(&self.cos, |cos| {
             with_f32_values(&self.sin, |sin| {
                 with_f32_values(projected, |rows| {
                     out.par_chunks_mut(total * hd).enumerate().for_each(|(head, out)| {
                         let rotated = head < heads + kv_heads;
-                        for (t, (out, &position)) in out.chunks_exact_mut(hd).zip(&positions).enumerate() {
+                        for (t, (out, &position)) in out.chunks_exact_mut(hd).zip(&positions.ids).enumerate() {
                             let x = &rows[(t * all + head) * hd..][..hd];
                             if !rotated {
                                 out.copy_from_slice(x);
@@ -155,7 +161,7 @@ impl Attention {
         x: &Tensor,
         spans: &[(usize, usize)],
         masks: &[Option<Tensor>],
-        positions: &Tensor,
+        positions: &Positions,
         rotary: &Rotary,
         seqs: &mut [SeqInput],
     ) -> Result<Tensor> {
@@ -414,7 +420,8 @@ impl Qwen2 {
             positions.extend((past..past + t).map(|p| p as u32));
             start += t;
         }
-        let positions = Tensor::new(positions, self.embed_tokens.device())?;
+        let positions =
+            Positions { tensor: Tensor::new(positions.as_slice(), self.embed_tokens.device())?, ids: positions };
         // One mask per sequence for all layers (on a GPU, one upload per step), none where the
         // bf16 kernels apply causality themselves.
         let device = self.embed_tokens.device();
