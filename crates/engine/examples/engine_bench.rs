@@ -90,7 +90,7 @@ fn main() {
     let picture =
         image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images/square.png")).unwrap().to_rgb8();
     let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
-    let handle = Engine::start(model, tokenizer, EngineConfig::default());
+    let handle = Engine::start(model, tokenizer, EngineConfig::default()).unwrap();
     let b = Bench { handle, prompts, picture };
     let mut variant = 1000u32;
 

@@ -11,7 +11,8 @@ pub mod defaults {
     /// Share of the memory available at start that the server gives the KV cache.
     pub const KV_CACHE_FRACTION: f64 = 0.4;
     pub const VISION_CACHE_MEMORY: usize = 512 << 20;
-    pub const PREFIX_CACHE_MEMORY: usize = 1 << 30;
+    /// Tokens per KV pool block (vLLM's default).
+    pub const BLOCK_SIZE: usize = 16;
     pub const MAX_WAITING: usize = 256;
     pub const MAX_IMAGES_PER_ENCODE: usize = 8;
 }
@@ -23,17 +24,17 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Sequences running at once.
     pub max_num_seqs: usize,
-    /// Bytes of KV storage for running sequences and the prefix cache together (reserved
-    /// storage, not just the tokens in it).
+    /// Bytes of the KV pool: the blocks of running sequences and of the prefix cache together,
+    /// allocated when the engine starts.
     pub kv_cache_memory: usize,
+    /// Tokens per KV pool block.
+    pub block_size: usize,
     /// Bytes of projected image features kept by content hash.
     pub vision_cache_memory: usize,
-    /// Bytes of KV storage the prefix cache may keep from finished requests (within
-    /// `kv_cache_memory`, and only while running requests leave it free).
-    pub prefix_cache_memory: usize,
     /// Requests that may wait for admission before new ones are refused as overloaded.
     pub max_waiting: usize,
-    /// Reuse the KV of earlier requests that share a prompt prefix.
+    /// Keep full blocks of finished requests in the pool (until their blocks are needed) and
+    /// reuse them for later requests that share a prompt prefix.
     pub prefix_caching: bool,
     /// Images encoded per vision-tower call at most (bounds its activation memory).
     pub max_images_per_encode: usize,
@@ -51,8 +52,8 @@ impl Default for EngineConfig {
             max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
             max_num_seqs: defaults::MAX_NUM_SEQS,
             kv_cache_memory: defaults::KV_CACHE_MEMORY,
+            block_size: defaults::BLOCK_SIZE,
             vision_cache_memory: defaults::VISION_CACHE_MEMORY,
-            prefix_cache_memory: defaults::PREFIX_CACHE_MEMORY,
             max_waiting: defaults::MAX_WAITING,
             prefix_caching: true,
             max_images_per_encode: defaults::MAX_IMAGES_PER_ENCODE,

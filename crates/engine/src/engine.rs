@@ -1,11 +1,12 @@
-//! The engine thread: owns the model, the queues, the caches and every sequence, and runs one
-//! batched step after another: drop cancelled work, plan, preempt, admit, encode images, one
-//! ragged forward pass, sample, stream. The only way in is a command over a channel; a step
+//! The engine thread: owns the model, the KV pool, the queues, the caches and every sequence,
+//! and runs one batched step after another: drop cancelled work, plan, preempt, admit, encode
+//! images, one ragged forward pass, sample, stream. The only way in is a command over a channel; a step
 //! that fails or panics fails only its own requests (see `recovery.rs`).
 
+use crate::block_pool::BlockPool;
 use crate::config::EngineConfig;
 use crate::handle::{Bounds, EngineHandle};
-use crate::prefix_cache::{image_key, text_key, PrefixCache, TokenKey};
+use crate::prefix_cache::{image_key, text_key, BlockHasher, TokenKey};
 use crate::request::{Event, GenerateRequest, Health};
 use crate::scheduler::{self, Limits, RunningView, WaitingView};
 use crate::sequence::Sequence;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use weft_model::tokenizer::PromptTokenizer;
-use weft_model::{grown_capacity, LlavaModel};
+use weft_model::{KvPool, LlavaModel};
 
 pub(crate) enum Command {
     Submit(Box<Submission>),
@@ -58,15 +59,17 @@ pub struct Engine {
     pub(crate) config: Arc<EngineConfig>,
     pub(crate) stats: Arc<EngineStats>,
     pub(crate) limits: Limits,
-    /// Tokens of storage the prefix cache may keep at most.
-    prefix_limit: usize,
+    /// Every sequence's keys and values, in blocks.
+    pub(crate) pool: KvPool,
+    /// Which block holds what (references, cached prefixes, free blocks).
+    pub(crate) blocks: BlockPool,
+    pub(crate) hasher: BlockHasher,
     pub(crate) requests: HashMap<u64, Request>,
     pub(crate) seqs: HashMap<u64, Sequence>,
     /// Seq ids in arrival order.
     pub(crate) running: Vec<u64>,
     pub(crate) waiting: VecDeque<u64>,
     pub(crate) vision: VisionCache,
-    pub(crate) prefix: PrefixCache,
     next_id: u64,
     commands: Receiver<Command>,
     /// Sequences the current step feeds: the ones a fault in it fails.
@@ -80,14 +83,22 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine without starting its thread: [`Engine::start`] runs it, and the
-    /// simulation tests drive it step by step with [`Engine::tick`].
-    pub fn new(model: LlavaModel, tokenizer: Arc<PromptTokenizer>, config: EngineConfig) -> (Engine, EngineHandle) {
+    /// simulation tests drive it step by step with [`Engine::tick`]. The KV pool is allocated
+    /// here: as many blocks as `kv_cache_memory` holds (at least one).
+    pub fn new(
+        model: LlavaModel,
+        tokenizer: Arc<PromptTokenizer>,
+        config: EngineConfig,
+    ) -> weft_model::Result<(Engine, EngineHandle)> {
         let cfg = model.config().clone();
-        let bytes_per_token = model.new_cache().bytes_per_token();
-        let kv_tokens = (config.kv_cache_memory / bytes_per_token).max(1);
-        let bounds = Bounds { context: cfg.text.max_position_embeddings, kv_tokens };
+        let block_size = config.block_size.max(1);
+        let num_blocks = (config.kv_cache_memory / (model.kv_bytes_per_token() * block_size)).max(1);
+        let pool = model.new_kv_pool(num_blocks, block_size)?;
+        let bounds = Bounds { context: cfg.text.max_position_embeddings, num_blocks, block_size };
         let stats = Arc::new(EngineStats::default());
-        stats.kv_budget_bytes.store(kv_tokens * bytes_per_token, Relaxed);
+        stats.kv_budget_bytes.store(pool.bytes(), Relaxed);
+        stats.kv_num_blocks.store(num_blocks, Relaxed);
+        stats.kv_block_size.store(block_size, Relaxed);
         let sample_on_device = config.sample_on_device.unwrap_or(!model.device().is_cpu());
         let config = Arc::new(config);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -98,9 +109,11 @@ impl Engine {
             limits: Limits {
                 max_batched_tokens: config.max_num_batched_tokens.max(1),
                 max_seqs: config.max_num_seqs.max(1),
-                kv_tokens,
+                kv_blocks: num_blocks,
             },
-            prefix_limit: (config.prefix_cache_memory / bytes_per_token).min(kv_tokens),
+            pool,
+            blocks: BlockPool::new(num_blocks),
+            hasher: BlockHasher::new(block_size),
             vision: VisionCache::new(config.vision_cache_memory),
             config: config.clone(),
             stats: stats.clone(),
@@ -108,7 +121,6 @@ impl Engine {
             seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
-            prefix: PrefixCache::new(),
             next_id: 0,
             commands: rx,
             in_step: Vec::new(),
@@ -117,17 +129,22 @@ impl Engine {
             sample_on_device,
         };
         let handle = EngineHandle { commands: tx, stats, config, bounds: Arc::new(bounds), health: health_rx };
-        (engine, handle)
+        engine.publish_gauges();
+        Ok((engine, handle))
     }
 
     /// Starts the engine thread and returns the handle to it.
-    pub fn start(model: LlavaModel, tokenizer: Arc<PromptTokenizer>, config: EngineConfig) -> EngineHandle {
-        let (engine, handle) = Engine::new(model, tokenizer, config);
+    pub fn start(
+        model: LlavaModel,
+        tokenizer: Arc<PromptTokenizer>,
+        config: EngineConfig,
+    ) -> weft_model::Result<EngineHandle> {
+        let (engine, handle) = Engine::new(model, tokenizer, config)?;
         std::thread::Builder::new()
             .name("weft-engine".into())
             .spawn(move || engine.run())
             .expect("spawn the engine thread");
-        handle
+        Ok(handle)
     }
 
     fn run(mut self) {
@@ -198,7 +215,8 @@ impl Engine {
             }
         }
         let req_id = self.new_id();
-        let seq = Sequence::new(self.new_id(), req_id, 0, &s.request);
+        let mut seq = Sequence::new(self.new_id(), req_id, 0, &s.request);
+        self.hasher.extend(&mut seq.hashes, |i| keys[i], keys.len());
         self.waiting.push_back(seq.id);
         self.seqs.insert(seq.id, seq);
         let n_images = s.request.prompt.images().len();
@@ -229,42 +247,19 @@ impl Engine {
         self.requests.get(&seq.req_id).is_none_or(|r| r.events.is_closed())
     }
 
-    /// Tokens the prefix cache could supply for a waiting sequence (at least one token is
-    /// always computed, so that its logits exist).
-    fn reusable_prefix(&self, seq: &Sequence) -> usize {
-        if !self.config.prefix_caching || seq.computed() > 0 || self.prefix.is_empty() {
-            return 0;
-        }
-        let keys = self.seq_keys(seq);
-        self.prefix.peek(&keys, seq.tokens.len() - 1)
-    }
-
-    pub(crate) fn seq_keys(&self, seq: &Sequence) -> Vec<TokenKey> {
-        let req = &self.requests[&seq.req_id];
-        let mut keys = req.keys.clone();
-        keys.extend(seq.tokens[req.prompt.len()..].iter().map(|&t| text_key(t)));
-        keys
-    }
-
-    /// Storage the other choices of a request will fork from its prompt, while they are not
-    /// spawned yet.
-    fn sibling_reserve(&self, seq: &Sequence) -> usize {
-        let req = &self.requests[&seq.req_id];
-        if req.choices_spawned {
-            0
-        } else {
-            (req.spec.n.get() - 1) * grown_capacity(0, req.prompt.len(), self.limits.kv_tokens)
-        }
-    }
-
     fn running_views(&self) -> Vec<RunningView> {
         self.running
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
-                let cache = s.cache.as_ref().expect("a running sequence holds its cache between steps");
-                let reserved = cache.capacity_after(s.tokens.len()) + self.sibling_reserve(s);
-                RunningView { id: *id, computed: s.computed(), pending: s.pending(), reserved }
+                let frees = s.blocks.iter().filter(|&&b| self.blocks.refs(b) == 1).count();
+                RunningView {
+                    id: *id,
+                    computed: s.computed(),
+                    pending: s.pending(),
+                    grow: self.blocks_to_grow(s),
+                    frees,
+                }
             })
             .collect()
     }
@@ -274,21 +269,21 @@ impl Engine {
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
-                let cached = self.reusable_prefix(s);
-                let max = self.limits.kv_tokens;
-                let own = grown_capacity(grown_capacity(0, cached, max), s.tokens.len(), max);
-                WaitingView { id: *id, to_compute: s.tokens.len() - cached, need: own + self.sibling_reserve(s) }
+                let hit = self.prefix_hit(s);
+                let new_blocks = s.tokens.len().div_ceil(self.pool.block_size()) - hit.len();
+                let need = new_blocks + self.blocks.unheld(&hit) + self.sibling_reserve(s);
+                WaitingView { id: *id, to_compute: s.tokens.len() - hit.len() * self.pool.block_size(), need }
             })
             .collect()
     }
 
     /// Removes every sequence whose client has gone away, before anything is planned, so that
-    /// their KV (kept by the prefix cache) is counted by this step's plan.
+    /// their blocks are counted by this step's plan.
     fn drop_cancelled(&mut self) {
         let gone: Vec<u64> =
             self.running.iter().chain(&self.waiting).copied().filter(|id| self.cancelled(&self.seqs[id])).collect();
         for id in gone {
-            self.remove_seq(id, true);
+            self.remove_seq(id);
         }
     }
 
@@ -296,31 +291,20 @@ impl Engine {
     pub(crate) fn step_inner(&mut self) -> weft_model::Result<()> {
         self.drop_cancelled();
         let running = self.running_views();
-        let mut waiting = self.waiting_views();
-        // The prefix cache lives in whatever KV budget the running sequences and the head of
-        // the queue leave free.
-        let committed: usize = running.iter().map(|r| r.reserved).sum();
-        let head = waiting.first().map_or(0, |w| w.need);
-        if self.prefix.shrink_to(self.limits.kv_tokens.saturating_sub(committed + head).min(self.prefix_limit)) {
-            waiting = self.waiting_views();
-        }
-        let limits =
-            Limits { kv_tokens: self.limits.kv_tokens.saturating_sub(self.prefix.reserved_tokens()), ..self.limits };
+        let waiting = self.waiting_views();
+        let limits = Limits { kv_blocks: self.blocks.available(), ..self.limits };
         let plan = scheduler::plan(&running, &waiting, limits);
 
         for id in plan.preempted.iter().rev() {
             self.running.retain(|r| r != id);
-            let seq = self.seqs.get_mut(id).expect("planned");
-            seq.cache = None;
+            let blocks = self.seqs.get_mut(id).expect("planned").preempt();
+            blocks.into_iter().for_each(|b| self.blocks.release(b));
             self.waiting.push_front(*id);
             self.stats.preemptions_total.fetch_add(1, Relaxed);
         }
         let cached: HashMap<u64, usize> =
             waiting.iter().map(|w| (w.id, self.seqs[&w.id].tokens.len() - w.to_compute)).collect();
-        for id in &plan.admitted {
-            self.waiting.retain(|w| w != id);
-            self.admit(*id, cached[id]);
-        }
+        self.admit(&plan.admitted, &cached)?;
         self.publish_gauges();
         if plan.chunks.is_empty() {
             return Ok(());
@@ -333,41 +317,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts a waiting sequence with at most `planned_cached` tokens from the prefix cache:
-    /// never more than the plan counted, so its chunk always fits what is left to compute.
-    fn admit(&mut self, id: u64, planned_cached: usize) {
-        let max = self.limits.kv_tokens;
-        let mut cache = self.model.new_cache().with_max_capacity(max);
-        let mut reused = 0;
-        if self.config.prefix_caching && planned_cached > 0 {
-            let keys = self.seq_keys(&self.seqs[&id]);
-            if let Some((len, hit)) = self.prefix.lookup(&keys, planned_cached) {
-                cache = hit;
-                reused = len;
-            }
-        }
-        let seq = self.seqs.get_mut(&id).expect("waiting");
-        if seq.admitted_at.is_none() {
-            // First start (not a re-admission after preemption): it leaves the waiting count.
-            self.stats.waiting.fetch_sub(1, Relaxed);
-            self.stats.prompt_tokens_total.fetch_add(seq.tokens.len() as u64, Relaxed);
-            self.stats.cached_tokens_total.fetch_add(reused as u64, Relaxed);
-        }
-        seq.admit(cache, reused);
-        self.running.push(id);
-    }
-
-    /// Forgets a sequence; its KV goes to the prefix cache when `keep_kv` (never after a
-    /// fault), and the request goes when its last choice does.
-    pub(crate) fn remove_seq(&mut self, id: u64, keep_kv: bool) {
+    /// Forgets a sequence and lets go of its blocks (those holding a full block of a prefix
+    /// stay cached: blocks are registered only once a forward pass has written them whole, so
+    /// none a failed step was writing is kept), and the request goes when its last choice does.
+    pub(crate) fn remove_seq(&mut self, id: u64) {
         let Some(mut seq) = self.seqs.remove(&id) else { return };
-        if let Some(cache) = seq.cache.take() {
-            if keep_kv && self.config.prefix_caching && self.requests.contains_key(&seq.req_id) {
-                let keys = self.seq_keys(&seq);
-                self.prefix.insert(keys, cache);
-                self.prefix.shrink_to(self.prefix_limit);
-            }
-        }
+        seq.preempt().into_iter().for_each(|b| self.blocks.release(b));
         if seq.admitted_at.is_none() {
             self.stats.waiting.fetch_sub(1, Relaxed);
         }
@@ -385,15 +340,16 @@ impl Engine {
 
     pub(crate) fn publish_gauges(&self) {
         let used: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.computed()).sum();
-        let bpt = self.stats.kv_budget_bytes.load(Relaxed) / self.limits.kv_tokens.max(1);
-        let running_reserved: usize =
-            self.running.iter().filter_map(|id| self.seqs.get(id)?.cache.as_ref()).map(|c| c.capacity()).sum();
+        let bytes_per_block = self.pool.bytes() / self.blocks.num_blocks();
+        let held = self.blocks.held();
+        let kept = held + self.blocks.cached_unheld();
         self.stats.running.store(self.running.len(), Relaxed);
         self.stats.kv_used_tokens.store(used, Relaxed);
-        self.stats.kv_used_bytes.store(used * bpt, Relaxed);
-        self.stats.kv_running_reserved_bytes.store(running_reserved * bpt, Relaxed);
-        self.stats.kv_reserved_bytes.store(self.model.kv_bytes_reserved(), Relaxed);
-        self.stats.prefix_cache_bytes.store(self.prefix.reserved_tokens() * bpt, Relaxed);
+        self.stats.kv_used_bytes.store(used * self.pool.bytes_per_token(), Relaxed);
+        self.stats.kv_blocks_held.store(held, Relaxed);
+        self.stats.kv_running_reserved_bytes.store(held * bytes_per_block, Relaxed);
+        self.stats.kv_reserved_bytes.store(kept * bytes_per_block, Relaxed);
+        self.stats.prefix_cache_bytes.store(self.blocks.cached_unheld() * bytes_per_block, Relaxed);
         self.stats.vision_cache_bytes.store(self.vision.bytes(), Relaxed);
     }
 }

@@ -9,7 +9,7 @@ use crate::sequence::{Emitted, Scores};
 use candle_core::Tensor;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
-use weft_model::{KvCache, SeqInput};
+use weft_model::SeqInput;
 
 impl Engine {
     /// Ensures the projected features of every image overlapping `[from, to)` of the prompt
@@ -107,32 +107,26 @@ impl Engine {
             let from = self.seqs[&id].computed();
             embeds.push(self.chunk_embeddings(id, from, from + n)?);
         }
-        let mut caches: Vec<KvCache> = chunks
-            .iter()
-            .map(|(id, _)| {
-                let seq = self.seqs.get_mut(id).unwrap();
-                let mut cache = seq.cache.take().expect("running");
-                // What the scheduler counted: storage for all of its tokens (a whole prompt).
-                cache.reserve(seq.tokens.len());
-                cache
-            })
-            .collect();
+        for &(id, n) in chunks {
+            self.make_room(id, n)?;
+        }
         let wants: Vec<bool> =
             chunks.iter().map(|&(id, n)| self.seqs[&id].computed() + n == self.seqs[&id].tokens.len()).collect();
         let started = Instant::now();
-        let result = {
-            let mut inputs: Vec<SeqInput> = caches
-                .iter_mut()
-                .zip(embeds)
-                .zip(&wants)
-                .map(|((cache, embeds), &want_logits)| SeqInput { embeds, cache, want_logits })
-                .collect();
-            self.model.forward(&mut inputs)
-        };
-        for ((id, _), cache) in chunks.iter().zip(caches) {
-            self.seqs.get_mut(id).unwrap().restore_cache(cache);
+        let inputs: Vec<SeqInput> = chunks
+            .iter()
+            .zip(embeds)
+            .zip(&wants)
+            .map(|((&(id, _), embeds), &want_logits)| {
+                let seq = &self.seqs[&id];
+                SeqInput { embeds, past: seq.computed(), blocks: &seq.blocks, want_logits }
+            })
+            .collect();
+        let logits = self.model.forward(&mut self.pool, &inputs)?;
+        drop(inputs);
+        for &(id, n) in chunks {
+            self.advance(id, n);
         }
-        let logits = result?;
         let forward = started.elapsed();
         let Some(logits) = logits else { return Ok(()) };
         let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
@@ -190,12 +184,11 @@ impl Engine {
             req.live_choices = req.spec.n.get();
             let spec = req.spec.clone();
             for choice in 1..spec.n.get() {
-                let cache = {
-                    let seq = &self.seqs[&id];
-                    seq.cache.as_ref().expect("running").fork(seq.computed())?
-                };
+                // The prompt's blocks are shared, each held once more; the one its next token
+                // goes into is copied when it is written (`make_room`).
                 let sibling_id = self.new_id();
-                let sibling = self.seqs[&id].sibling(sibling_id, choice, cache, &spec);
+                let sibling = self.seqs[&id].sibling(sibling_id, choice, &spec);
+                sibling.blocks.iter().for_each(|&b| self.blocks.retain(b));
                 siblings.push(sibling_id);
                 self.seqs.insert(sibling_id, sibling);
                 self.running.push(sibling_id);
@@ -210,7 +203,8 @@ impl Engine {
     }
 
     fn emit(&mut self, id: u64, row: &Scores) {
-        let context = self.model.config().text.max_position_embeddings.min(self.limits.kv_tokens);
+        let pool_tokens = self.blocks.num_blocks() * self.pool.block_size();
+        let context = self.model.config().text.max_position_embeddings.min(pool_tokens);
         let seq = self.seqs.get_mut(&id).expect("running");
         let req = self.requests.get(&seq.req_id).expect("live");
         let out = seq.sample(row, &req.prompt, &req.spec, &self.config.eos_token_ids, context, &*self.tokenizer);
@@ -222,6 +216,7 @@ impl Engine {
         match out {
             Emitted::Token(event) => {
                 let _ = req.events.send(event);
+                self.extend_hashes(id);
             }
             Emitted::Finished(token_event, reason, text) => {
                 if let Some(event) = token_event {
@@ -232,7 +227,7 @@ impl Engine {
             Emitted::Failed(message) => {
                 tracing::warn!(%message, "a constrained sequence failed");
                 let _ = req.events.send(Event::Error(crate::request::EngineError::Internal(message)));
-                self.remove_seq(id, false);
+                self.remove_seq(id);
             }
         }
     }
@@ -257,6 +252,6 @@ impl Engine {
             inter_token_s: seq.inter_token.clone(),
         };
         let _ = req.events.send(Event::Finished { index: seq.choice, reason, text, usage, timing });
-        self.remove_seq(id, true);
+        self.remove_seq(id);
     }
 }

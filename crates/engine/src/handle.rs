@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use weft_model::grown_capacity;
 
 /// Budgets the handle checks requests against, fixed when the engine starts.
 #[derive(Debug, Clone)]
 pub(crate) struct Bounds {
     pub context: usize,
-    pub kv_tokens: usize,
+    /// The KV pool: blocks, and tokens per block.
+    pub num_blocks: usize,
+    pub block_size: usize,
 }
 
 #[derive(Clone)]
@@ -89,12 +90,13 @@ impl EngineHandle {
         if tokens >= b.context {
             return Err(SubmitError::PromptTooLong { tokens, limit: b.context - 1, why: "the model's context" });
         }
-        // Every choice holds its own copy of the prompt plus the token being generated.
-        let per_choice = grown_capacity(0, tokens + 1, b.kv_tokens);
+        // The choices share the prompt's blocks; each other choice copies the last one (or
+        // starts the next) for its first token.
         let n = r.n.get();
-        if n * per_choice > b.kv_tokens {
-            let limit = (b.kv_tokens / n).saturating_sub(1);
-            return Err(SubmitError::PromptTooLong { tokens, limit, why: "the KV cache budget, with n copies" });
+        let blocks = (tokens + 1).div_ceil(b.block_size) + (n - 1);
+        if blocks > b.num_blocks {
+            let limit = (b.num_blocks.saturating_sub(n - 1) * b.block_size).saturating_sub(1);
+            return Err(SubmitError::PromptTooLong { tokens, limit, why: "the KV cache, with n choices" });
         }
         Ok(())
     }

@@ -1,12 +1,14 @@
 //! weft-engine: many concurrent generation requests turned into batched forward passes, with
 //! tokens streamed back. One thread owns all mutable state; the server holds an [`EngineHandle`].
 
+mod block_pool;
 pub mod config;
 pub mod constraint;
 pub mod detokenize;
 mod engine;
 mod forward;
 mod handle;
+mod kv;
 pub mod prefix_cache;
 pub mod prompt;
 mod recovery;

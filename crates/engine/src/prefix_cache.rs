@@ -1,14 +1,18 @@
-//! KV caches of finished sequences, kept so that a later request sharing a token prefix (images
-//! identified by content hash) reuses them instead of recomputing: the second turn of a chat
-//! about an image skips both the vision encode and the prefill of the first turn. Entries are
-//! counted by the storage they really reserve.
+//! What a prefix is, for the prefix cache inside the KV pool: each token's identity (its id, or
+//! for an image slot the image's content hash and the slot) and each full block's hash,
+//! chained over its parent block's hash and its tokens' identities. A later request that
+//! shares a prompt prefix (the same text and pictures) finds its blocks by these hashes and
+//! skips both the vision encode and the prefill of that prefix.
 
-use weft_model::KvCache;
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 /// A token's identity for prefix matching: its id, or for an image slot the image's 128-bit
 /// keyed content hash plus the slot's offset inside the image (top bit set, so no text key
 /// can equal an image key).
 pub type TokenKey = u128;
+
+/// A full block's identity: its tokens and everything before them.
+pub type BlockHash = u128;
 
 const IMAGE_BIT: u128 = 1 << 127;
 
@@ -22,107 +26,77 @@ pub fn image_key(hash: u128, slot: usize) -> TokenKey {
     hash.wrapping_add(slot as u128) | IMAGE_BIT
 }
 
-struct Entry {
-    keys: Vec<TokenKey>,
-    cache: KvCache,
-    used: u64,
+/// Block hashes, keyed with secrets drawn when the engine starts (two SipHash keys, 128 bits
+/// in all): a client cannot craft a prompt whose blocks collide with another's, and a chance
+/// collision among the blocks one pool holds is about 2^-100.
+pub struct BlockHasher {
+    keys: [RandomState; 2],
+    block_size: usize,
 }
 
-#[derive(Default)]
-pub struct PrefixCache {
-    entries: Vec<Entry>,
-    tick: u64,
-    /// Tokens of storage reserved by all entries.
-    reserved: usize,
-}
-
-fn common_prefix(a: &[TokenKey], b: &[TokenKey]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-impl PrefixCache {
-    pub fn new() -> Self {
-        Self::default()
+impl BlockHasher {
+    pub fn new(block_size: usize) -> Self {
+        BlockHasher { keys: [RandomState::new(), RandomState::new()], block_size }
     }
 
-    /// Tokens of KV storage held by all entries (capacity, not length).
-    pub fn reserved_tokens(&self) -> usize {
-        self.reserved
-    }
-
-    /// Bytes of KV storage held by all entries.
-    pub fn reserved_bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.cache.reserved_bytes()).sum()
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Length of the longest cached prefix of `keys`, at most `max_len`, without using it.
-    pub fn peek(&self, keys: &[TokenKey], max_len: usize) -> usize {
-        self.entries.iter().map(|e| common_prefix(&e.keys, keys).min(max_len).min(e.cache.len())).max().unwrap_or(0)
-    }
-
-    /// The longest cached prefix of `keys`, at most `max_len` tokens, as a private copy.
-    pub fn lookup(&mut self, keys: &[TokenKey], max_len: usize) -> Option<(usize, KvCache)> {
-        self.tick += 1;
-        let (best, len) = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.keys, keys).min(max_len).min(e.cache.len())))
-            .max_by_key(|&(_, len)| len)?;
-        if len == 0 {
-            return None;
-        }
-        let entry = &mut self.entries[best];
-        entry.used = self.tick;
-        let copy = entry.cache.fork(len).ok()?;
-        Some((len, copy))
-    }
-
-    /// Keeps `cache`, whose tokens are `keys[..cache.len()]`. Entries it extends are replaced.
-    pub fn insert(&mut self, mut keys: Vec<TokenKey>, cache: KvCache) {
-        if cache.is_empty() {
-            return;
-        }
-        keys.truncate(cache.len());
-        self.tick += 1;
-        let mut freed = 0;
-        self.entries.retain(|e| {
-            let covered = e.keys.len() <= keys.len() && keys.starts_with(&e.keys);
-            if covered {
-                freed += e.cache.capacity();
+    /// The hash of a block holding `keys`, after the block whose hash is `parent`.
+    fn chain(&self, parent: Option<BlockHash>, keys: &[TokenKey]) -> BlockHash {
+        let half = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            h.write_u128(parent.unwrap_or(0));
+            h.write_u8(parent.is_some() as u8);
+            for &k in keys {
+                h.write_u128(k);
             }
-            !covered
-        });
-        self.reserved -= freed;
-        if self.entries.iter().any(|e| e.keys.starts_with(&keys)) {
-            return; // an entry already covers it
-        }
-        self.reserved += cache.capacity();
-        self.entries.push(Entry { keys, cache, used: self.tick });
+            h.finish() as u128
+        };
+        (half(&self.keys[0]) << 64) | half(&self.keys[1])
     }
 
-    /// Drops least recently used entries until at most `max_tokens` of storage remain.
-    pub fn shrink_to(&mut self, max_tokens: usize) -> bool {
-        let before = self.entries.len();
-        while self.reserved > max_tokens && !self.entries.is_empty() {
-            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used).expect("non-empty");
-            let gone = self.entries.swap_remove(oldest);
-            self.reserved -= gone.cache.capacity();
+    /// Appends to `hashes` (the hashes of the first `hashes.len()` blocks of `keys`) those of
+    /// the remaining full blocks of `keys`.
+    pub fn extend(&self, hashes: &mut Vec<BlockHash>, keys: impl Fn(usize) -> TokenKey, len: usize) {
+        let bs = self.block_size;
+        let mut block = Vec::with_capacity(bs);
+        for j in hashes.len()..len / bs {
+            block.clear();
+            block.extend((j * bs..(j + 1) * bs).map(&keys));
+            let parent = j.checked_sub(1).map(|p| hashes[p]);
+            hashes.push(self.chain(parent, &block));
         }
-        self.entries.len() != before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes_of(hasher: &BlockHasher, keys: &[TokenKey]) -> Vec<BlockHash> {
+        let mut hashes = Vec::new();
+        hasher.extend(&mut hashes, |i| keys[i], keys.len());
+        hashes
     }
 
-    /// Drops every entry.
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.reserved = 0;
+    #[test]
+    fn a_block_s_hash_depends_on_everything_before_it() {
+        let hasher = BlockHasher::new(4);
+        let a: Vec<TokenKey> = (0..10).map(text_key).collect();
+        let hashes = hashes_of(&hasher, &a);
+        assert_eq!(hashes.len(), 2, "only full blocks");
+        // Extending in steps gives the same hashes as all at once.
+        let mut stepwise = Vec::new();
+        for len in [3, 5, 9] {
+            hasher.extend(&mut stepwise, |i| a[i], len);
+        }
+        assert_eq!(stepwise, hashes);
+        // A change in the first block changes the second block's hash too.
+        let mut b = a.clone();
+        b[0] = text_key(99);
+        let other = hashes_of(&hasher, &b);
+        assert!(other[0] != hashes[0] && other[1] != hashes[1]);
+        // The same tokens as an image's slots are another prefix.
+        let images: Vec<TokenKey> = (0..8).map(|slot| image_key(0, slot)).collect();
+        assert_ne!(hashes_of(&hasher, &images)[0], hashes[0]);
+        assert_ne!(hashes_of(&BlockHasher::new(4), &a), hashes, "keyed per engine");
     }
 }

@@ -29,13 +29,20 @@ pub struct Audit {
     pub requests: usize,
     pub running: usize,
     pub waiting: usize,
-    /// Bytes the model's KV ledger says are reserved by live caches.
-    pub kv_ledger_bytes: usize,
-    /// Bytes of the caches the engine can reach (running sequences and the prefix cache).
-    pub kv_reachable_bytes: usize,
-    pub kv_budget_bytes: usize,
-    pub prefix_entries: usize,
-    pub prefix_bytes: usize,
+    /// Blocks of the KV pool.
+    pub kv_blocks: usize,
+    /// Blocks held by running sequences.
+    pub kv_blocks_held: usize,
+    /// Blocks keeping a prefix for reuse that nobody holds.
+    pub kv_blocks_cached: usize,
+    /// Blocks a sequence could take now.
+    pub kv_blocks_available: usize,
+    /// Times so far that a second sequence took hold of a block (a prefix hit on a block in
+    /// use, or a choice sharing its prompt), that a shared block was copied before a write,
+    /// and that a cached block was evicted for a new one.
+    pub kv_blocks_shared: u64,
+    pub kv_block_copies: u64,
+    pub kv_evictions: u64,
     pub vision_entries: usize,
     pub vision_bytes: usize,
 }
@@ -66,11 +73,6 @@ impl Engine {
     fn recover(&mut self, why: &str, panicked: bool) -> bool {
         let mut failed: Vec<u64> =
             self.in_step.drain(..).filter_map(|id| self.seqs.get(&id).map(|s| s.req_id)).collect();
-        // A panic can leave a sequence without its cache (lent to the forward pass): it cannot
-        // go on either.
-        failed.extend(
-            self.running.iter().filter_map(|id| self.seqs.get(id)).filter(|s| s.cache.is_none()).map(|s| s.req_id),
-        );
         failed.sort_unstable();
         failed.dedup();
         #[cfg(feature = "fault-injection")]
@@ -82,7 +84,7 @@ impl Engine {
         }
         if panicked {
             // Either cache may have been half-way through a change: start them afresh.
-            self.prefix.clear();
+            self.blocks.forget_prefixes();
             self.vision.clear();
         }
         self.publish_gauges();
@@ -97,7 +99,7 @@ impl Engine {
         let mut ids: Vec<u64> = self.seqs.values().filter(|s| s.req_id == req_id).map(|s| s.id).collect();
         ids.sort_unstable(); // the same seed must replay the same schedule
         for id in ids {
-            self.remove_seq(id, false);
+            self.remove_seq(id);
         }
         self.requests.remove(&req_id);
     }
@@ -115,16 +117,17 @@ impl Engine {
         self.seqs.clear();
         self.running.clear();
         self.waiting.clear();
-        self.prefix.clear();
+        self.blocks = crate::block_pool::BlockPool::new(self.blocks.num_blocks());
         self.vision.clear();
         self.stats.waiting.store(0, Relaxed);
         self.publish_gauges();
     }
 
-    /// The engine's structural invariants: every running sequence holds a cache as long as its
+    /// The engine's structural invariants: every running sequence holds blocks for its
     /// computed tokens, with something left to feed; waiting ones hold none; every sequence
-    /// belongs to a live request whose choice count matches; every KV byte the model's ledger
-    /// counts is reachable from a running sequence or the prefix cache.
+    /// belongs to a live request whose choice count matches; every block is free, cached, or
+    /// held by exactly as many running sequences as its count says, and none holds the tokens
+    /// of two prefixes (see [`Engine::check_blocks`]).
     /// (Also run by the simulation tests after every step.)
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
@@ -151,29 +154,18 @@ impl Engine {
         }
         for id in &self.running {
             let s = self.seqs.get(id).ok_or(format!("running {id} is unknown"))?;
-            let cache = s.cache.as_ref().ok_or(format!("running {id} has no cache"))?;
-            if cache.len() != s.computed() || s.computed() >= s.tokens.len() {
-                return Err(format!(
-                    "running {id}: KV holds {} tokens, computed {}, tokens {}",
-                    cache.len(),
-                    s.computed(),
-                    s.tokens.len()
-                ));
+            if s.computed() >= s.tokens.len() {
+                return Err(format!("running {id}: computed {} of {} tokens", s.computed(), s.tokens.len()));
             }
         }
         for id in &self.waiting {
             let s = self.seqs.get(id).ok_or(format!("waiting {id} is unknown"))?;
-            if s.cache.is_some() || self.running.contains(id) {
-                return Err(format!("waiting {id} holds a cache or is also running"));
+            if !s.blocks.is_empty() || s.computed() > 0 || self.running.contains(id) {
+                return Err(format!("waiting {id} holds blocks or is also running"));
             }
         }
+        self.check_blocks()?;
         let audit = self.audit();
-        if audit.kv_ledger_bytes != audit.kv_reachable_bytes {
-            return Err(format!(
-                "the KV ledger counts {} bytes but {} are reachable",
-                audit.kv_ledger_bytes, audit.kv_reachable_bytes
-            ));
-        }
         if self.vision.bytes() != audit.vision_bytes {
             return Err(format!(
                 "the vision cache counts {} bytes but holds {}",
@@ -187,26 +179,26 @@ impl Engine {
     /// What the engine holds right now.
     #[doc(hidden)]
     pub fn audit(&self) -> Audit {
-        let running_bytes: usize =
-            self.running.iter().filter_map(|id| self.seqs.get(id)?.cache.as_ref()).map(|c| c.reserved_bytes()).sum();
         Audit {
             requests: self.requests.len(),
             running: self.running.len(),
             waiting: self.waiting.len(),
-            kv_ledger_bytes: self.model.kv_bytes_reserved(),
-            kv_reachable_bytes: running_bytes + self.prefix.reserved_bytes(),
-            kv_budget_bytes: self.stats.kv_budget_bytes.load(Relaxed),
-            prefix_entries: self.prefix.len(),
-            prefix_bytes: self.prefix.reserved_bytes(),
+            kv_blocks: self.blocks.num_blocks(),
+            kv_blocks_held: self.blocks.held(),
+            kv_blocks_cached: self.blocks.cached_unheld(),
+            kv_blocks_available: self.blocks.available(),
+            kv_blocks_shared: self.blocks.counts().shared,
+            kv_block_copies: self.blocks.counts().copies,
+            kv_evictions: self.blocks.counts().evictions,
             vision_entries: self.vision.len(),
             vision_bytes: self.vision.counted_bytes(),
         }
     }
 
-    /// Empties the prefix and vision caches (the simulation then expects no KV byte left).
+    /// Empties the prefix and vision caches (the simulation then expects every block free).
     #[doc(hidden)]
     pub fn clear_caches(&mut self) {
-        self.prefix.clear();
+        self.blocks.forget_prefixes();
         self.vision.clear();
         self.publish_gauges();
     }

@@ -1,8 +1,8 @@
 //! The batching policy as a pure function: given the running and waiting sequences and the
 //! limits, decide what runs in the next step. Decodes go first, prefills are chunked into the
-//! leftover token budget, admission is first-come-first-served and bounded by the KV storage
-//! really reserved, and when memory runs out the newest running sequence is preempted (to be
-//! recomputed later).
+//! leftover token budget, admission is first-come-first-served and bounded by the KV pool's
+//! blocks, and when blocks run out the newest running sequence is preempted (to be recomputed
+//! later, from the prefix cache where its blocks are still there).
 
 /// Limits of one engine step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,8 +11,8 @@ pub struct Limits {
     pub max_batched_tokens: usize,
     /// Sequences that may be running at once.
     pub max_seqs: usize,
-    /// Tokens of KV storage the budget can reserve across all running sequences.
-    pub kv_tokens: usize,
+    /// KV pool blocks that can be taken now (free, or cached and held by nobody).
+    pub kv_blocks: usize,
 }
 
 /// A running sequence as the policy sees it (cancelled ones were removed before planning).
@@ -23,9 +23,11 @@ pub struct RunningView {
     pub computed: usize,
     /// Tokens still to feed: the rest of the prompt while prefilling, 1 while decoding.
     pub pending: usize,
-    /// Tokens of KV storage it holds once its pending tokens are in (capacity, not length:
-    /// what the allocator really reserves, plus the copies its other choices will fork).
-    pub reserved: usize,
+    /// Blocks it must take to feed its pending tokens (new blocks, and a copy of a shared
+    /// block it is about to write).
+    pub grow: usize,
+    /// Blocks that become available if it is preempted (those it alone holds).
+    pub frees: usize,
 }
 
 /// A waiting request as the policy sees it (queue order = arrival order).
@@ -34,7 +36,9 @@ pub struct WaitingView {
     pub id: u64,
     /// Tokens it needs computed (its prompt less any prefix-cache hit).
     pub to_compute: usize,
-    /// Tokens of KV storage it reserves once its prompt is in (all of its choices).
+    /// Blocks it takes from the available ones when admitted: for its whole prompt less the
+    /// cached ones, the cached ones nobody holds, and one for each other choice to copy the
+    /// prompt's last block into.
     pub need: usize,
 }
 
@@ -55,13 +59,16 @@ pub fn plan(running: &[RunningView], waiting: &[WaitingView], limits: Limits) ->
     let mut live: Vec<&RunningView> = running.iter().collect();
 
     // Memory first: preempt the newest until everyone's next tokens fit (the oldest always
-    // stays; its storage is capped at the budget, so it fits alone).
-    let mut kv_used: usize = live.iter().map(|r| r.reserved).sum();
-    while kv_used > limits.kv_tokens && live.len() > 1 {
+    // stays; a sequence never outgrows the pool, so it fits alone).
+    let mut available = limits.kv_blocks;
+    let mut growing: usize = live.iter().map(|r| r.grow).sum();
+    while growing > available && live.len() > 1 {
         let newest = live.pop().expect("len > 1");
-        kv_used -= newest.reserved;
+        growing -= newest.grow;
+        available += newest.frees;
         plan.preempted.push(newest.id);
     }
+    let mut kv_used = growing;
 
     // Decodes, then prefill chunks, oldest first, within the token budget.
     let mut budget = limits.max_batched_tokens;
@@ -79,7 +86,7 @@ pub fn plan(running: &[RunningView], waiting: &[WaitingView], limits: Limits) ->
     // by smaller ones behind it; nothing is admitted in a step that had to preempt.
     if plan.preempted.is_empty() {
         for (seqs, w) in (live.len()..).zip(waiting) {
-            if seqs >= limits.max_seqs || budget == 0 || kv_used + w.need > limits.kv_tokens {
+            if seqs >= limits.max_seqs || budget == 0 || kv_used + w.need > available {
                 break;
             }
             let n = w.to_compute.min(budget);
@@ -96,16 +103,18 @@ pub fn plan(running: &[RunningView], waiting: &[WaitingView], limits: Limits) ->
 mod tests {
     use super::*;
 
+    /// Views in blocks of 16 tokens, whose prompts were given all their blocks at admission.
     fn decode(id: u64, computed: usize) -> RunningView {
-        RunningView { id, computed, pending: 1, reserved: computed + 1 }
+        let grow = usize::from(computed.is_multiple_of(16));
+        RunningView { id, computed, pending: 1, grow, frees: computed.div_ceil(16) }
     }
     fn prefill(id: u64, computed: usize, pending: usize) -> RunningView {
-        RunningView { id, computed, pending, reserved: computed + pending }
+        RunningView { id, computed, pending, grow: 0, frees: (computed + pending).div_ceil(16) }
     }
     fn waiting(id: u64, to_compute: usize) -> WaitingView {
-        WaitingView { id, to_compute, need: to_compute }
+        WaitingView { id, to_compute, need: to_compute.div_ceil(16) }
     }
-    const ROOMY: Limits = Limits { max_batched_tokens: 512, max_seqs: 16, kv_tokens: 1 << 20 };
+    const ROOMY: Limits = Limits { max_batched_tokens: 512, max_seqs: 16, kv_blocks: 1 << 20 };
 
     #[test]
     fn token_budget_is_shared_by_decodes_and_prefill_chunks() {
@@ -132,36 +141,44 @@ mod tests {
 
     #[test]
     fn memory_pressure_preempts_the_newest() {
-        let limits = Limits { kv_tokens: 100, ..ROOMY };
-        let running = [decode(1, 40), decode(2, 40), decode(3, 40)];
+        // Three decodes at a block boundary each need a block; one is available.
+        let limits = Limits { kv_blocks: 1, ..ROOMY };
+        let running = [decode(1, 48), decode(2, 48), decode(3, 32)];
         let p = plan(&running, &[waiting(4, 1)], limits);
+        // Preempting 3 frees its two blocks: enough for 1 and 2.
         assert_eq!(p.preempted, vec![3]);
         assert_eq!(p.chunks, vec![(1, 1), (2, 1)]);
         assert!(p.admitted.is_empty(), "no admission in a step that preempted");
+        // Blocks shared with others are not freed by preempting their holder.
+        let mut shared = decode(2, 48);
+        shared.frees = 0;
+        let mut newest = decode(3, 48);
+        newest.frees = 1;
+        let p = plan(&[decode(1, 48), shared, newest], &[], Limits { kv_blocks: 0, ..ROOMY });
+        assert_eq!(p.preempted, vec![3, 2]);
     }
 
     #[test]
-    fn admission_respects_kv_memory_reserved_not_just_computed() {
-        let limits = Limits { kv_tokens: 100, ..ROOMY };
+    fn admission_counts_blocks_not_tokens() {
+        let limits = Limits { kv_blocks: 4, ..ROOMY };
+        // The runner is mid-block: it needs no block this step.
         let mut w = waiting(2, 30);
-        w.need = 60;
-        // 40 + 1 held by the runner; 60 more would exceed 100.
-        let p = plan(&[decode(1, 40)], &[w.clone()], limits);
-        assert!(p.admitted.is_empty());
-        w.need = 50;
+        w.need = 5;
+        assert!(plan(&[decode(1, 40)], &[w.clone()], limits).admitted.is_empty());
+        w.need = 4;
         assert_eq!(plan(&[decode(1, 40)], &[w.clone()], limits).admitted, vec![2]);
-        // A runner whose storage doubled holds its capacity, not its length.
-        let mut grown = decode(1, 40);
-        grown.reserved = 64;
-        assert!(plan(&[grown], &[w], limits).admitted.is_empty());
+        // A runner at a block boundary takes one first.
+        assert!(plan(&[decode(1, 48)], &[w], limits).admitted.is_empty());
     }
 
     #[test]
     fn the_head_of_the_queue_is_not_starved_by_smaller_requests() {
-        let limits = Limits { kv_tokens: 1000, max_batched_tokens: 1024, ..ROOMY };
+        // 10 blocks free while the runner holds its 32.
+        let limits = Limits { kv_blocks: 10, max_batched_tokens: 1024, ..ROOMY };
         let p = plan(&[decode(1, 500)], &[waiting(2, 600), waiting(3, 10)], limits);
         assert!(p.admitted.is_empty(), "request 3 must not jump ahead of request 2");
-        // Once memory frees up, the head goes first.
+        // Once the runner's blocks are free, the head goes first.
+        let limits = Limits { kv_blocks: 42, ..limits };
         assert_eq!(plan(&[], &[waiting(2, 600), waiting(3, 10)], limits).admitted, vec![2, 3]);
     }
 

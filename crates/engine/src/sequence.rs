@@ -1,13 +1,14 @@
-//! One choice of one request as it moves through the engine: its tokens, its KV cache, its
+//! One choice of one request as it moves through the engine: its tokens, its KV blocks, its
 //! sampler, its detokenizer and stop matcher, and its timings.
 
+use crate::block_pool::BlockId;
 use crate::constraint::Constraint;
 use crate::detokenize::{Decode, IncrementalDecoder};
+use crate::prefix_cache::BlockHash;
 use crate::request::{Event, FinishReason, GenerateRequest};
 use crate::sampling::{Sampler, TokenLogprobs};
 use crate::stop::StopMatcher;
 use std::time::Instant;
-use weft_model::KvCache;
 
 pub(crate) struct Sequence {
     pub id: u64,
@@ -16,8 +17,11 @@ pub(crate) struct Sequence {
     pub choice: usize,
     /// Prompt followed by the generated tokens.
     pub tokens: Vec<u32>,
-    /// `None` while waiting (or preempted) and while lent to a forward pass.
-    pub cache: Option<KvCache>,
+    /// The pool blocks holding its keys and values, in order (none while waiting or
+    /// preempted); they cover at least its computed tokens.
+    pub blocks: Vec<BlockId>,
+    /// Hashes of the full blocks of its tokens so far (the prefix cache's keys).
+    pub hashes: Vec<BlockHash>,
     computed: usize,
     /// Prompt tokens reused from the prefix cache at first admission.
     pub reused: usize,
@@ -60,7 +64,8 @@ impl Sequence {
             req_id,
             choice,
             tokens: spec.prompt.ids().to_vec(),
-            cache: None,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
             computed: 0,
             reused: 0,
             prompt_len: spec.prompt.len(),
@@ -77,12 +82,15 @@ impl Sequence {
         }
     }
 
-    /// Another choice of the same request, starting from a copy of this one's prompt KV.
-    pub fn sibling(&self, id: u64, choice: usize, cache: KvCache, spec: &GenerateRequest) -> Self {
+    /// Another choice of the same request, sharing this one's prompt blocks (the caller counts
+    /// the new holder of each).
+    pub fn sibling(&self, id: u64, choice: usize, spec: &GenerateRequest) -> Self {
         let mut s = Sequence::new(id, self.req_id, choice, spec);
         s.admitted_at = self.admitted_at;
         s.reused = self.reused;
-        s.restore_cache(cache);
+        s.blocks = self.blocks.clone();
+        s.hashes = self.hashes.clone();
+        s.computed = self.computed;
         s
     }
 
@@ -100,20 +108,27 @@ impl Sequence {
         self.tokens.len() - prompt_len
     }
 
-    /// Starts (or restarts, after preemption) with `cache` holding `reused` tokens.
-    pub fn admit(&mut self, cache: KvCache, reused: usize) {
+    /// Starts (or restarts, after preemption) with `blocks`, whose first `reused` tokens are
+    /// already computed (a prefix-cache hit).
+    pub fn admit(&mut self, blocks: Vec<BlockId>, reused: usize) {
         if self.admitted_at.is_none() {
             self.reused = reused;
             self.admitted_at = Some(Instant::now());
         }
-        self.computed = cache.len();
-        self.cache = Some(cache);
+        self.computed = reused;
+        self.blocks = blocks;
     }
 
-    /// Takes back the cache after a forward pass, which grew it.
-    pub fn restore_cache(&mut self, cache: KvCache) {
-        self.computed = cache.len();
-        self.cache = Some(cache);
+    /// `n` more tokens are in its blocks (a forward pass wrote them).
+    pub fn advance(&mut self, n: usize) {
+        self.computed += n;
+    }
+
+    /// Gives up its blocks (preempted: recomputed when readmitted, from the prefix cache where
+    /// its blocks are still there) and returns them for the caller to release.
+    pub fn preempt(&mut self) -> Vec<BlockId> {
+        self.computed = 0;
+        std::mem::take(&mut self.blocks)
     }
 
     /// Samples the next token from `scores` and decides whether the sequence goes on.

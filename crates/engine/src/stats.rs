@@ -15,19 +15,27 @@ pub struct EngineStats {
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub cached_tokens_total: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache (with prefix caching on; hits are
+    /// `cached_tokens_total`), counted as vLLM counts them: once per request, at admission.
+    pub prefix_queries_total: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
     /// Steps that failed (an error or a contained panic).
     pub faults_total: AtomicU64,
-    /// The KV budget in bytes.
+    /// The KV pool in bytes.
     pub kv_budget_bytes: AtomicUsize,
+    /// Blocks of the pool, and tokens per block.
+    pub kv_num_blocks: AtomicUsize,
+    pub kv_block_size: AtomicUsize,
+    /// Blocks held by running sequences.
+    pub kv_blocks_held: AtomicUsize,
     /// Bytes of KV holding running sequences' tokens.
     pub kv_used_bytes: AtomicUsize,
-    /// Bytes of KV storage reserved by running sequences (their capacity).
+    /// Bytes of the blocks running sequences hold.
     pub kv_running_reserved_bytes: AtomicUsize,
-    /// Bytes of KV storage reserved by every live cache (running and prefix cache), from the
-    /// model's ledger.
+    /// Bytes of the blocks holding anything (held, or cached for reuse).
     pub kv_reserved_bytes: AtomicUsize,
+    /// Bytes of the cached blocks nobody holds (kept only for reuse).
     pub prefix_cache_bytes: AtomicUsize,
     pub vision_cache_bytes: AtomicUsize,
     /// Grammar masks computed (one per constrained sequence and step) and the time they took.
@@ -48,10 +56,14 @@ pub struct StatsSnapshot {
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
     pub cached_tokens_total: u64,
+    pub prefix_queries_total: u64,
     pub preemptions_total: u64,
     pub steps_total: u64,
     pub faults_total: u64,
     pub kv_budget_bytes: usize,
+    pub kv_num_blocks: usize,
+    pub kv_block_size: usize,
+    pub kv_blocks_held: usize,
     pub kv_used_bytes: usize,
     pub kv_running_reserved_bytes: usize,
     pub kv_reserved_bytes: usize,
@@ -62,12 +74,13 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// Fraction of the KV budget reserved by running sequences.
+    /// Fraction of the KV pool's blocks held by running sequences (cached blocks nobody holds
+    /// count as free, as vLLM counts them).
     pub fn kv_usage(&self) -> f64 {
-        if self.kv_budget_bytes == 0 {
+        if self.kv_num_blocks == 0 {
             0.0
         } else {
-            self.kv_running_reserved_bytes as f64 / self.kv_budget_bytes as f64
+            self.kv_blocks_held as f64 / self.kv_num_blocks as f64
         }
     }
 }
@@ -85,10 +98,14 @@ impl EngineStats {
             prompt_tokens_total: self.prompt_tokens_total.load(Relaxed),
             generation_tokens_total: self.generation_tokens_total.load(Relaxed),
             cached_tokens_total: self.cached_tokens_total.load(Relaxed),
+            prefix_queries_total: self.prefix_queries_total.load(Relaxed),
             preemptions_total: self.preemptions_total.load(Relaxed),
             steps_total: self.steps_total.load(Relaxed),
             faults_total: self.faults_total.load(Relaxed),
             kv_budget_bytes: self.kv_budget_bytes.load(Relaxed),
+            kv_num_blocks: self.kv_num_blocks.load(Relaxed),
+            kv_block_size: self.kv_block_size.load(Relaxed),
+            kv_blocks_held: self.kv_blocks_held.load(Relaxed),
             kv_used_bytes: self.kv_used_bytes.load(Relaxed),
             kv_running_reserved_bytes: self.kv_running_reserved_bytes.load(Relaxed),
             kv_reserved_bytes: self.kv_reserved_bytes.load(Relaxed),

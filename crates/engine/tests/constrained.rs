@@ -35,7 +35,7 @@ fn start() -> Setup {
     let config = EngineConfig { eos_token_ids: eos, ..EngineConfig::default() };
     let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
     let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
-    Setup { handle: Engine::start(model, tokenizer, config), prompts, compiler }
+    Setup { handle: Engine::start(model, tokenizer, config).unwrap(), prompts, compiler }
 }
 
 fn request(s: &Setup, question: &str, constraint: Option<Constraint>, max_tokens: usize) -> GenerateRequest {

@@ -30,7 +30,7 @@ fn start(config: EngineConfig) -> Setup {
     let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
     let config = EngineConfig { eos_token_ids: stop_token_ids(&dir, &tokenizer).unwrap(), ..config };
     let prompts = PromptBuilder::new(tokenizer.clone(), PromptRenderer::BuiltIn, processor, &cfg);
-    Setup { handle: Engine::start(model, tokenizer.clone(), config), tokenizer, prompts }
+    Setup { handle: Engine::start(model, tokenizer.clone(), config).unwrap(), tokenizer, prompts }
 }
 
 fn picture(name: &str) -> image::DynamicImage {

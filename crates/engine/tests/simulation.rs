@@ -2,8 +2,11 @@
 //! images, video frames, shared prefixes, n > 1, stops), disconnects at every stage (waiting,
 //! before the vision encode, mid-prefill, mid-decode), preemption under a tiny KV budget, a
 //! small vision cache, and injected faults, driven one step at a time from this thread.
-//! After every step the engine's invariants hold and every stream is well formed; at the end
-//! every KV byte and cache entry is accounted for. A failing seed replays exactly:
+//! After every step the engine's invariants hold (among them the KV pool's: every block is
+//! free, cached, or held by exactly the sequences its count says; no block holds the tokens of
+//! two prefixes) and every stream is well formed; at the end every block is free or cached, and
+//! the seeds together have shared blocks, copied them on write, evicted cached ones and
+//! preempted. A failing seed replays exactly:
 //! `WEFT_SIM_SEED=<seed> cargo test -p weft-engine --test simulation`.
 
 use rand::rngs::StdRng;
@@ -115,9 +118,9 @@ fn random_config(w: &World, rng: &mut StdRng) -> EngineConfig {
     EngineConfig {
         max_num_batched_tokens: [64, 300, 2048][rng.random_range(0..3)],
         max_num_seqs: [2, 4, 16][rng.random_range(0..3)],
-        kv_cache_memory: rng.random_range(4_000..12_000) * bytes_per_token,
+        kv_cache_memory: rng.random_range(2_000..8_000) * bytes_per_token,
+        block_size: [4, 16, 32][rng.random_range(0..3)],
         vision_cache_memory: rng.random_range(1..4) * 729 * 64 * 4,
-        prefix_cache_memory: rng.random_range(0..6_000) * bytes_per_token,
         max_waiting: 64,
         prefix_caching: rng.random_bool(0.75),
         max_images_per_encode: rng.random_range(1..4),
@@ -132,7 +135,7 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let config = random_config(w, &mut rng);
     let model = LlavaModel::load(&fixture(), &LoadOptions::default()).unwrap();
-    let (mut engine, handle) = Engine::new(model, w.prompts.tokenizer().clone(), config.clone());
+    let (mut engine, handle) = Engine::new(model, w.prompts.tokenizer().clone(), config.clone()).unwrap();
     let mut clients: Vec<Client> = Vec::new();
     let mut trace = vec![format!("{config:?}")];
     let mut faults_in_flight = false;
@@ -196,17 +199,8 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
             fail(step, e);
         }
         let audit = engine.audit();
-        if audit.prefix_bytes > config.prefix_cache_memory {
-            fail(
-                step,
-                format!("the prefix cache holds {} bytes over its {}", audit.prefix_bytes, config.prefix_cache_memory),
-            );
-        }
-        if audit.kv_ledger_bytes > audit.kv_budget_bytes {
-            fail(
-                step,
-                format!("KV reserved {} bytes over the budget of {}", audit.kv_ledger_bytes, audit.kv_budget_bytes),
-            );
+        if audit.kv_blocks_held + audit.kv_blocks_available != audit.kv_blocks {
+            fail(step, format!("blocks unaccounted for: {audit:?}"));
         }
         // Every stream is well formed: tokens and one finish per choice, never past max_tokens.
         for (i, c) in clients.iter_mut().enumerate() {
@@ -252,11 +246,20 @@ fn simulate(w: &World, seed: u64, steps: usize) -> Vec<String> {
     let stats = handle.stats();
     let audit = engine.audit();
     assert_eq!((stats.running, stats.waiting, audit.running, audit.waiting), (0, 0, 0, 0), "seed {seed}: {stats:?}");
-    assert_eq!(audit.kv_ledger_bytes, audit.kv_reachable_bytes, "seed {seed}: only the prefix cache holds KV now");
+    assert_eq!(audit.kv_blocks_held, 0, "seed {seed}: every block is free or cached once all requests ended");
     engine.clear_caches();
     let audit = engine.audit();
-    assert_eq!((audit.kv_ledger_bytes, audit.vision_bytes, audit.prefix_entries), (0, 0, 0), "seed {seed}: {audit:?}");
-    trace.push(format!("steps {step}, preemptions {}, faults {}", stats.preemptions_total, stats.faults_total));
+    assert_eq!((audit.kv_blocks_available, audit.kv_blocks_cached), (audit.kv_blocks, 0), "seed {seed}: {audit:?}");
+    assert_eq!(audit.vision_bytes, 0, "seed {seed}: {audit:?}");
+    trace.push(format!(
+        "steps {step}, preemptions {}, faults {}, shared {}, copies {}, evictions {}, cached tokens {}",
+        stats.preemptions_total,
+        stats.faults_total,
+        audit.kv_blocks_shared,
+        audit.kv_block_copies,
+        audit.kv_evictions,
+        stats.cached_tokens_total
+    ));
     trace
 }
 
@@ -272,15 +275,21 @@ fn random_interleavings_keep_every_invariant() {
         Ok(s) => vec![s.parse().expect("a seed")],
         Err(_) => (0..env_number("WEFT_SIM_SEEDS", 8)).collect(),
     };
-    let mut preemptions = 0;
+    let mut totals = [0u64; 5];
+    let names = ["preemptions", "shared", "copies", "evictions", "cached tokens"];
     for &seed in &seeds {
         let trace = simulate(&w, seed, steps);
         let last = trace.last().unwrap();
-        preemptions +=
-            last.split("preemptions ").nth(1).and_then(|t| t.split(',').next()).unwrap().parse::<u64>().unwrap();
+        for (total, name) in totals.iter_mut().zip(names) {
+            let count = last.split(&format!("{name} ")).nth(1).and_then(|t| t.split(',').next()).unwrap();
+            *total += count.parse::<u64>().unwrap();
+        }
         eprintln!("seed {seed}: {last}");
     }
-    assert!(preemptions > 0, "the budgets were meant to force preemption");
+    eprintln!("{} seeds of {steps} steps of arrivals: {names:?} = {totals:?}", seeds.len());
+    for (total, name) in totals.iter().zip(names) {
+        assert!(*total > 0, "the seeds were meant to exercise {name}: {totals:?}");
+    }
 }
 
 #[test]

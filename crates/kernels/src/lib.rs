@@ -35,7 +35,7 @@ pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{matmul, matmul_new, matmul_new_then, matmul_using, Activation, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
-pub use vector::{scaled_dots, weighted_sums, CachedValue};
+pub use vector::{scaled_dots, weighted_sums, weighted_sums_add, CachedValue};
 
 use std::sync::OnceLock;
 

@@ -56,6 +56,14 @@ pub fn scaled_dots<T: CachedValue>(queries: &[f32], d: usize, rows: &[T], scale:
 /// `out[g * d..][..d] = sum_i weights[g * len + i] * rows[i]` for the `out.len() / d` rows of
 /// weights and the `len = rows.len() / d` cached rows, all of `d` values.
 pub fn weighted_sums<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    weighted_sums_add(weights, rows, d, out);
+}
+
+/// `out[g * d..][..d] += sum_i weights[g * len + i] * rows[i]`, row after row in order: the
+/// sums over rows kept in several pieces (a KV cache in blocks) are the same bits as one
+/// [`weighted_sums`] over all of them, as long as `d` is a multiple of 8.
+pub fn weighted_sums_add<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out: &mut [f32]) {
     let (group, len) = (out.len() / d.max(1), rows.len() / d.max(1));
     assert!(out.len() == group * d && rows.len() == len * d, "out and rows must be rows of {d}");
     assert_eq!(weights.len(), group * len, "weights must be {group} x {len}");
@@ -65,7 +73,6 @@ pub fn weighted_sums<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out:
         return unsafe { x86::weighted_sums_grouped(weights, rows, d, out) };
     }
     for (weights, out) in weights.chunks_exact(len.max(1)).zip(out.chunks_exact_mut(d.max(1))) {
-        out.fill(0.0);
         #[cfg(target_arch = "x86_64")]
         if Isa::active() >= Isa::Avx2 {
             // SAFETY: AVX2 and FMA were detected; the lengths were checked.
@@ -143,7 +150,8 @@ mod x86 {
         }
     }
 
-    /// The output in stretches of 64 values held in registers while every row adds to them.
+    /// The output in stretches of 64 values held in registers while every row adds to them
+    /// (starting from what `out` holds).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sum<T: CachedValue>(weights: &[f32], rows: &[T], out: &mut [f32]) {
         let d = out.len();
@@ -151,6 +159,9 @@ mod x86 {
         for start in (0..main).step_by(64) {
             let lanes = ((main - start) / 8).min(8);
             let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = _mm256_loadu_ps(out.as_ptr().add(start + j * 8));
+            }
             for (i, &w) in weights.iter().enumerate() {
                 let row = rows.as_ptr().add(i * d + start);
                 let wv = _mm256_set1_ps(w);
@@ -163,7 +174,7 @@ mod x86 {
             }
         }
         for p in main..d {
-            out[p] = weights.iter().enumerate().map(|(i, &w)| w * rows[i * d + p].to_f32()).sum();
+            out[p] += weights.iter().enumerate().map(|(i, &w)| w * rows[i * d + p].to_f32()).sum::<f32>();
         }
     }
 
@@ -242,7 +253,7 @@ mod x86 {
     }
 
     /// Tiles of up to 4 heads by 64 output values held in 16 registers while every cached row,
-    /// loaded once per stretch, adds to all of them.
+    /// loaded once per stretch, adds to all of them (starting from what `out` holds).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn weighted_sums_grouped<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, out: &mut [f32]) {
         let (group, len) = (out.len() / d, rows.len() / d);
@@ -264,6 +275,11 @@ mod x86 {
         out: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for (h, acc) in acc.iter_mut().enumerate() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(out.add(h * d + j * 16));
+            }
+        }
         for i in 0..len {
             let row = rows.add(i * d);
             let v = [load16(row), load16(row.add(16)), load16(row.add(32)), load16(row.add(48))];

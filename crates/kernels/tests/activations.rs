@@ -4,7 +4,7 @@
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use weft_kernels::{
     gelu_tanh, layer_norm_rows, rms_norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows, weighted_sums,
-    CachedValue,
+    weighted_sums_add, CachedValue,
 };
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
@@ -114,6 +114,33 @@ fn check_rows<T: CachedValue>(queries: &[f32], d: usize, keys: &[T], rows: usize
         let scale: f64 = (0..rows).map(|i| (weights[i] * key(i, p)).abs() as f64).sum();
         assert!((o as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{group}x{rows}x{d} sum {g} {p}: {o} vs {want}");
     }
+}
+
+/// A KV cache in blocks: the weighted sums taken block by block (16 rows each, the last one
+/// partial) and added up are the same bits as one sum over all the rows, in f32 and bf16.
+#[test]
+fn weighted_sums_over_blocks_equal_one_sum() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (group, rows, d) in [(1, 1, 8), (2, 17, 64), (7, 129, 64), (3, 40, 80), (5, 33, 128)] {
+        let weights: Vec<f32> = (0..group * rows).map(|_| rng.random_range(0.0..1.0)).collect();
+        let values: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let widened: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        assert_blocks_match(&weights, &values, group, rows, d);
+        assert_blocks_match(&weights, &widened, group, rows, d);
+    }
+}
+
+fn assert_blocks_match<T: CachedValue>(weights: &[f32], values: &[T], group: usize, rows: usize, d: usize) {
+    let mut whole = vec![f32::NAN; group * d];
+    weighted_sums(weights, values, d, &mut whole);
+    let mut pieces = vec![0.0f32; group * d];
+    for first in (0..rows).step_by(16) {
+        let n = 16.min(rows - first);
+        let part: Vec<f32> = (0..group).flat_map(|g| weights[g * rows + first..][..n].iter().copied()).collect();
+        weighted_sums_add(&part, &values[first * d..(first + n) * d], d, &mut pieces);
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&whole), bits(&pieces), "{group}x{rows}x{d}");
 }
 
 #[test]

@@ -12,9 +12,10 @@
 use crate::error::Result;
 use crate::layers::with_f32_values;
 use crate::linear::Linear;
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use crate::paged::HostKv;
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use weft_kernels::{CachedValue, Isa, PackedWeight, WeightFormat};
+use weft_kernels::{Isa, PackedWeight, WeightFormat};
 
 /// Whether attention next to `linear` (a projection of the same layer) runs here: its weights
 /// are bf16 or 8-bit (formats that already trade exactness for speed; f32 stays exact) and the
@@ -90,11 +91,6 @@ impl HeadKv {
 /// block sees saves most of the masked triangle, large enough for the GEMM.
 const CAUSAL_BLOCK_ROWS: usize = 128;
 
-/// The values of `t` in f32 (a bf16 KV cache's keys and values widened).
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-}
-
 /// Full attention within each image (SigLIP), from the fused projection `qkv`
 /// (`[images, patches, 3 * heads * head_dim]`: queries, keys, values), read in place, to
 /// `[images, patches, heads * head_dim]`.
@@ -146,15 +142,17 @@ pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor
     Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
 }
 
-/// Causal attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over `keys` and
-/// `values` (`[kv_heads, past + t, hd]`), in blocks of `block` query rows; query heads that
-/// share a KV head share its packed keys and values. Scores in f32, `p v` in bf16.
-pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, block: usize) -> Result<Tensor> {
+/// Causal attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over the keys and
+/// values of `kv` (`past + t` of them, gathered from the sequence's blocks), in blocks of
+/// `block` query rows; query heads that share a KV head share its packed keys and values.
+/// Scores in f32, `p v` in bf16.
+pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) -> Result<Tensor> {
     let (heads, t, hd) = q.dims3()?;
-    let (kv_heads, kv_len, _) = keys.dims3()?;
+    let (kv_heads, kv_len) = (kv.kv_heads, kv.len);
     let group = heads / kv_heads;
     let scale = (hd as f32).powf(-0.5);
-    let (q, k, v) = (flat(q)?, flat(keys)?, flat(values)?);
+    let q = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let (k, v) = (&kv.keys, &kv.values);
     let mut ctx = vec![0.0f32; heads * t * hd];
     // Blocks of at most CAUSAL_BLOCK_ROWS queries, each over only the keys its last query can
     // see: the masked half of the square is never computed.
@@ -169,7 +167,7 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
                 StridedRows { data: &data[first_row * hd..], stride: hd }
             }
             let head =
-                AmxHead::new(rows(&k, kvh * kv_len, hd), rows(&v, kvh * kv_len, hd), kv_len, hd, ScorePrecision::Split);
+                AmxHead::new(rows(k, kvh * kv_len, hd), rows(v, kvh * kv_len, hd), kv_len, hd, ScorePrecision::Split);
             if let Some(head) = head {
                 for g in 0..group {
                     let queries = rows(&q, (kvh * group + g) * t, hd);
@@ -179,7 +177,7 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
             }
         }
         let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
-        let head = HeadRows::gather(&k, &v, kv_len, hd, |s| (kvh * kv_len + s) * hd);
+        let head = HeadRows::gather(k, v, kv_len, hd, |s| (kvh * kv_len + s) * hd);
         for start in (0..t).step_by(block) {
             let rows = block.min(t - start);
             let kv = head.pack((past + start + rows).min(kv_len), WeightFormat::F32);
@@ -195,103 +193,6 @@ pub(crate) fn causal_bf16(q: &Tensor, keys: &Tensor, values: &Tensor, past: usiz
         }
     });
     Ok(Tensor::from_vec(ctx, (heads, t, hd), &Device::Cpu)?)
-}
-
-/// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
-/// position) over all of its cached `keys` and `values` (`[kv_heads, len, hd]`, f32 or bf16
-/// views of the cache, read in place). `None` where this does not apply (another device or
-/// dtype, or a layout other than the cache's), for candle to compute instead. A handful of
-/// candle ops per sequence and layer (transpose, batched matmul, softmax, matmul, each
-/// allocating) cost more than the arithmetic of one query row.
-pub(crate) fn decode_cached(q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
-    let (heads, rows, hd) = q.dims3()?;
-    let (kv_heads, len, _) = keys.dims3()?;
-    let cpu = |t: &Tensor| t.device().is_cpu();
-    if rows != 1 || len == 0 || !(cpu(q) && cpu(keys) && cpu(values)) || heads % kv_heads != 0 {
-        return Ok(None);
-    }
-    if q.dtype() != DType::F32 || keys.dtype() != values.dtype() {
-        return Ok(None);
-    }
-    let q = flat(q)?;
-    let (k_storage, k_layout) = keys.storage_and_layout();
-    let (v_storage, v_layout) = values.storage_and_layout();
-    let (Some(k_rows), Some(v_rows)) = (HeadRowsAt::of(k_layout, hd), HeadRowsAt::of(v_layout, hd)) else {
-        return Ok(None);
-    };
-    let shape = Shape { heads, kv_heads, len, hd };
-    let ctx = match (&*k_storage, &*v_storage) {
-        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-            decode_rows(&q, (k, k_rows), (v, v_rows), shape)
-        }
-        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
-            decode_rows(&q, (k, k_rows), (v, v_rows), shape)
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?))
-}
-
-/// Where a cache view's rows sit: each head's `len` rows contiguous, `hd` apart, from `start`,
-/// heads `head_stride` apart (a narrowed `[kv_heads, capacity, hd]` cache).
-#[derive(Clone, Copy)]
-struct HeadRowsAt {
-    start: usize,
-    head_stride: usize,
-}
-
-impl HeadRowsAt {
-    fn of(layout: &candle_core::Layout, hd: usize) -> Option<Self> {
-        match layout.stride() {
-            &[head_stride, row_stride, 1] if row_stride == hd => {
-                Some(HeadRowsAt { start: layout.start_offset(), head_stride })
-            }
-            _ => None,
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Shape {
-    heads: usize,
-    kv_heads: usize,
-    len: usize,
-    hd: usize,
-}
-
-/// `[heads * hd]` attention outputs of one query row per head over the cached rows.
-fn decode_rows<'a, T: CachedValue>(
-    q: &[f32],
-    keys: (&'a [T], HeadRowsAt),
-    values: (&'a [T], HeadRowsAt),
-    s: Shape,
-) -> Vec<f32> {
-    let Shape { heads, kv_heads, len, hd } = s;
-    let group = heads / kv_heads;
-    let scale = (hd as f32).powf(-0.5);
-    let rows_of = |(data, at): (&'a [T], HeadRowsAt), kvh: usize| -> &'a [T] {
-        let first = at.start + kvh * at.head_stride;
-        &data[first..first + len * hd]
-    };
-    // One run per KV head, over the heads that share it, so each cached row is read once per
-    // step: at long contexts the rows are most of what a decode step reads (4 sequences of 3,300
-    // tokens hold 160 MB), and splitting a group between threads read them twice. Threads take
-    // KV heads only where a head's work outweighs handing it over (sequences are spread over
-    // the threads already).
-    let mut ctx = vec![0.0f32; heads * hd];
-    let run = |(kvh, out): (usize, &mut [f32])| {
-        let first = kvh * group;
-        let mut scores = vec![0.0f32; group * len];
-        weft_kernels::scaled_dots(&q[first * hd..(first + group) * hd], hd, rows_of(keys, kvh), scale, &mut scores);
-        weft_kernels::softmax_rows(&mut scores, len);
-        weft_kernels::weighted_sums(&scores, rows_of(values, kvh), hd, out);
-    };
-    if len * hd >= 16_384 {
-        ctx.par_chunks_mut(group * hd).enumerate().for_each(run);
-    } else {
-        ctx.chunks_mut(group * hd).enumerate().for_each(run);
-    }
-    ctx
 }
 
 #[cfg(test)]
@@ -331,39 +232,6 @@ mod tests {
         assert!(diff > 0.0, "bf16 rounding leaves some trace");
     }
 
-    /// A decode step read in place from a narrowed cache, f32 or bf16, equals candle's softmax
-    /// attention over the same (widened) values.
-    #[test]
-    fn decode_matches_candle_on_a_narrowed_cache() {
-        // Small heads (one head at a time), the real ones' 64 values in groups of 7 (the
-        // register tiles, with rows and heads left over), and a long cache (in parallel).
-        for (heads, kv_heads, len, capacity, hd) in [(4, 2, 11, 16, 8), (14, 2, 37, 40, 64), (6, 1, 300, 300, 64)] {
-            decode_case(heads, kv_heads, len, capacity, hd);
-        }
-    }
-
-    fn decode_case(heads: usize, kv_heads: usize, len: usize, capacity: usize, hd: usize) {
-        let group = heads / kv_heads;
-        let q = pseudo_random(&[heads, 1, hd], 7);
-        for dtype in [DType::F32, DType::BF16] {
-            let cache_k = pseudo_random(&[kv_heads, capacity, hd], 8).to_dtype(dtype).unwrap();
-            let cache_v = pseudo_random(&[kv_heads, capacity, hd], 9).to_dtype(dtype).unwrap();
-            let (k, v) = (cache_k.narrow(1, 0, len).unwrap(), cache_v.narrow(1, 0, len).unwrap());
-            let fast = decode_cached(&q, &k, &v).unwrap().expect("applies to a CPU cache");
-            let widen = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
-            let expand = |x: &Tensor| {
-                Tensor::cat(&(0..heads).map(|h| widen(&x.narrow(0, h / group, 1).unwrap())).collect::<Vec<_>>(), 0)
-                    .unwrap()
-            };
-            let scores = (q.matmul(&expand(&k).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
-            let exact =
-                candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&v).contiguous().unwrap()).unwrap();
-            let diff = largest_difference(&fast, &exact);
-            assert!(diff < 1e-5, "{heads}/{kv_heads} heads of {hd}, {len} rows, {dtype:?}: largest difference {diff}");
-            assert!(decode_cached(&q.to_dtype(DType::F16).unwrap(), &k, &v).unwrap().is_none());
-        }
-    }
-
     /// Causal, grouped (4 query heads on 2 KV heads), after 5 cached positions, in blocks of 7
     /// rows: the same as a plain masked softmax, within bf16 rounding.
     #[test]
@@ -371,7 +239,9 @@ mod tests {
         let (heads, kv_heads, t, past, hd) = (4, 2, 19, 5, 16);
         let q = pseudo_random(&[heads, t, hd], 4);
         let (k, v) = (pseudo_random(&[kv_heads, past + t, hd], 5), pseudo_random(&[kv_heads, past + t, hd], 6));
-        let fast = causal_bf16(&q, &k, &v, past, 7).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let kv = HostKv { keys: flat(&k), values: flat(&v), kv_heads, len: past + t };
+        let fast = causal_bf16(&q, &kv, past, 7).unwrap();
         let scale = (hd as f64).powf(-0.5);
         let expand = |x: &Tensor| {
             Tensor::cat(&(0..heads).map(|h| x.narrow(0, h / 2, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap()

@@ -3,7 +3,7 @@
 
 use crate::config::LlavaConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_pool::KvPool;
 use crate::linear::{Linear, LinearFormat};
 use crate::qwen2::{Qwen2, SeqInput};
 use crate::vision::VisionTower;
@@ -181,17 +181,19 @@ impl LlavaModel {
         self.lm.embed(ids)
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        self.lm.new_cache()
+    /// The KV pool every sequence's keys and values live in: `num_blocks` blocks of
+    /// `block_size` tokens, in the dtype the weights call for (see [`Qwen2::load`]).
+    pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+        self.lm.new_kv_pool(num_blocks, block_size)
     }
 
-    /// Bytes reserved by every KV cache of this model that is still alive.
-    pub fn kv_bytes_reserved(&self) -> usize {
-        self.lm.kv_ledger().bytes()
+    /// Bytes of KV one token costs across all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.lm.kv_bytes_per_token()
     }
 
     /// One ragged forward pass of the language model; see [`Qwen2::forward`].
-    pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
-        weft_kernels::on_compute_pool(|| self.lm.forward(seqs))
+    pub fn forward(&self, pool: &mut KvPool, seqs: &[SeqInput]) -> Result<Option<Tensor>> {
+        weft_kernels::on_compute_pool(|| self.lm.forward(pool, seqs))
     }
 }

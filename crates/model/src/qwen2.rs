@@ -3,7 +3,7 @@
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::{KvCache, KvLedger};
+use crate::kv_pool::{BlockTable, KvPool};
 use crate::layers::{silu_mul_halves, softmax_f32, with_f32_values, RmsNorm};
 use crate::linear::{Linear, LinearFormat};
 use crate::weights::Scope;
@@ -22,9 +22,13 @@ const BF16_ATTENTION_MIN_ROWS: usize = 32;
 
 /// One sequence's share of a forward pass.
 pub struct SeqInput<'a> {
-    /// Embeddings of the new tokens, `[t, hidden]`; their positions continue from `cache.len()`.
+    /// Embeddings of the new tokens, `[t, hidden]`; their positions continue from `past`.
     pub embeds: Tensor,
-    pub cache: &'a mut KvCache,
+    /// Tokens of this sequence already in the pool.
+    pub past: usize,
+    /// The pool blocks holding its tokens in order: enough for `past + t` (the new tokens are
+    /// written into them).
+    pub blocks: &'a [u32],
     /// Whether to return logits for this sequence's last new token (false for non-final
     /// prefill chunks, whose logits nobody reads).
     pub want_logits: bool,
@@ -152,43 +156,37 @@ impl Attention {
         rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.qkv, device)
     }
 
-    /// `x`: `[T, hidden]` for all sequences; `spans[i]` is sequence i's `(start, len)` in `x`;
-    /// `masks[i]` its causal mask, made once per step for every layer.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        spans: &[(usize, usize)],
-        masks: &[Option<Tensor>],
-        positions: &Positions,
-        rotary: &Rotary,
-        seqs: &mut [SeqInput],
-    ) -> Result<Tensor> {
+    /// `x`: `[T, hidden]` for all sequences; `batch` says where each sequence's rows, blocks
+    /// and mask are.
+    fn forward(&self, layer: usize, x: &Tensor, batch: &Batch, rotary: &Rotary, pool: &KvPool) -> Result<Tensor> {
         let total = x.dim(0)?;
         let hd = self.head_dim;
-        let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, positions)?;
-        let mut attend = Vec::with_capacity(seqs.len());
-        for (seq, &(start, len)) in seqs.iter_mut().zip(spans) {
-            let past = seq.cache.len();
-            let (keys, values) = seq.cache.append(layer, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
-            attend.push((past, start, len, keys, values));
+        let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, &batch.positions)?;
+        for (seq, &(start, len)) in batch.seqs.iter().zip(&batch.spans) {
+            let table = BlockTable { blocks: seq.blocks, len: seq.past };
+            pool.write(layer, table, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
         }
         // Sequences attend in parallel: a decode step's attention is one small product per
         // sequence and head, and one thread doing all of them left the others idle.
-        let outputs = attend
+        let outputs = (0..batch.seqs.len())
             .into_par_iter()
-            .zip(masks)
-            .map(|((past, start, len, keys, values), mask)| {
-                let block = query_block_rows(self.heads, keys.dim(1)?);
+            .map(|i| {
+                let (seq, (start, len)) = (&batch.seqs[i], batch.spans[i]);
+                let table = BlockTable { blocks: seq.blocks, len: seq.past + len };
+                let block = query_block_rows(self.heads, table.len);
                 let q = q.narrow(1, start, len)?;
-                if self.uses_bf16_kernels(len, x.device()) {
-                    crate::attention::causal_bf16(&q, &keys, &values, past, block)
-                } else if let Some(out) = crate::attention::decode_cached(&q, &keys, &values)? {
-                    Ok(out)
-                } else {
-                    causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)
+                if pool.reads_in_place() {
+                    if self.uses_bf16_kernels(len, x.device()) {
+                        if let Some(kv) = crate::paged::gather_f32(pool, layer, table, hd) {
+                            return crate::attention::causal_bf16(&q, &kv, seq.past, block);
+                        }
+                    } else if let Some(out) = crate::paged::decode(&q, pool, layer, table)? {
+                        return Ok(out);
+                    }
                 }
+                // The device path: the sequence's blocks gathered by candle, then its attention.
+                let (keys, values) = pool.gather(layer, &batch.block_ids[i], table.len)?;
+                causal_attention(&q, &keys, &values, batch.masks[i].as_ref(), self.kv_heads, block)
             })
             .collect::<Result<Vec<_>>>()?;
         // [heads, T, hd] -> [T, heads * hd]
@@ -297,6 +295,18 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// Where each sequence of one forward pass is, made once for every layer.
+struct Batch<'a, 'b> {
+    seqs: &'b [SeqInput<'a>],
+    /// `(start, len)` of each sequence's rows in the batch.
+    spans: Vec<(usize, usize)>,
+    positions: Positions,
+    /// Each sequence's causal mask, where candle's attention needs one.
+    masks: Vec<Option<Tensor>>,
+    /// Each sequence's block table as a tensor on the model's device (for gathering).
+    block_ids: Vec<Tensor>,
+}
+
 /// The Qwen2 decoder and its output head.
 pub struct Qwen2 {
     /// In the checkpoint's bf16 when the linear layers run bf16 weights (rows are widened to
@@ -312,8 +322,6 @@ pub struct Qwen2 {
     lm_head: Linear,
     rotary: Rotary,
     cfg: TextConfig,
-    /// Bytes reserved by every cache made by [`Qwen2::new_cache`] and their forks.
-    kv_ledger: KvLedger,
 }
 
 impl Qwen2 {
@@ -347,17 +355,7 @@ impl Qwen2 {
         let rotary = Rotary::new(cfg, embed_tokens.device())?;
         let dtype = model.dtype();
         let kv_dtype = kv_dtype.unwrap_or_else(|| kv_cache_dtype(model.linear_format(), dtype, embed_tokens.device()));
-        Ok(Qwen2 {
-            embed_tokens,
-            dtype,
-            kv_dtype,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-            cfg: cfg.clone(),
-            kv_ledger: KvLedger::default(),
-        })
+        Ok(Qwen2 { embed_tokens, dtype, kv_dtype, layers, norm, lm_head, rotary, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -376,27 +374,30 @@ impl Qwen2 {
         Ok(self.embed_tokens.index_select(&ids, 0)?.to_dtype(self.dtype)?)
     }
 
-    /// A fresh, empty cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        let dtype = self.kv_dtype;
-        KvCache::new(
+    /// The KV pool for this model: `num_blocks` blocks of `block_size` tokens in every layer.
+    pub fn new_kv_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
+        let heads = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        KvPool::new(
             self.cfg.num_hidden_layers,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-            dtype,
+            heads,
+            self.kv_dtype,
             self.embed_tokens.device(),
+            (num_blocks, block_size),
         )
-        .with_ledger(&self.kv_ledger)
     }
 
-    pub fn kv_ledger(&self) -> &KvLedger {
-        &self.kv_ledger
+    /// Bytes of KV one token costs across all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_hidden_layers
+            * self.cfg.num_key_value_heads
+            * self.cfg.head_dim
+            * self.kv_dtype.size_in_bytes()
     }
 
     /// Runs every sequence's new tokens through the decoder in one pass and returns the logits
     /// (`[k, vocab]`, f32) of the last new token of each sequence with `want_logits`, in order.
-    /// Each cache grows by its sequence's new tokens.
-    pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Option<Tensor>> {
+    /// The new tokens' keys and values are written into each sequence's blocks of `pool`.
+    pub fn forward(&self, pool: &mut KvPool, seqs: &[SeqInput]) -> Result<Option<Tensor>> {
         if seqs.is_empty() {
             return Ok(None);
         }
@@ -405,7 +406,7 @@ impl Qwen2 {
         let mut start = 0;
         for seq in seqs.iter() {
             let t = seq.embeds.dim(0)?;
-            let past = seq.cache.len();
+            let past = seq.past;
             if t == 0 {
                 return Err(ModelError::Input("a sequence in the batch has no new tokens".into()));
             }
@@ -429,24 +430,26 @@ impl Qwen2 {
             .iter()
             .zip(&spans)
             .map(|(seq, &(_, t))| match self.layers.first() {
-                Some(layer) if !layer.attn.uses_bf16_kernels(t, device) => {
-                    let past = seq.cache.len();
-                    causal_mask(t, past + t, past, device)
+                Some(layer) if !(layer.attn.uses_bf16_kernels(t, device) && crate::paged::host_rows(pool)) => {
+                    causal_mask(t, seq.past + t, seq.past, device)
                 }
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        let block_ids = seqs.iter().map(|s| Ok(Tensor::new(s.blocks, device)?)).collect::<Result<Vec<_>>>()?;
+        let batch = Batch { seqs, spans, positions, masks, block_ids };
+        let pool = &*pool;
         let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.clone()).collect();
         let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
-            let attn = layer.attn.forward(i, &normed, &spans, &masks, &positions, &self.rotary, seqs)?;
+            let attn = layer.attn.forward(i, &normed, &batch, &self.rotary, pool)?;
             let h = (x + attn)?;
             x = (&h + layer.mlp.forward(&layer.post_norm.forward(&h)?)?)?;
         }
         let last_rows: Vec<u32> = seqs
             .iter()
-            .zip(&spans)
+            .zip(&batch.spans)
             .filter(|(s, _)| s.want_logits)
             .map(|(_, &(start, len))| (start + len - 1) as u32)
             .collect();

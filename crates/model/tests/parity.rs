@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use weft_model::preprocess::ImageProcessor;
 use weft_model::prompt::{render_builtin, Message, Part};
 use weft_model::tokenizer::PromptTokenizer;
-use weft_model::{KvCache, LinearFormat, LlavaModel, LoadOptions, SeqInput};
+use weft_model::{KvPool, LinearFormat, LlavaModel, LoadOptions, SeqInput};
 
 /// How close a weight format must stay to transformers (which runs the checkpoint in f32).
 #[derive(Clone, Copy)]
@@ -57,6 +57,9 @@ struct Fixture {
     tol: Tolerance,
     /// Largest logprob difference seen, in units of 1e-9.
     worst: std::sync::atomic::AtomicU64,
+    /// Attention gathers the blocks with candle operations (the device path) instead of reading
+    /// them in place.
+    gather: bool,
 }
 
 fn load(name: &str) -> Fixture {
@@ -75,7 +78,60 @@ fn load_with(name: &str, options: LoadOptions, tol: Tolerance) -> Fixture {
     let processor = ImageProcessor::from_dir(&dir, cfg.vision.image_size).unwrap();
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let cases = reference["cases"].as_array().unwrap().clone();
-    Fixture { dir, model, tokenizer, processor, cases, tol, worst: Default::default() }
+    Fixture { dir, model, tokenizer, processor, cases, tol, worst: Default::default(), gather: false }
+}
+
+/// Tokens a pool block holds here (the engine's default).
+const BLOCK_SIZE: usize = 16;
+
+/// Sequences in a KV pool, driving the model directly: blocks are handed out from the top of
+/// the pool down as sequences grow, so that the tables of a batch interleave and run backwards.
+struct Pool {
+    pool: KvPool,
+    next: u32,
+}
+
+#[derive(Default)]
+struct PooledSeq {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl Pool {
+    /// Room for every case of `f` at once.
+    fn for_cases(f: &Fixture) -> Self {
+        let tokens = |c: &Value| ids_of(&c["prompt_ids"]).len() + ids_of(&c["greedy_ids"]).len();
+        let blocks: usize = f.cases.iter().map(|c| tokens(c).div_ceil(BLOCK_SIZE)).sum::<usize>() + 2;
+        let pool = f.model.new_kv_pool(blocks, BLOCK_SIZE).unwrap();
+        let pool = if f.gather { pool.gathering_with_candle() } else { pool };
+        Pool { pool, next: blocks as u32 }
+    }
+
+    /// One forward pass of `embeds[i]` appended to `seqs[i]`; the logits of those that want them.
+    fn forward(
+        &mut self,
+        model: &LlavaModel,
+        seqs: &mut [PooledSeq],
+        embeds: Vec<Tensor>,
+        want: bool,
+    ) -> Option<Tensor> {
+        for (seq, e) in seqs.iter_mut().zip(&embeds) {
+            while seq.blocks.len() * BLOCK_SIZE < seq.len + e.dim(0).unwrap() {
+                self.next -= 1;
+                seq.blocks.push(self.next);
+            }
+        }
+        let inputs: Vec<SeqInput> = seqs
+            .iter()
+            .zip(&embeds)
+            .map(|(s, e)| SeqInput { embeds: e.clone(), past: s.len, blocks: &s.blocks, want_logits: want })
+            .collect();
+        let logits = model.forward(&mut self.pool, &inputs).unwrap();
+        for (seq, e) in seqs.iter_mut().zip(&embeds) {
+            seq.len += e.dim(0).unwrap();
+        }
+        logits
+    }
 }
 
 fn messages(case: &Value) -> Vec<Message> {
@@ -198,24 +254,21 @@ fn check_generation_alone(f: &Fixture, fixture: &str) {
     for case in &f.cases {
         let ids = ids_of(&case["prompt_ids"]);
         let greedy = ids_of(&case["greedy_ids"]);
-        let mut cache = f.model.new_cache();
+        let mut pool = Pool::for_cases(f);
+        let mut seq = [PooledSeq::default()];
         let mut embeds = prompt_embeddings(f, case, &ids);
         let mut comparing = true;
         for step in 0..greedy.len() {
-            let logits = forward_one(&f.model, embeds, &mut cache);
+            let logits = pool.forward(&f.model, &mut seq, vec![embeds], true).unwrap();
+            let logits = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             if comparing {
                 comparing = check_step(f, fixture, case, step, &logits);
             }
             // Teacher forcing keeps later steps comparable even after a near-tie.
             embeds = f.model.embed(&greedy[step..step + 1], None).unwrap();
         }
-        assert_eq!(cache.len(), ids.len() + greedy.len() - 1);
+        assert_eq!(seq[0].len, ids.len() + greedy.len() - 1);
     }
-}
-
-fn forward_one(model: &LlavaModel, embeds: Tensor, cache: &mut KvCache) -> Vec<f32> {
-    let logits = model.forward(&mut [SeqInput { embeds, cache, want_logits: true }]).unwrap().unwrap();
-    logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// All cases prefilled together in one ragged call, the prompts split into two chunks, then
@@ -225,17 +278,11 @@ fn check_generation_batched(f: &Fixture, fixture: &str) {
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["prompt_ids"])).collect();
     let greedy: Vec<Vec<u32>> = cases.iter().map(|c| ids_of(&c["greedy_ids"])).collect();
     let embeds: Vec<Tensor> = cases.iter().zip(&prompts).map(|(c, ids)| prompt_embeddings(f, c, ids)).collect();
-    let mut caches: Vec<KvCache> = cases.iter().map(|_| f.model.new_cache()).collect();
+    let mut pool = Pool::for_cases(f);
+    let mut seqs: Vec<PooledSeq> = cases.iter().map(|_| PooledSeq::default()).collect();
     // First chunk: the first half of each prompt, no logits wanted.
-    let mut seqs: Vec<SeqInput> = caches
-        .iter_mut()
-        .zip(&embeds)
-        .map(|(cache, e)| {
-            let half = e.dim(0).unwrap() / 2;
-            SeqInput { embeds: e.narrow(0, 0, half).unwrap(), cache, want_logits: false }
-        })
-        .collect();
-    assert!(f.model.forward(&mut seqs).unwrap().is_none());
+    let halves = embeds.iter().map(|e| e.narrow(0, 0, e.dim(0).unwrap() / 2).unwrap()).collect();
+    assert!(pool.forward(&f.model, &mut seqs, halves, false).is_none());
     let mut inputs: Vec<Tensor> = embeds
         .iter()
         .map(|e| {
@@ -245,12 +292,7 @@ fn check_generation_batched(f: &Fixture, fixture: &str) {
         .collect();
     let mut comparing = vec![true; cases.len()];
     for step in 0..greedy[0].len() {
-        let mut seqs: Vec<SeqInput> = caches
-            .iter_mut()
-            .zip(inputs)
-            .map(|(cache, embeds)| SeqInput { embeds, cache, want_logits: true })
-            .collect();
-        let logits = f.model.forward(&mut seqs).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        let logits = pool.forward(&f.model, &mut seqs, inputs, true).unwrap().to_vec2::<f32>().unwrap();
         for (i, case) in cases.iter().enumerate() {
             if comparing[i] {
                 comparing[i] = check_step(f, &format!("{fixture} (batched)"), case, step, &logits[i]);
@@ -319,14 +361,25 @@ fn bf16_weights_stay_within_the_bound() {
     }
 }
 
-/// The KV cache stores bf16 for 8-bit weights, f32 for f32 and bf16 weights, and what it is
+/// The device path: attention gathers each sequence's blocks with candle operations, then
+/// runs candle's attention, as it does on a GPU; on the CPU's f32 it is exact too.
+#[test]
+fn gathering_blocks_with_candle_is_exact_too() {
+    let mut f = load("tiny-v5");
+    f.gather = true;
+    check_generation_alone(&f, "tiny-v5 (gathered)");
+    check_generation_batched(&f, "tiny-v5 (gathered)");
+    report(&f, "tiny-v5 (gathered)");
+}
+
+/// The KV pool stores bf16 for 8-bit weights, f32 for f32 and bf16 weights, and what it is
 /// told where it is told; a token costs half the bytes in bf16.
 #[test]
 fn kv_cache_dtype_follows_the_weights_unless_set() {
     let dir = fixtures().join("tiny-v5");
     let cache_of = |linear: LinearFormat, kv_cache_dtype: Option<DType>| {
         let options = LoadOptions { linear, kv_cache_dtype, ..LoadOptions::default() };
-        LlavaModel::load(&dir, &options).unwrap().new_cache()
+        LlavaModel::load(&dir, &options).unwrap().new_kv_pool(4, BLOCK_SIZE).unwrap()
     };
     assert_eq!(cache_of(LinearFormat::Q8_0, None).dtype(), DType::BF16);
     assert_eq!(cache_of(LinearFormat::Dense, None).dtype(), DType::F32);

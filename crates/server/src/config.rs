@@ -74,11 +74,15 @@ pub struct ServeArgs {
     /// Sequences running at once.
     #[arg(long, env = "WEFT_MAX_NUM_SEQS", default_value_t = engine::MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
-    /// KV cache memory, e.g. 4GiB: storage for running sequences and the prefix cache together
-    /// (default: on the CPU 40% of the memory available at start; on a GPU what
-    /// --gpu-memory-utilization leaves after the weights).
+    /// KV cache memory, e.g. 4GiB: one pool of blocks, allocated at start, for running
+    /// sequences and cached prefixes together (default: on the CPU 40% of the memory available
+    /// at start; on a GPU what --gpu-memory-utilization leaves after the weights).
     #[arg(long, env = "WEFT_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
+    /// Tokens per KV cache block.
+    #[arg(long, env = "WEFT_BLOCK_SIZE", default_value_t = engine::BLOCK_SIZE as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub block_size: u16,
     /// Share of the GPU's memory Weft may use: weights and KV cache; the rest is headroom for
     /// activations and other processes.
     #[arg(long, env = "WEFT_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
@@ -86,10 +90,12 @@ pub struct ServeArgs {
     /// Memory for cached image features.
     #[arg(long, env = "WEFT_VISION_CACHE_MEMORY", default_value_t = bytes_text(engine::VISION_CACHE_MEMORY))]
     pub vision_cache_memory: String,
-    /// KV storage the prefix cache may keep from finished requests, within the KV cache memory
-    /// and only while running requests leave it free.
-    #[arg(long, env = "WEFT_PREFIX_CACHE_MEMORY", default_value_t = bytes_text(engine::PREFIX_CACHE_MEMORY))]
-    pub prefix_cache_memory: String,
+    /// Ignored; kept so that existing configurations still start. Cached prefixes live in the
+    /// KV cache's blocks now (evicted least recently used when blocks are needed), so
+    /// --kv-cache-memory bounds them.
+    #[arg(long, env = "WEFT_PREFIX_CACHE_MEMORY", hide = true)]
+    #[serde(skip_serializing)]
+    pub prefix_cache_memory: Option<String>,
     /// Requests that may wait (fetching media, or queued for the engine) besides the
     /// `max_num_seqs` running ones, before new ones get 429.
     #[arg(long, env = "WEFT_MAX_WAITING", default_value_t = engine::MAX_WAITING)]

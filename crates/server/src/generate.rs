@@ -102,7 +102,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     request.ignore_eos = args.ignore_eos;
 
     // The engine every server request goes through: one generation path to make fast.
-    let engine = Engine::start(model, prompts.tokenizer().clone(), engine_config);
+    let engine = Engine::start(model, prompts.tokenizer().clone(), engine_config)?;
     for _ in 0..args.repeat {
         generate_once(&engine, request.clone(), pictures.len())?;
     }

@@ -148,8 +148,8 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
         kv_cache_memory,
+        block_size: args.block_size.into(),
         vision_cache_memory: parse_bytes("vision_cache_memory", &args.vision_cache_memory)?,
-        prefix_cache_memory: parse_bytes("prefix_cache_memory", &args.prefix_cache_memory)?,
         // The server's places bound the queue; the engine's own bound is only a backstop.
         max_waiting: args.admission_capacity(),
         prefix_caching: !args.no_prefix_caching,
@@ -164,7 +164,13 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         Ok(_) => tracing::info!(seconds = compiling.elapsed().as_secs_f64(), "structured outputs ready"),
         Err(why) => tracing::warn!(%why, "structured outputs are not available"),
     }
-    let engine = Engine::start(model, tokenizer, engine_config);
+    if args.prefix_cache_memory.is_some() {
+        tracing::warn!(
+            "--prefix-cache-memory is ignored: cached prefixes live in the KV cache's blocks, \
+             bounded by --kv-cache-memory"
+        );
+    }
+    let engine = Engine::start(model, tokenizer, engine_config)?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; warming up");
     warm_up(&engine, &prompts)?;
     let limits = RequestLimits {

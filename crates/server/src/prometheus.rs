@@ -36,6 +36,9 @@ pub fn publish_engine(s: &StatsSnapshot, in_progress: usize) {
     metrics::counter!("weft:prompt_tokens_total").absolute(s.prompt_tokens_total);
     metrics::counter!("weft:generation_tokens_total").absolute(s.generation_tokens_total);
     metrics::counter!("weft:cached_prompt_tokens_total").absolute(s.cached_tokens_total);
+    // vLLM's prefix-cache counters: prompt tokens looked up, and those found cached.
+    metrics::counter!("weft:prefix_cache_queries_total").absolute(s.prefix_queries_total);
+    metrics::counter!("weft:prefix_cache_hits_total").absolute(s.cached_tokens_total);
     metrics::counter!("weft:vision_cache_hits_total").absolute(s.vision_cache_hits);
     metrics::counter!("weft:vision_cache_misses_total").absolute(s.vision_cache_misses);
     metrics::counter!("weft:vision_encode_seconds_total").absolute(s.vision_encode_seconds as u64);
@@ -51,5 +54,9 @@ pub fn publish_engine(s: &StatsSnapshot, in_progress: usize) {
     metrics::gauge!("weft:prefix_cache_bytes").set(s.prefix_cache_bytes as f64);
     metrics::gauge!("weft:vision_cache_bytes").set(s.vision_cache_bytes as f64);
     metrics::gauge!("weft:num_requests_in_progress").set(in_progress as f64);
-    metrics::gauge!("weft:num_requests_in_progress").set(in_progress as f64);
+    // The pool's shape as vLLM's `vllm:cache_config_info` gives it (what the Gateway API
+    // Inference Extension's prefix-cache scorer reads); `num_gpu_blocks` counts the pool's
+    // blocks on whatever device holds it.
+    let (block_size, blocks) = (s.kv_block_size.to_string(), s.kv_num_blocks.to_string());
+    metrics::gauge!("weft:cache_config_info", "block_size" => block_size, "num_gpu_blocks" => blocks).set(1.0);
 }

@@ -190,10 +190,16 @@ async fn a_text_completion_fault_streams_as_an_error_event() {
 #[tokio::test]
 async fn client_faults_found_by_the_engine_name_their_field() {
     let s = start(&["--kv-cache-memory", "1MiB"]);
-    // 1 MiB of KV holds 2,048 tokens of the tiny model: eight copies of a 729-token image
-    // prompt cannot fit.
+    // 1 MiB of KV holds 2,048 tokens of the tiny model (128 blocks): eight choices of a
+    // 749-token image prompt share its 47 blocks and fit...
     let mut r = image_chat(2);
     r["n"] = json!(8);
+    let (status, body) = post(&s, "/v1/chat/completions", r.clone()).await;
+    assert_eq!((status, body["choices"].as_array().map(Vec::len)), (200, Some(8)), "{body}");
+    // ...three images' prompt (2,207 tokens) does not, even once.
+    let image = r["messages"][0]["content"][0].clone();
+    r["messages"][0]["content"] = json!([image.clone(), image.clone(), image, {"type": "text", "text": "Compare."}]);
+    r["n"] = json!(1);
     let (status, body) = post(&s, "/v1/chat/completions", r).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "messages");

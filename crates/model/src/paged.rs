@@ -1,0 +1,201 @@
+//! Attention over the KV pool's blocks on the CPU, read where they are: a decode step's scores
+//! and weighted sums walk the sequence's block table; a prefill chunk's keys and values are
+//! gathered once into f32 rows for the GEMM kernels. (Other devices gather with candle
+//! operations instead: `KvPool::gather`.)
+
+use crate::error::Result;
+use crate::kv_pool::{BlockTable, KvPool};
+use crate::layers::with_f32_values;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+use weft_kernels::CachedValue;
+
+/// One sequence's keys and values in f32, `[kv_heads, len, head_dim]` each, copied out of its
+/// blocks (what the prefill kernels read).
+pub(crate) struct HostKv {
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+    pub kv_heads: usize,
+    pub len: usize,
+}
+
+/// Where rows sit in a pool layer: `[num_blocks, kv_heads, block_size, head_dim]`.
+#[derive(Clone, Copy)]
+struct Geometry {
+    kv_heads: usize,
+    block_size: usize,
+    hd: usize,
+}
+
+impl Geometry {
+    /// The first `n` rows of head `kvh` in block `block`.
+    fn rows<T>(self, data: &[T], block: u32, kvh: usize, n: usize) -> &[T] {
+        let first = (block as usize * self.kv_heads + kvh) * self.block_size * self.hd;
+        &data[first..first + n * self.hd]
+    }
+
+    /// `(position of its first token, tokens used)` of every block of a `len`-token sequence.
+    fn spans(self, len: usize) -> impl Iterator<Item = (usize, usize)> {
+        let bs = self.block_size;
+        (0..len.div_ceil(bs)).map(move |j| (j * bs, bs.min(len - j * bs)))
+    }
+}
+
+/// Calls `f` with `layer`'s keys and values as host slices, if the pool keeps them on the CPU
+/// in f32 or bf16 (`None` otherwise).
+fn with_layer<R>(
+    pool: &KvPool,
+    layer: usize,
+    f32_rows: impl FnOnce(&[f32], &[f32]) -> R,
+    bf16_rows: impl FnOnce(&[half::bf16], &[half::bf16]) -> R,
+) -> Option<R> {
+    let (k, v) = pool.layer(layer);
+    let (k_storage, _) = k.storage_and_layout();
+    let (v_storage, _) = v.storage_and_layout();
+    match (&*k_storage, &*v_storage) {
+        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => Some(f32_rows(k, v)),
+        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => Some(bf16_rows(k, v)),
+        _ => None,
+    }
+}
+
+/// Whether attention reads `pool` here: in place, from host memory in f32 or bf16.
+pub(crate) fn host_rows(pool: &KvPool) -> bool {
+    pool.reads_in_place() && pool.device().is_cpu() && matches!(pool.dtype(), DType::F32 | DType::BF16)
+}
+
+fn geometry(pool: &KvPool, hd: usize) -> Geometry {
+    Geometry { kv_heads: pool.kv_heads(), block_size: pool.block_size(), hd }
+}
+
+/// The sequence's first `table.len` keys and values, gathered in f32 (`None` where the pool
+/// is not host memory in f32 or bf16).
+pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usize) -> Option<HostKv> {
+    let at = geometry(pool, hd);
+    fn gather<T: CachedValue>(data: &[T], table: BlockTable, at: Geometry) -> Vec<f32> {
+        let mut out = Vec::with_capacity(at.kv_heads * table.len * at.hd);
+        for kvh in 0..at.kv_heads {
+            for (block, (_, n)) in table.blocks.iter().zip(at.spans(table.len)) {
+                out.extend(at.rows(data, *block, kvh, n).iter().map(|x| x.to_f32()));
+            }
+        }
+        out
+    }
+    let (keys, values) = with_layer(
+        pool,
+        layer,
+        |k, v| (gather(k, table, at), gather(v, table, at)),
+        |k, v| (gather(k, table, at), gather(v, table, at)),
+    )?;
+    Some(HostKv { keys, values, kv_heads: at.kv_heads, len: table.len })
+}
+
+/// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
+/// position) over the `table.len` keys and values of its blocks in `layer`, read in place.
+/// `None` where this does not apply (the pool or `q` elsewhere than host f32/bf16), for the
+/// gathering path to compute instead. The same bits as over one contiguous cache: each score is
+/// its own sum, and the weighted sums go on from block to block in row order.
+pub(crate) fn decode(q: &Tensor, pool: &KvPool, layer: usize, table: BlockTable) -> Result<Option<Tensor>> {
+    let (heads, rows, hd) = q.dims3()?;
+    let kv_heads = pool.kv_heads();
+    if rows != 1 || table.len == 0 || !q.device().is_cpu() || q.dtype() != DType::F32 || heads % kv_heads != 0 {
+        return Ok(None);
+    }
+    let at = geometry(pool, hd);
+    let ctx = with_f32_values(q, |q| {
+        with_layer(
+            pool,
+            layer,
+            |k, v| decode_rows(q, k, v, table, heads, at),
+            |k, v| decode_rows(q, k, v, table, heads, at),
+        )
+    })?;
+    Ok(match ctx {
+        Some(ctx) => Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?),
+        None => None,
+    })
+}
+
+/// `[heads * hd]` attention outputs of one query row per head over the sequence's blocks.
+fn decode_rows<T: CachedValue>(q: &[f32], k: &[T], v: &[T], table: BlockTable, heads: usize, at: Geometry) -> Vec<f32> {
+    let (hd, len) = (at.hd, table.len);
+    let group = heads / at.kv_heads;
+    let scale = (hd as f32).powf(-0.5);
+    // One run per KV head, over the query heads that share it, so that each cached row is read
+    // once per step; threads take KV heads only where a head's work outweighs handing it over
+    // (sequences are spread over the threads already).
+    let run = |(kvh, out): (usize, &mut [f32])| {
+        let queries = &q[kvh * group * hd..(kvh + 1) * group * hd];
+        let mut scores = vec![0.0f32; group * len];
+        let mut part = Vec::with_capacity(group * at.block_size);
+        for (&block, (first, n)) in table.blocks.iter().zip(at.spans(len)) {
+            part.resize(group * n, 0.0);
+            weft_kernels::scaled_dots(queries, hd, at.rows(k, block, kvh, n), scale, &mut part);
+            for (g, dots) in part.chunks_exact(n).enumerate() {
+                scores[g * len + first..][..n].copy_from_slice(dots);
+            }
+        }
+        weft_kernels::softmax_rows(&mut scores, len);
+        for (&block, (first, n)) in table.blocks.iter().zip(at.spans(len)) {
+            part.clear();
+            part.extend((0..group).flat_map(|g| scores[g * len + first..][..n].iter().copied()));
+            weft_kernels::weighted_sums_add(&part, at.rows(v, block, kvh, n), hd, out);
+        }
+    };
+    let mut ctx = vec![0.0f32; heads * hd];
+    if len * hd >= 16_384 {
+        ctx.par_chunks_mut(group * hd).enumerate().for_each(run);
+    } else {
+        ctx.chunks_mut(group * hd).enumerate().for_each(run);
+    }
+    ctx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(shape: &[usize], seed: u64) -> Tensor {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> =
+            (0..count).map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A decode step over blocks out of order, in f32 and bf16: the same as candle's softmax
+    /// attention over the same keys and values gathered with candle operations (the device
+    /// path), and the gathered f32 rows are those keys and values.
+    #[test]
+    fn decode_over_blocks_matches_the_gathered_attention() {
+        for (heads, kv_heads, len, hd) in [(4, 2, 11usize, 8), (14, 2, 37, 64), (6, 1, 300, 64)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let blocks_needed = len.div_ceil(16);
+                let pool = KvPool::new(1, (kv_heads, hd), dtype, &Device::Cpu, (blocks_needed + 3, 16)).unwrap();
+                // Blocks in reverse order, leaving the first three unused.
+                let blocks: Vec<u32> = (3..blocks_needed as u32 + 3).rev().collect();
+                let (k, v) = (pseudo_random(&[kv_heads, len, hd], 8), pseudo_random(&[kv_heads, len, hd], 9));
+                pool.write(0, BlockTable { blocks: &blocks, len: 0 }, &k, &v).unwrap();
+                let table = BlockTable { blocks: &blocks, len };
+                let q = pseudo_random(&[heads, 1, hd], 7);
+                let fast = decode(&q, &pool, 0, table).unwrap().expect("applies to a host pool");
+                let ids = Tensor::new(blocks.as_slice(), &Device::Cpu).unwrap();
+                let (gk, gv) = pool.gather(0, &ids, len).unwrap();
+                let host = gather_f32(&pool, 0, table, hd).unwrap();
+                let flat =
+                    |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!((host.keys, host.values), (flat(&gk), flat(&gv)));
+                let group = heads / kv_heads;
+                let expand = |x: &Tensor| {
+                    let widened = x.to_dtype(DType::F32).unwrap();
+                    let per_head: Vec<Tensor> = (0..heads).map(|h| widened.narrow(0, h / group, 1).unwrap()).collect();
+                    Tensor::cat(&per_head, 0).unwrap()
+                };
+                let scores = (q.matmul(&expand(&gk).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
+                let exact = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&gv)).unwrap();
+                let diff = (&fast - &exact).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "{heads}/{kv_heads} heads of {hd}, {len} rows, {dtype:?}: {diff}");
+                assert!(decode(&q.to_dtype(DType::F16).unwrap(), &pool, 0, table).unwrap().is_none());
+            }
+        }
+    }
+}
