@@ -20,11 +20,11 @@ pub(crate) enum BlockState {
     Free,
 }
 
+/// 16 bytes a block (a tiny model's pool has a million blocks): the prefix a block holds is
+/// kept in a map of the registered ones only.
 #[derive(Debug, Clone)]
 struct Block {
-    refs: usize,
-    /// The prefix it holds, once full and registered.
-    hash: Option<BlockHash>,
+    refs: u32,
     /// When it last became evictable (LRU order among cached blocks).
     released_at: u64,
 }
@@ -49,6 +49,8 @@ pub(crate) struct BlockPool {
     /// Cached blocks no sequence holds, oldest release first.
     evictable: BTreeSet<(u64, BlockId)>,
     by_hash: HashMap<BlockHash, BlockId>,
+    /// The prefix each registered block holds (the inverse of `by_hash`).
+    hash_of: HashMap<BlockId, BlockHash>,
     tick: u64,
     counts: PoolCounts,
 }
@@ -56,10 +58,11 @@ pub(crate) struct BlockPool {
 impl BlockPool {
     pub fn new(num_blocks: usize) -> Self {
         BlockPool {
-            blocks: vec![Block { refs: 0, hash: None, released_at: 0 }; num_blocks],
+            blocks: vec![Block { refs: 0, released_at: 0 }; num_blocks],
             free: (0..num_blocks as BlockId).rev().collect(),
             evictable: BTreeSet::new(),
             by_hash: HashMap::new(),
+            hash_of: HashMap::new(),
             tick: 0,
             counts: PoolCounts::default(),
         }
@@ -94,18 +97,17 @@ impl BlockPool {
     }
 
     pub fn refs(&self, id: BlockId) -> usize {
-        self.blocks[id as usize].refs
+        self.blocks[id as usize].refs as usize
     }
 
     pub fn hash_of(&self, id: BlockId) -> Option<BlockHash> {
-        self.blocks[id as usize].hash
+        self.hash_of.get(&id).copied()
     }
 
     pub fn state(&self, id: BlockId) -> BlockState {
-        let b = &self.blocks[id as usize];
-        match (b.refs, b.hash) {
-            (0, Some(_)) => BlockState::Cached,
-            (0, None) => BlockState::Free,
+        match (self.refs(id), self.hash_of.contains_key(&id)) {
+            (0, true) => BlockState::Cached,
+            (0, false) => BlockState::Free,
             (refs, _) => BlockState::Held { refs },
         }
     }
@@ -117,7 +119,7 @@ impl BlockPool {
             Some(id) => id,
             None => {
                 let (_, id) = self.evictable.pop_first()?;
-                let hash = self.blocks[id as usize].hash.take().expect("evictable blocks are cached");
+                let hash = self.hash_of.remove(&id).expect("evictable blocks are cached");
                 self.by_hash.remove(&hash);
                 self.counts.evictions += 1;
                 id
@@ -143,11 +145,12 @@ impl BlockPool {
     /// and is free otherwise.
     pub fn release(&mut self, id: BlockId) {
         self.tick += 1;
+        let cached = self.hash_of.contains_key(&id);
         let b = &mut self.blocks[id as usize];
         debug_assert!(b.refs > 0, "block {id} released more often than held");
         b.refs -= 1;
         if b.refs == 0 {
-            if b.hash.is_some() {
+            if cached {
                 b.released_at = self.tick;
                 self.evictable.insert((self.tick, id));
             } else {
@@ -159,10 +162,10 @@ impl BlockPool {
     /// `id` (held, now full) holds the prefix `hash`. Where another block already holds that
     /// prefix (two requests computed it at once), that one stays the cached copy.
     pub fn register(&mut self, id: BlockId, hash: BlockHash) {
-        if self.blocks[id as usize].hash.is_some() || self.by_hash.contains_key(&hash) {
+        if self.hash_of.contains_key(&id) || self.by_hash.contains_key(&hash) {
             return;
         }
-        self.blocks[id as usize].hash = Some(hash);
+        self.hash_of.insert(id, hash);
         self.by_hash.insert(hash, id);
     }
 
@@ -181,9 +184,7 @@ impl BlockPool {
         for (_, id) in std::mem::take(&mut self.evictable) {
             self.free.push(id);
         }
-        for b in &mut self.blocks {
-            b.hash = None;
-        }
+        self.hash_of.clear();
         self.by_hash.clear();
     }
 
@@ -199,11 +200,12 @@ impl BlockPool {
         for (id, b) in self.blocks.iter().enumerate() {
             let id = id as BlockId;
             let held = holders.get(&id).copied().unwrap_or(0);
-            if b.refs != held {
+            let hash = self.hash_of(id);
+            if b.refs as usize != held {
                 return Err(format!("block {id} counts {} holders but {held} tables hold it", b.refs));
             }
             let evictable = self.evictable.contains(&(b.released_at, id));
-            let (want_free, want_evictable) = (b.refs == 0 && b.hash.is_none(), b.refs == 0 && b.hash.is_some());
+            let (want_free, want_evictable) = (b.refs == 0 && hash.is_none(), b.refs == 0 && hash.is_some());
             if free[id as usize] != want_free || evictable != want_evictable {
                 return Err(format!(
                     "block {id} ({:?}): on the free list {}, evictable {evictable}",
@@ -211,13 +213,13 @@ impl BlockPool {
                     free[id as usize]
                 ));
             }
-            if let Some(hash) = b.hash {
+            if let Some(hash) = hash {
                 if self.by_hash.get(&hash) != Some(&id) {
                     return Err(format!("block {id} keeps a prefix that maps to {:?}", self.by_hash.get(&hash)));
                 }
             }
         }
-        if self.evictable.len() + self.free.len() != self.available() || self.by_hash.len() > self.blocks.len() {
+        if self.by_hash.len() != self.hash_of.len() {
             return Err("the pool's counts disagree".into());
         }
         Ok(())

@@ -21,7 +21,22 @@ async fn chat_completion_matches_the_reference() {
     // The same request again: the image and the prefix come from the caches.
     let (_, again) = post(&s, "/v1/chat/completions", image_chat(6)).await;
     assert_eq!(again["choices"][0]["message"]["content"], body["choices"][0]["message"]["content"]);
-    assert!(again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 700);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 700 && cached % 16 == 0, "whole 16-token blocks of the prompt: {cached}");
+    // Counted as vLLM counts them, and the pool's shape as vLLM's cache_config_info gives it.
+    let metrics = client().get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let prompt = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(value("weft:prefix_cache_hits_total"), cached as f64);
+    assert!(value("weft:prefix_cache_queries_total") >= 2.0 * prompt);
+    let info = metrics.lines().find(|l| l.starts_with("weft:cache_config_info{")).expect("cache_config_info");
+    let blocks: f64 = info.split("num_gpu_blocks=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+    assert!(info.contains("block_size=\"16\""), "{info}");
+    // tiny-v5 keeps 2 layers x (k, v) x 2 heads x 16 values of f32 a token: 8 KiB a block.
+    assert_eq!(blocks * 8192.0, value("weft:kv_cache_budget_bytes"), "{info}");
 }
 
 #[tokio::test]
