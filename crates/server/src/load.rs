@@ -171,6 +171,14 @@ pub fn load(args: &ServeArgs, model_dir: &Path) -> Result<Loaded> {
         );
     }
     let engine = Engine::start(model, tokenizer, engine_config)?;
+    let pool = engine.stats();
+    tracing::info!(
+        blocks = pool.kv_num_blocks,
+        block_size = pool.kv_block_size,
+        tokens = pool.kv_num_blocks * pool.kv_block_size,
+        gib = pool.kv_budget_bytes as f64 / (1u64 << 30) as f64,
+        "KV cache pool"
+    );
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; warming up");
     warm_up(&engine, &prompts)?;
     let limits = RequestLimits {
