@@ -52,27 +52,31 @@ impl Engine {
     /// admission cannot evict the blocks another one was planned to reuse.
     pub(crate) fn admit(&mut self, admitted: &[u64], cached: &HashMap<u64, usize>) -> weft_model::Result<()> {
         let bs = self.pool.block_size();
-        let mut hits = Vec::with_capacity(admitted.len());
-        for id in admitted {
-            self.waiting.retain(|w| w != id);
-            let mut hit = self.prefix_hit(&self.seqs[id]);
-            hit.truncate(cached[id] / bs);
-            hit.iter().for_each(|&b| self.blocks.retain(b));
-            hits.push(hit);
-        }
-        for (id, mut blocks) in admitted.iter().zip(hits) {
-            let reused = blocks.len() * bs;
-            let seq = self.seqs.get_mut(id).expect("waiting");
-            while blocks.len() * bs < seq.tokens.len() {
-                match self.blocks.allocate() {
-                    Some(b) => blocks.push(b),
-                    None => {
-                        blocks.into_iter().for_each(|b| self.blocks.release(b));
-                        self.waiting.push_front(*id);
-                        return Err(out_of_blocks());
-                    }
-                }
+        // Each table starts as the sequence's hit: its first `hit` blocks are computed already.
+        let mut tables: Vec<(Vec<BlockId>, usize)> = admitted
+            .iter()
+            .map(|id| {
+                let mut hit = self.prefix_hit(&self.seqs[id]);
+                hit.truncate(cached[id] / bs);
+                hit.iter().for_each(|&b| self.blocks.retain(b));
+                let blocks = hit.len();
+                (hit, blocks)
+            })
+            .collect();
+        for (id, (blocks, _)) in admitted.iter().zip(&mut tables) {
+            while blocks.len() * bs < self.seqs[id].tokens.len() {
+                let Some(b) = self.blocks.allocate() else {
+                    // Every table goes back; the sequences stay waiting.
+                    tables.into_iter().flat_map(|(t, _)| t).for_each(|b| self.blocks.release(b));
+                    return Err(out_of_blocks());
+                };
+                blocks.push(b);
             }
+        }
+        for (id, (blocks, hit)) in admitted.iter().zip(tables) {
+            self.waiting.retain(|w| w != id);
+            let seq = self.seqs.get_mut(id).expect("waiting");
+            let reused = hit * bs;
             if seq.admitted_at.is_none() {
                 // First start (not a re-admission after preemption): it leaves the waiting count.
                 self.stats.waiting.fetch_sub(1, Relaxed);

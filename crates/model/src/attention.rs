@@ -196,17 +196,18 @@ pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(shape: &[usize], seed: u64) -> Tensor {
+    /// Deterministic values in [-1, 1) (also for `paged.rs`'s tests).
+    pub(crate) fn pseudo_random(shape: &[usize], seed: u64) -> Tensor {
         let count: usize = shape.iter().product();
         let values: Vec<f32> =
             (0..count).map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
-    fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 

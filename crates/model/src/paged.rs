@@ -154,13 +154,7 @@ fn decode_rows<T: CachedValue>(q: &[f32], k: &[T], v: &[T], table: BlockTable, h
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(shape: &[usize], seed: u64) -> Tensor {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> =
-            (0..count).map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0).collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
+    use crate::attention::tests::{largest_difference, pseudo_random};
 
     /// A decode step over blocks out of order, in f32 and bf16: the same as candle's softmax
     /// attention over the same keys and values gathered with candle operations (the device
@@ -192,7 +186,7 @@ mod tests {
                 };
                 let scores = (q.matmul(&expand(&gk).t().unwrap()).unwrap() * (hd as f64).powf(-0.5)).unwrap();
                 let exact = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&expand(&gv)).unwrap();
-                let diff = (&fast - &exact).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = largest_difference(&fast, &exact);
                 assert!(diff < 1e-5, "{heads}/{kv_heads} heads of {hd}, {len} rows, {dtype:?}: {diff}");
                 assert!(decode(&q.to_dtype(DType::F16).unwrap(), &pool, 0, table).unwrap().is_none());
             }
