@@ -47,7 +47,10 @@ const CHAT: &[(&str, Policy)] = &[
     ("store", Ignored("Weft keeps no completions; `true` is refused", false_only)),
     ("service_tier", Ignored("there is one tier: every request is scheduled alike", any)),
     ("prompt_cache_key", Ignored("the prefix cache is automatic and keyed by content", any)),
-    ("prompt_cache_retention", Ignored("the prefix cache is automatic, bounded by --prefix-cache-memory", any)),
+    (
+        "prompt_cache_retention",
+        Ignored("the prefix cache is automatic: full blocks stay in the KV pool until their blocks are needed", any),
+    ),
     ("safety_identifier", Ignored("no abuse monitoring runs here to read it", any)),
     ("reasoning_effort", Ignored("the model has no reasoning mode", any)),
     ("verbosity", Ignored("the model has no verbosity control", any)),
