@@ -128,18 +128,30 @@ fn decode_rows<T: CachedValue>(q: &[f32], k: &[T], v: &[T], table: BlockTable, h
         let queries = &q[kvh * group * hd..(kvh + 1) * group * hd];
         let mut scores = vec![0.0f32; group * len];
         let mut part = Vec::with_capacity(group * at.block_size);
+        // With one query head per KV head (the 0.5b's 16 and 16) a block's scores are one
+        // stretch of the row, used in place; with more, each block's are gathered per head.
         for (&block, (first, n)) in table.blocks.iter().zip(at.spans(len)) {
+            let rows = at.rows(k, block, kvh, n);
+            if group == 1 {
+                weft_kernels::scaled_dots(queries, hd, rows, scale, &mut scores[first..first + n]);
+                continue;
+            }
             part.resize(group * n, 0.0);
-            weft_kernels::scaled_dots(queries, hd, at.rows(k, block, kvh, n), scale, &mut part);
+            weft_kernels::scaled_dots(queries, hd, rows, scale, &mut part);
             for (g, dots) in part.chunks_exact(n).enumerate() {
                 scores[g * len + first..][..n].copy_from_slice(dots);
             }
         }
         weft_kernels::softmax_rows(&mut scores, len);
         for (&block, (first, n)) in table.blocks.iter().zip(at.spans(len)) {
+            let rows = at.rows(v, block, kvh, n);
+            if group == 1 {
+                weft_kernels::weighted_sums_add(&scores[first..first + n], rows, hd, out);
+                continue;
+            }
             part.clear();
             part.extend((0..group).flat_map(|g| scores[g * len + first..][..n].iter().copied()));
-            weft_kernels::weighted_sums_add(&part, at.rows(v, block, kvh, n), hd, out);
+            weft_kernels::weighted_sums_add(&part, rows, hd, out);
         }
     };
     let mut ctx = vec![0.0f32; heads * hd];
@@ -161,7 +173,9 @@ mod tests {
     /// path), and the gathered f32 rows are those keys and values.
     #[test]
     fn decode_over_blocks_matches_the_gathered_attention() {
-        for (heads, kv_heads, len, hd) in [(4, 2, 11usize, 8), (14, 2, 37, 64), (6, 1, 300, 64)] {
+        for (heads, kv_heads, len, hd) in
+            [(4, 2, 11usize, 8), (14, 2, 37, 64), (6, 1, 300, 64), (16, 16, 45, 64), (3, 3, 20, 8)]
+        {
             for dtype in [DType::F32, DType::BF16] {
                 let blocks_needed = len.div_ceil(16);
                 let pool = KvPool::new(1, (kv_heads, hd), dtype, &Device::Cpu, (blocks_needed + 3, 16)).unwrap();
