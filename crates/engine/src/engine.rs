@@ -264,9 +264,13 @@ impl Engine {
             .collect()
     }
 
+    /// Views of the waiting sequences that could start this step (no more than the free
+    /// places: each looks its prompt up in the prefix cache, block by block).
     fn waiting_views(&self) -> Vec<WaitingView> {
+        let places = self.limits.max_seqs.saturating_sub(self.running.len());
         self.waiting
             .iter()
+            .take(places)
             .map(|id| {
                 let s = &self.seqs[id];
                 let hit = self.prefix_hit(s);

@@ -175,18 +175,19 @@ impl Attention {
                 let table = BlockTable { blocks: seq.blocks, len: seq.past + len };
                 let block = query_block_rows(self.heads, table.len);
                 let q = q.narrow(1, start, len)?;
-                if pool.reads_in_place() {
-                    if self.uses_bf16_kernels(len, x.device()) {
-                        if let Some(kv) = crate::paged::gather_f32(pool, layer, table, hd) {
-                            return crate::attention::causal_bf16(&q, &kv, seq.past, block);
-                        }
-                    } else if let Some(out) = crate::paged::decode(&q, pool, layer, table)? {
-                        return Ok(out);
+                let unavailable = || ModelError::Input("the KV pool cannot be read in place here".into());
+                match &batch.on_candle[i] {
+                    None if self.uses_bf16_kernels(len, x.device()) => {
+                        let kv = crate::paged::gather_f32(pool, layer, table, hd).ok_or_else(unavailable)?;
+                        crate::attention::causal_bf16(&q, &kv, seq.past, block)
+                    }
+                    None => crate::paged::decode(&q, pool, layer, table)?.ok_or_else(unavailable),
+                    // The device path: the sequence's blocks gathered by candle, then its attention.
+                    Some(CandleAttention { block_ids, mask }) => {
+                        let (keys, values) = pool.gather(layer, block_ids, table.len)?;
+                        causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)
                     }
                 }
-                // The device path: the sequence's blocks gathered by candle, then its attention.
-                let (keys, values) = pool.gather(layer, &batch.block_ids[i], table.len)?;
-                causal_attention(&q, &keys, &values, batch.masks[i].as_ref(), self.kv_heads, block)
             })
             .collect::<Result<Vec<_>>>()?;
         // [heads, T, hd] -> [T, heads * hd]
@@ -301,10 +302,18 @@ struct Batch<'a, 'b> {
     /// `(start, len)` of each sequence's rows in the batch.
     spans: Vec<(usize, usize)>,
     positions: Positions,
-    /// Each sequence's causal mask, where candle's attention needs one.
-    masks: Vec<Option<Tensor>>,
-    /// Each sequence's block table as a tensor on the model's device (for gathering).
-    block_ids: Vec<Tensor>,
+    /// For each sequence whose attention runs on candle's operations rather than reading the
+    /// pool in place, what they need (`None` for the others).
+    on_candle: Vec<Option<CandleAttention>>,
+}
+
+/// What candle's attention needs for one sequence, made once for every layer (on a GPU, one
+/// upload per step).
+struct CandleAttention {
+    /// The sequence's block table on the model's device, to gather its keys and values.
+    block_ids: Tensor,
+    /// Its causal mask (none for a single query, which sees every key).
+    mask: Option<Tensor>,
 }
 
 /// The Qwen2 decoder and its output head.
@@ -423,21 +432,25 @@ impl Qwen2 {
         }
         let positions =
             Positions { tensor: Tensor::new(positions.as_slice(), self.embed_tokens.device())?, ids: positions };
-        // One mask per sequence for all layers (on a GPU, one upload per step), none where the
-        // bf16 kernels apply causality themselves.
+        // Attention reads the pool in place on the CPU for the bf16 kernels' prefill chunks and
+        // for f32 decode steps; every other sequence runs on candle's operations.
         let device = self.embed_tokens.device();
-        let masks = seqs
+        let in_place = |t: usize| {
+            let kernels = self.layers.first().is_some_and(|l| l.attn.uses_bf16_kernels(t, device));
+            crate::paged::host_rows(pool) && (kernels || (t == 1 && self.dtype == DType::F32))
+        };
+        let on_candle = seqs
             .iter()
             .zip(&spans)
-            .map(|(seq, &(_, t))| match self.layers.first() {
-                Some(layer) if !(layer.attn.uses_bf16_kernels(t, device) && crate::paged::host_rows(pool)) => {
-                    causal_mask(t, seq.past + t, seq.past, device)
+            .map(|(seq, &(_, t))| {
+                if in_place(t) {
+                    return Ok(None);
                 }
-                _ => Ok(None),
+                let block_ids = Tensor::new(seq.blocks, device)?;
+                Ok(Some(CandleAttention { block_ids, mask: causal_mask(t, seq.past + t, seq.past, device)? }))
             })
             .collect::<Result<Vec<_>>>()?;
-        let block_ids = seqs.iter().map(|s| Ok(Tensor::new(s.blocks, device)?)).collect::<Result<Vec<_>>>()?;
-        let batch = Batch { seqs, spans, positions, masks, block_ids };
+        let batch = Batch { seqs, spans, positions, on_candle };
         let pool = &*pool;
         let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.clone()).collect();
         let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.dtype)?;
