@@ -140,20 +140,33 @@ pub unsafe fn tile_adding(x: *const u16, w: *const u16, kp: usize, out: *mut f32
 #[inline(always)]
 unsafe fn tile_steps(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
     for s in 0..kp / STEP {
+        let (x, w) = (x.add(s * 2 * TILE), w.add(s * 2 * TILE));
+        // The step PREFETCH_STEPS ahead, a quarter behind each product (see `prefetch_quarter`).
+        let (next_x, next_w) = (x.wrapping_add(PREFETCH_STEPS * 2 * TILE), w.wrapping_add(PREFETCH_STEPS * 2 * TILE));
         asm!(
             "tileloadd tmm4, [{x} + {rs}*1]",
             "tileloadd tmm6, [{w} + {rs}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{w} + {rs}*1 + 1024]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{x} + {rs}*1 + 1024]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            x = in(reg) x.add(s * 2 * TILE),
-            w = in(reg) w.add(s * 2 * TILE),
-            rs = in(reg) 64usize,
+            x = in(reg) x, w = in(reg) w, rs = in(reg) 64usize,
             options(nostack, readonly, preserves_flags)
         );
+        prefetch_quarter(next_x, next_w, 0);
+        asm!(
+            "tileloadd tmm7, [{w} + {rs}*1 + 1024]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            w = in(reg) w, rs = in(reg) 64usize,
+            options(nostack, readonly, preserves_flags)
+        );
+        prefetch_quarter(next_x, next_w, 1);
+        asm!(
+            "tileloadd tmm5, [{x} + {rs}*1 + 1024]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            x = in(reg) x, rs = in(reg) 64usize,
+            options(nostack, readonly, preserves_flags)
+        );
+        prefetch_quarter(next_x, next_w, 2);
+        asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem, preserves_flags));
+        prefetch_quarter(next_x, next_w, 3);
     }
     asm!(
         "tilestored [{c00} + {cs}*1], tmm0",
@@ -167,6 +180,25 @@ unsafe fn tile_steps(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo
         cs = in(reg) ldo * 4,
         options(nostack, preserves_flags)
     );
+}
+
+/// Steps ahead that [`tile`] prefetches: the hardware's prefetchers alone left the tile loads
+/// waiting on L2 (the 0.5b's prefill products ran 1-15% faster with it, measured interleaved).
+const PREFETCH_STEPS: usize = 2;
+
+/// Asks for quarter `q` of a step's activation and weight tiles (2 KiB each, 8 lines of each
+/// per quarter) to be brought into L1. Prefetches never fault, so the steps past the end of a
+/// panel cost nothing but the hint.
+#[inline(always)]
+fn prefetch_quarter(x: *const u16, w: *const u16, q: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for line in q * 8..(q + 1) * 8 {
+        // SAFETY: a prefetch reads nothing architecturally and never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(line * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(line * 32) as *const i8);
+        }
+    }
 }
 
 /// As [`tile`] for the first 16 activation rows only (a panel of at most 16 rows: decode, and

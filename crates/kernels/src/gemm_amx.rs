@@ -13,7 +13,7 @@
 use crate::amx;
 use crate::matmul::Activation;
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
-use crate::shared::{aligned, SharedOut};
+use crate::shared::SharedOut;
 use rayon::prelude::*;
 pub(crate) use x86::round_into_steps;
 
@@ -42,7 +42,11 @@ pub(crate) unsafe fn gemm_bf16(
     activation: Activation,
     out: SharedOut,
 ) {
-    let mut storage = Vec::new();
+    // The panels' buffer is the calling thread's, kept from call to call: a fresh one per call
+    // (zeroed, and past the allocator's mmap threshold mapped anew) cost a sixth of a prefill
+    // product. Taken out while in use, so that a product nested in this one's parallel loop
+    // on the same thread finds none and allocates its own.
+    let mut storage = PANELS.with_borrow_mut(std::mem::take);
     // SAFETY: the caller vouches for the CPU.
     let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };
     // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
@@ -57,6 +61,7 @@ pub(crate) unsafe fn gemm_bf16(
         }
     };
     by_tiles(m, w.n, w.kp, panels, tiles, Finish { bias, activation }, out, borrow_tiles, tile);
+    PANELS.with_borrow_mut(|kept| *kept = storage);
 }
 
 /// One product of 32 activation rows by 32 weight columns: `inputs` inputs from the tiles at `x`
@@ -209,6 +214,8 @@ impl Block<'_> {
 }
 
 thread_local! {
+    /// The activations' panels of the last product this thread called (see [`gemm_bf16`]).
+    static PANELS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A block's sums, kept by each thread from block to block rather than allocated and zeroed
     /// for each (for long inputs, all panels' sums: 4.5 MB at 11,700 rows).
     static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -255,21 +262,29 @@ fn block_cols(n: usize) -> usize {
 }
 
 /// `x` rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
-/// each tile row 32 inputs in order; zero-padded to `kp` inputs and whole panels.
+/// each tile row 32 inputs in order; zero-padded to `kp` inputs and whole panels. `storage` is
+/// reused as it is: every value of the panels is written.
 ///
 /// # Safety
 /// The CPU has AVX-512F and AVX-512 BF16.
 unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<u16>) -> &'a [u16] {
     let panel_len = group_len(kp);
-    let panels = aligned(storage, m.div_ceil(amx::ROWS) * panel_len);
+    let panels = reused_aligned(storage, m.div_ceil(amx::ROWS) * panel_len);
     if k == 0 {
+        panels.fill(0);
         return panels;
     }
     panels.par_chunks_mut(panel_len).zip(x.par_chunks(k * amx::ROWS)).for_each(|(panel, rows)| {
-        for (r, row) in rows.chunks_exact(k).enumerate() {
+        let count = rows.len() / k;
+        for r in 0..amx::ROWS {
             let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
-            // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
-            unsafe { x86::round_into_steps(row, 1.0, panel[at..].as_mut_ptr()) };
+            if r < count {
+                // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
+                unsafe { x86::round_into_steps(&rows[r * k..][..k], 1.0, panel[at..].as_mut_ptr()) };
+            } else {
+                // Rows past the last: zeros (their sums are never stored, but stay finite).
+                panel[at..].chunks_mut(STEP_UNITS).for_each(|step| step[..amx::STEP].fill(0));
+            }
         }
     });
     panels
