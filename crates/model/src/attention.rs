@@ -148,7 +148,7 @@ pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor
 /// Scores in f32, `p v` in bf16.
 pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) -> Result<Tensor> {
     let (heads, t, hd) = q.dims3()?;
-    let (kv_heads, kv_len) = (kv.kv_heads, kv.len);
+    let (kv_heads, kv_len, head_stride) = (kv.kv_heads, kv.len, kv.head_stride);
     let group = heads / kv_heads;
     let scale = (hd as f32).powf(-0.5);
     let q = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -166,8 +166,13 @@ pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) ->
             fn rows(data: &[f32], first_row: usize, hd: usize) -> StridedRows<'_> {
                 StridedRows { data: &data[first_row * hd..], stride: hd }
             }
-            let head =
-                AmxHead::new(rows(k, kvh * kv_len, hd), rows(v, kvh * kv_len, hd), kv_len, hd, ScorePrecision::Split);
+            let head = AmxHead::new(
+                rows(k, kvh * head_stride, hd),
+                rows(v, kvh * head_stride, hd),
+                kv_len,
+                hd,
+                ScorePrecision::Split,
+            );
             if let Some(head) = head {
                 for g in 0..group {
                     let queries = rows(&q, (kvh * group + g) * t, hd);
@@ -177,7 +182,7 @@ pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) ->
             }
         }
         let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
-        let head = HeadRows::gather(k, v, kv_len, hd, |s| (kvh * kv_len + s) * hd);
+        let head = HeadRows::gather(k, v, kv_len, hd, |s| (kvh * head_stride + s) * hd);
         for start in (0..t).step_by(block) {
             let rows = block.min(t - start);
             let kv = head.pack((past + start + rows).min(kv_len), WeightFormat::F32);
@@ -241,7 +246,8 @@ pub(crate) mod tests {
         let q = pseudo_random(&[heads, t, hd], 4);
         let (k, v) = (pseudo_random(&[kv_heads, past + t, hd], 5), pseudo_random(&[kv_heads, past + t, hd], 6));
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let kv = HostKv { keys: flat(&k), values: flat(&v), kv_heads, len: past + t };
+        let kv =
+            HostKv { keys: flat(&k).into(), values: flat(&v).into(), kv_heads, len: past + t, head_stride: past + t };
         let fast = causal_bf16(&q, &kv, past, 7).unwrap();
         let scale = (hd as f64).powf(-0.5);
         let expand = |x: &Tensor| {

@@ -6,6 +6,7 @@
 
 use crate::error::{ModelError, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
+use rayon::prelude::*;
 
 /// One layer's keys or values: `[num_blocks, kv_heads, block_size, head_dim]`, so that a block
 /// holds each head's rows contiguously (what the CPU decode kernels read in place).
@@ -212,6 +213,27 @@ impl KvPool {
 
 /// Writes a sequence's new rows (`[kv_heads, t, head_dim]`, f32 or the pool's dtype, any
 /// strides) into its blocks of one pool layer, on the CPU.
+/// Values written from which a pool write splits its heads between threads.
+const PARALLEL_WRITE_VALUES: usize = 1 << 16;
+
+/// A buffer written by several threads at once, each at rows of its own (a pool layer; the
+/// rotated heads of `qwen2.rs`).
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointRows<D>(pub(crate) *mut D);
+// SAFETY: the threads write disjoint rows (see `row`) of a buffer that outlives the loop.
+unsafe impl<D: Send> Send for DisjointRows<D> {}
+// SAFETY: as for Send.
+unsafe impl<D: Send> Sync for DisjointRows<D> {}
+
+impl<D> DisjointRows<D> {
+    /// # Safety
+    /// `at..at + len` is inside the buffer and no other thread uses it while the row lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn row(&self, at: usize, len: usize) -> &mut [D] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
 struct WriteRows<'a> {
     table: BlockTable<'a>,
     block_size: usize,
@@ -220,26 +242,42 @@ struct WriteRows<'a> {
 }
 
 impl WriteRows<'_> {
-    fn copy<S: Copy, D>(
+    fn copy<S: Copy + Sync, D: Send>(
         &self,
         dst: &mut [D],
         src: &[S],
         src_l: &Layout,
-        convert: impl Fn(S) -> D,
+        convert: impl Fn(S) -> D + Sync,
     ) -> candle_core::Result<()> {
         let (head_stride, row_stride) = match src_l.stride() {
             &[head, row, 1] => (head, row),
             _ => candle_core::bail!("kv-pool-write: rows must be contiguous in the head dimension"),
         };
-        let (bs, hd) = (self.block_size, self.hd);
-        for h in 0..self.kv_heads {
-            for i in 0..src_l.dims()[1] {
+        let (bs, hd, rows) = (self.block_size, self.hd, src_l.dims()[1]);
+        let last = self.table.len + rows;
+        if last.div_ceil(bs) > self.table.blocks.len() || src_l.dims()[0] != self.kv_heads {
+            candle_core::bail!("kv-pool-write: {rows} rows after {} do not fit the table", self.table.len);
+        }
+        let (len, dst) = (dst.len(), DisjointRows(dst.as_mut_ptr()));
+        let write_head = |h: usize| {
+            for i in 0..rows {
                 let at = self.table.len + i;
                 let block = self.table.blocks[at / bs] as usize;
                 let to = ((block * self.kv_heads + h) * bs + at % bs) * hd;
+                assert!(to + hd <= len, "kv-pool-write: block {block} is outside the pool");
                 let from = src_l.start_offset() + h * head_stride + i * row_stride;
-                dst[to..to + hd].iter_mut().zip(&src[from..from + hd]).for_each(|(d, &s)| *d = convert(s));
+                // SAFETY: inside the pool (checked above); head h's rows are written by this
+                // call of `write_head` alone, and the table's blocks are distinct.
+                let to = unsafe { dst.row(to, hd) };
+                to.iter_mut().zip(&src[from..from + hd]).for_each(|(d, &s)| *d = convert(s));
             }
+        };
+        // A prefill chunk's heads in parallel (a copy of megabytes per layer); a decode step's
+        // few rows on this thread.
+        if rows * self.kv_heads * hd >= PARALLEL_WRITE_VALUES {
+            (0..self.kv_heads).into_par_iter().for_each(write_head);
+        } else {
+            (0..self.kv_heads).for_each(write_head);
         }
         Ok(())
     }

@@ -8,15 +8,18 @@ use crate::kv_pool::{BlockTable, KvPool};
 use crate::layers::with_f32_values;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use weft_kernels::CachedValue;
 
-/// One sequence's keys and values in f32, `[kv_heads, len, head_dim]` each, copied out of its
-/// blocks (what the prefill kernels read).
-pub(crate) struct HostKv {
-    pub keys: Vec<f32>,
-    pub values: Vec<f32>,
+/// One sequence's keys and values in f32, `len` rows of `head_dim` per KV head, head `h`'s
+/// first row `h * head_stride` rows from the start (what the prefill kernels read): copied out
+/// of its blocks, or borrowed where the chunk's own projections already hold all of them.
+pub(crate) struct HostKv<'a> {
+    pub keys: Cow<'a, [f32]>,
+    pub values: Cow<'a, [f32]>,
     pub kv_heads: usize,
     pub len: usize,
+    pub head_stride: usize,
 }
 
 /// Where rows sit in a pool layer: `[num_blocks, kv_heads, block_size, head_dim]`.
@@ -70,7 +73,7 @@ fn geometry(pool: &KvPool, hd: usize) -> Geometry {
 
 /// The sequence's first `table.len` keys and values, gathered in f32 (`None` where the pool
 /// is not host memory in f32 or bf16).
-pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usize) -> Option<HostKv> {
+pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usize) -> Option<HostKv<'static>> {
     let at = geometry(pool, hd);
     fn gather<T: CachedValue>(data: &[T], table: BlockTable, at: Geometry) -> Vec<f32> {
         let mut out = Vec::with_capacity(at.kv_heads * table.len * at.hd);
@@ -87,7 +90,13 @@ pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usi
         |k, v| (gather(k, table, at), gather(v, table, at)),
         |k, v| (gather(k, table, at), gather(v, table, at)),
     )?;
-    Some(HostKv { keys, values, kv_heads: at.kv_heads, len: table.len })
+    Some(HostKv {
+        keys: keys.into(),
+        values: values.into(),
+        kv_heads: at.kv_heads,
+        len: table.len,
+        head_stride: table.len,
+    })
 }
 
 /// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
@@ -191,7 +200,7 @@ mod tests {
                 let host = gather_f32(&pool, 0, table, hd).unwrap();
                 let flat =
                     |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert_eq!((host.keys, host.values), (flat(&gk), flat(&gv)));
+                assert_eq!((host.keys.to_vec(), host.values.to_vec()), (flat(&gk), flat(&gv)));
                 let group = heads / kv_heads;
                 let expand = |x: &Tensor| {
                     let widened = x.to_dtype(DType::F32).unwrap();

@@ -3,12 +3,14 @@
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_pool::{BlockTable, KvPool};
+use crate::kv_pool::{BlockTable, DisjointRows, KvPool};
 use crate::layers::{silu_mul_halves, softmax_f32, with_f32_values, RmsNorm};
 use crate::linear::{Linear, LinearFormat};
+use crate::paged::HostKv;
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Queries are processed in blocks of at most this many rows, so a long prompt never
 /// materialises its full `T x T` score matrix...
@@ -82,31 +84,37 @@ impl Rotary {
             let k = self.apply(&heads_first(heads, kv_heads)?, &positions.tensor)?;
             return Ok([q, k, heads_first(heads + kv_heads, kv_heads)?]);
         }
-        let mut out = vec![0.0f32; all * total * hd];
+        // Token by token (each projected row read once, in order; head by head, the rows were
+        // read 12 KiB apart and took twice as long), into a buffer written once, never zeroed.
+        let mut out: Vec<f32> = Vec::with_capacity(all * total * hd);
+        let heads_out = DisjointRows(out.spare_capacity_mut().as_mut_ptr());
         with_f32_values(&self.cos, |cos| {
             with_f32_values(&self.sin, |sin| {
                 with_f32_values(projected, |rows| {
-                    out.par_chunks_mut(total * hd).enumerate().for_each(|(head, out)| {
-                        let rotated = head < heads + kv_heads;
-                        for (t, (out, &position)) in out.chunks_exact_mut(hd).zip(&positions.ids).enumerate() {
-                            let x = &rows[(t * all + head) * hd..][..hd];
-                            if !rotated {
-                                out.copy_from_slice(x);
+                    (0..total).into_par_iter().with_min_len(8).for_each(|t| {
+                        let half = hd / 2;
+                        let position = positions.ids[t] as usize;
+                        let (cos, sin) = (&cos[position * half..][..half], &sin[position * half..][..half]);
+                        for (head, x) in rows[t * all * hd..][..all * hd].chunks_exact(hd).enumerate() {
+                            // SAFETY: row t of `head` lies inside the buffer's capacity, and this
+                            // iteration alone writes it.
+                            let out = unsafe { heads_out.row((head * total + t) * hd, hd) };
+                            if head >= heads + kv_heads {
+                                out.iter_mut().zip(x).for_each(|(o, &x)| _ = o.write(x));
                                 continue;
                             }
-                            let half = hd / 2;
-                            let (cos, sin) =
-                                (&cos[position as usize * half..][..half], &sin[position as usize * half..][..half]);
                             for i in 0..half {
                                 let (x1, x2) = (x[i], x[i + half]);
-                                out[i] = x1 * cos[i] - x2 * sin[i];
-                                out[i + half] = x1 * sin[i] + x2 * cos[i];
+                                out[i].write(x1 * cos[i] - x2 * sin[i]);
+                                out[i + half].write(x1 * sin[i] + x2 * cos[i]);
                             }
                         }
                     })
                 })
             })
         })???;
+        // SAFETY: every row of every head was written above.
+        unsafe { out.set_len(all * total * hd) };
         let out = Tensor::from_vec(out, (all, total, hd), projected.device())?;
         Ok([out.narrow(0, 0, heads)?, out.narrow(0, heads, kv_heads)?, out.narrow(0, heads + kv_heads, kv_heads)?])
     }
@@ -159,13 +167,33 @@ impl Attention {
     /// `x`: `[T, hidden]` for all sequences; `batch` says where each sequence's rows, blocks
     /// and mask are.
     fn forward(&self, layer: usize, x: &Tensor, batch: &Batch, rotary: &Rotary, pool: &KvPool) -> Result<Tensor> {
-        let total = x.dim(0)?;
-        let hd = self.head_dim;
         let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, &batch.positions)?;
         for (seq, &(start, len)) in batch.seqs.iter().zip(&batch.spans) {
             let table = BlockTable { blocks: seq.blocks, len: seq.past };
             pool.write(layer, table, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
         }
+        // A chunk with no past on an f32 pool attends over its own keys and values where the
+        // projection left them (the pool holds the same bits), rather than gathering them back.
+        let fresh_rows = pool.dtype() == DType::F32 && k.device().is_cpu() && k.dtype() == DType::F32;
+        with_f32_values_if(fresh_rows, &k, |k_rows| {
+            with_f32_values_if(fresh_rows, &v, |v_rows| {
+                self.attend_then_project(layer, x, &q, (k_rows, v_rows), batch, pool)
+            })
+        })??
+    }
+
+    /// Every sequence's attention, then the output projection; `fresh` holds all the chunk's
+    /// keys and values as f32 rows `[kv_heads, T, hd]` where they can be borrowed.
+    fn attend_then_project(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        q: &Tensor,
+        fresh: (Option<&[f32]>, Option<&[f32]>),
+        batch: &Batch,
+        pool: &KvPool,
+    ) -> Result<Tensor> {
+        let (total, hd) = (x.dim(0)?, self.head_dim);
         // Sequences attend in parallel: a decode step's attention is one small product per
         // sequence and head, and one thread doing all of them left the others idle.
         let outputs = (0..batch.seqs.len())
@@ -176,14 +204,19 @@ impl Attention {
                 let block = query_block_rows(self.heads, table.len);
                 let q = q.narrow(1, start, len)?;
                 let unavailable = || ModelError::Input("the KV pool cannot be read in place here".into());
-                match &batch.on_candle[i] {
-                    None if self.uses_bf16_kernels(len, x.device()) => {
+                match (&batch.on_candle[i], fresh) {
+                    (None, (Some(keys), Some(values))) if seq.past == 0 && self.uses_bf16_kernels(len, x.device()) => {
+                        let (keys, values) = (Cow::Borrowed(&keys[start * hd..]), Cow::Borrowed(&values[start * hd..]));
+                        let kv = HostKv { keys, values, kv_heads: self.kv_heads, len, head_stride: total };
+                        crate::attention::causal_bf16(&q, &kv, 0, block)
+                    }
+                    (None, _) if self.uses_bf16_kernels(len, x.device()) => {
                         let kv = crate::paged::gather_f32(pool, layer, table, hd).ok_or_else(unavailable)?;
                         crate::attention::causal_bf16(&q, &kv, seq.past, block)
                     }
-                    None => crate::paged::decode(&q, pool, layer, table)?.ok_or_else(unavailable),
+                    (None, _) => crate::paged::decode(&q, pool, layer, table)?.ok_or_else(unavailable),
                     // The device path: the sequence's blocks gathered by candle, then its attention.
-                    Some(CandleAttention { block_ids, mask }) => {
+                    (Some(CandleAttention { block_ids, mask }), _) => {
                         let (keys, values) = pool.gather(layer, block_ids, table.len)?;
                         causal_attention(&q, &keys, &values, mask.as_ref(), self.kv_heads, block)
                     }
@@ -193,6 +226,14 @@ impl Attention {
         // [heads, T, hd] -> [T, heads * hd]
         let ctx = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((total, self.heads * hd))?;
         self.o.forward(&ctx)
+    }
+}
+
+/// `f` with `t`'s f32 values if `wanted` (see [`with_f32_values`]), with `None` otherwise.
+fn with_f32_values_if<R>(wanted: bool, t: &Tensor, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    match wanted {
+        true => with_f32_values(t, |values| f(Some(values))),
+        false => Ok(f(None)),
     }
 }
 
@@ -477,8 +518,47 @@ impl Qwen2 {
 
 #[cfg(test)]
 mod tests {
-    use super::{causal_attention, causal_mask, query_block_rows};
+    use super::{causal_attention, causal_mask, query_block_rows, Positions, Rotary};
+    use crate::config::TextConfig;
     use candle_core::{Device, Tensor};
+
+    /// The CPU's one pass over the fused projection (token by token, into an unzeroed buffer)
+    /// gives candle's heads-first copies and rope exactly, at positions out of order.
+    #[test]
+    fn split_heads_on_the_cpu_is_candles_rope() {
+        let dev = Device::Cpu;
+        let cfg = TextConfig {
+            vocab_size: 8,
+            hidden_size: 32,
+            intermediate_size: 8,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+        };
+        let rotary = Rotary::new(&cfg, &dev).unwrap();
+        let (heads, kv_heads, hd, total) = (4, 2, 8, 21);
+        let projected = Tensor::randn(0f32, 1.0, (total, (heads + 2 * kv_heads) * hd), &dev).unwrap();
+        let ids: Vec<u32> = (0..total as u32).map(|t| (t * 7 + 3) % 64).collect();
+        let positions = Positions { tensor: Tensor::new(ids.as_slice(), &dev).unwrap(), ids };
+        let [q, k, v] = rotary.split_heads(&projected, heads, kv_heads, &positions).unwrap();
+        let all_heads = projected.reshape((total, heads + 2 * kv_heads, hd)).unwrap();
+        let heads_first = |first: usize, n: usize| {
+            all_heads.narrow(1, first, n).unwrap().transpose(0, 1).unwrap().contiguous().unwrap()
+        };
+        let want = [
+            rotary.apply(&heads_first(0, heads), &positions.tensor).unwrap(),
+            rotary.apply(&heads_first(heads, kv_heads), &positions.tensor).unwrap(),
+            heads_first(heads + kv_heads, kv_heads),
+        ];
+        for (got, want) in [q, k, v].iter().zip(&want) {
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "largest difference {diff}");
+        }
+    }
 
     #[test]
     fn block_size_does_not_change_attention() {
