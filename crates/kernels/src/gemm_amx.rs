@@ -42,10 +42,10 @@ pub(crate) unsafe fn gemm_bf16(
     activation: Activation,
     out: SharedOut,
 ) {
-    // The panels' buffer is the calling thread's, kept from call to call: a fresh one per call
-    // (zeroed, and past the allocator's mmap threshold mapped anew) cost a sixth of a prefill
-    // product. Taken out while in use, so that a product nested in this one's parallel loop
-    // on the same thread finds none and allocates its own.
+    // The panels' buffer is the calling thread's, kept from call to call (as large as its
+    // largest product's activations in bf16): packing into a fresh zeroed one per call took
+    // 0.19 ms of a 1.15 ms prefill product, into the kept one 0.10. Taken out while in use, so
+    // that a product nested in this one's parallel loop on the same thread allocates its own.
     let mut storage = PANELS.with_borrow_mut(std::mem::take);
     // SAFETY: the caller vouches for the CPU.
     let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };

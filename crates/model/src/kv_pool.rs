@@ -211,8 +211,6 @@ impl KvPool {
     }
 }
 
-/// Writes a sequence's new rows (`[kv_heads, t, head_dim]`, f32 or the pool's dtype, any
-/// strides) into its blocks of one pool layer, on the CPU.
 /// Values written from which a pool write splits its heads between threads.
 const PARALLEL_WRITE_VALUES: usize = 1 << 16;
 
@@ -234,6 +232,8 @@ impl<D> DisjointRows<D> {
     }
 }
 
+/// Writes a sequence's new rows (`[kv_heads, t, head_dim]`, f32 or the pool's dtype, any
+/// strides) into its blocks of one pool layer, on the CPU.
 struct WriteRows<'a> {
     table: BlockTable<'a>,
     block_size: usize,
@@ -266,8 +266,8 @@ impl WriteRows<'_> {
                 let to = ((block * self.kv_heads + h) * bs + at % bs) * hd;
                 assert!(to + hd <= len, "kv-pool-write: block {block} is outside the pool");
                 let from = src_l.start_offset() + h * head_stride + i * row_stride;
-                // SAFETY: inside the pool (checked above); head h's rows are written by this
-                // call of `write_head` alone, and the table's blocks are distinct.
+                // SAFETY: inside the pool (checked above); head h's rows, in whatever block,
+                // are written by this call of `write_head` alone.
                 let to = unsafe { dst.row(to, hd) };
                 to.iter_mut().zip(&src[from..from + hd]).for_each(|(d, &s)| *d = convert(s));
             }

@@ -177,7 +177,7 @@ impl Attention {
         let fresh_rows = pool.dtype() == DType::F32 && k.device().is_cpu() && k.dtype() == DType::F32;
         with_f32_values_if(fresh_rows, &k, |k_rows| {
             with_f32_values_if(fresh_rows, &v, |v_rows| {
-                self.attend_then_project(layer, x, &q, (k_rows, v_rows), batch, pool)
+                self.attend_then_project(layer, x, &q, k_rows.zip(v_rows), batch, pool)
             })
         })??
     }
@@ -189,7 +189,7 @@ impl Attention {
         layer: usize,
         x: &Tensor,
         q: &Tensor,
-        fresh: (Option<&[f32]>, Option<&[f32]>),
+        fresh: Option<(&[f32], &[f32])>,
         batch: &Batch,
         pool: &KvPool,
     ) -> Result<Tensor> {
@@ -205,7 +205,7 @@ impl Attention {
                 let q = q.narrow(1, start, len)?;
                 let unavailable = || ModelError::Input("the KV pool cannot be read in place here".into());
                 match (&batch.on_candle[i], fresh) {
-                    (None, (Some(keys), Some(values))) if seq.past == 0 && self.uses_bf16_kernels(len, x.device()) => {
+                    (None, Some((keys, values))) if seq.past == 0 && self.uses_bf16_kernels(len, x.device()) => {
                         let (keys, values) = (Cow::Borrowed(&keys[start * hd..]), Cow::Borrowed(&values[start * hd..]));
                         let kv = HostKv { keys, values, kv_heads: self.kv_heads, len, head_stride: total };
                         crate::attention::causal_bf16(&q, &kv, 0, block)
