@@ -91,29 +91,21 @@ impl AmxHead {
             // SAFETY: AMX CPUs have AVX-512F and AVX-512 BF16 (checked above).
             unsafe { round_to_bf16(&widened, out) };
         }
-        let keys = Bf16Tiles::from_rows(&rows, len, score_inputs);
+        let keys = Bf16Tiles::from_rows_here(&rows, len, score_inputs);
         // Values as the weights of the output product: one column per value, one input per
         // key, so tile row q of a step holds keys 2q and 2q + 1 of its 16 columns side by side,
         // which is two rows of `values` interleaved (no transpose).
         let hd_padded = hd.div_ceil(COLS) * COLS;
-        let mut value_rows = vec![0u16; len_padded * hd_padded];
-        for (t, row) in value_rows.chunks_exact_mut(hd_padded).take(len).enumerate() {
-            // SAFETY: as above.
-            unsafe { round_to_bf16(values.row(t, hd), row) };
-        }
         let values = Bf16Tiles::written(hd_padded / COLS * group_len(len_padded), |tiles| {
             for (g, group) in tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
                 for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-                    let (step, half) = (t / 2, t % 2);
-                    let first = g * COLS + half * 16;
+                    let (step, first) = (t / 2, g * COLS + (t % 2) * 16);
+                    let columns = hd.saturating_sub(first).min(16);
                     for (q, pairs) in tile.chunks_exact_mut(32).enumerate() {
                         let key = step * amx::STEP + 2 * q;
-                        let even = &value_rows[key * hd_padded + first..][..16];
-                        let odd = &value_rows[(key + 1) * hd_padded + first..][..16];
-                        for c in 0..16 {
-                            pairs[2 * c] = even[c];
-                            pairs[2 * c + 1] = odd[c];
-                        }
+                        let row = |t: usize| (t < len && columns > 0).then(|| &values.row(t, hd)[first..]);
+                        // SAFETY: AMX CPUs have AVX-512F, BW and BF16; rows hold `columns` values.
+                        unsafe { x86::interleave_pairs(row(key), row(key + 1), columns, pairs) };
                     }
                 }
             }
@@ -142,16 +134,24 @@ impl AmxHead {
         let scores = aligned(&mut s_storage, amx::ROWS * len_padded);
         let sums = aligned(&mut o_storage, amx::ROWS * hd_padded);
         let (mut widened, mut scaled) = (vec![0.0f32; inputs], vec![0.0f32; hd]);
+        let mut inverses = [0.0f32; amx::ROWS];
         let (key_tiles, value_tiles) = (self.keys.tiles(), self.values.tiles());
         // SAFETY: `new` checked AMX; the tiles are this thread's until the borrow drops.
         let _tiles = unsafe { TilesBorrowed::new() };
         for start in (0..rows).step_by(amx::ROWS) {
             let block = amx::ROWS.min(rows - start);
             for r in 0..block {
-                scaled.iter_mut().zip(queries.row(start + r, hd)).for_each(|(s, &v)| *s = v * scale);
+                let query = queries.row(start + r, hd);
+                let to = q_panel[panel_row(r)..].as_mut_ptr();
+                if self.precision == ScorePrecision::Bf16 {
+                    // SAFETY: AMX CPUs have AVX-512 BF16; the panel holds inputs / 32 steps from row r.
+                    unsafe { round_into_steps(query, scale, to) };
+                    continue;
+                }
+                scaled.iter_mut().zip(query).for_each(|(s, &v)| *s = v * scale);
                 split_row(&scaled, self.precision, Role::Query, &mut widened);
-                // SAFETY: AMX CPUs have AVX-512 BF16; the panel holds inputs / 32 steps from row r.
-                unsafe { round_into_steps(&widened, 1.0, q_panel[panel_row(r)..].as_mut_ptr()) };
+                // SAFETY: as above.
+                unsafe { round_into_steps(&widened, 1.0, to) };
             }
             // Keys the block's last row sees (all of them without a mask).
             let visible = |r: usize| causal_first.map_or(len, |first| (first + start + r + 1).min(len));
@@ -163,22 +163,22 @@ impl AmxHead {
                 // SAFETY: the panel and group hold inputs / 32 steps; `scores` 32 rows of len_padded.
                 unsafe { tile(x, w, inputs, to, len_padded, block) };
             }
-            for r in 0..block {
-                let row = &mut scores[r * len_padded..][..seen_padded];
-                let own = visible(r);
-                // The softmax's division is folded into the rounding.
-                let inverse = crate::activations::exp_row(&mut row[..own]);
-                row[own..].fill(0.0);
-                // SAFETY: as above; the panel holds seen_padded / 32 steps from row r.
-                unsafe { round_into_steps(row, inverse, p_panel[panel_row(r)..].as_mut_ptr()) };
+            for (r, inverse) in inverses.iter_mut().enumerate().take(block) {
+                let row = &scores[r * len_padded..][..visible(r)];
+                // The exponentials go to the panel as they are; the softmax's division is applied
+                // to the 32 x hd sums instead of to every probability.
+                // SAFETY: AMX CPUs have AVX-512F and BF16; the panel holds seen_padded / 32 steps
+                // from row r, and `row` is no longer than seen_padded.
+                *inverse = 1.0 / unsafe { x86::exp_into_steps(row, seen_padded, p_panel[panel_row(r)..].as_mut_ptr()) };
             }
             for g in 0..hd.div_ceil(COLS) {
                 let (x, w) = (p_panel.as_ptr(), value_tiles[g * group_len(len_padded)..].as_ptr());
                 // SAFETY: the panel and group hold at least seen_padded / 32 steps; `sums` 32 rows.
                 unsafe { tile(x, w, seen_padded, sums[g * COLS..].as_mut_ptr(), hd_padded, block) };
             }
-            for r in 0..block {
-                out[(start + r) * out_stride..][..hd].copy_from_slice(&sums[r * hd_padded..][..hd]);
+            for (r, &inverse) in inverses.iter().enumerate().take(block) {
+                let out = &mut out[(start + r) * out_stride..][..hd];
+                out.iter_mut().zip(&sums[r * hd_padded..]).for_each(|(o, &s)| *o = s * inverse);
             }
         }
     }
@@ -230,7 +230,80 @@ fn split_row(values: &[f32], precision: ScorePrecision, role: Role, out: &mut [f
 }
 
 mod x86 {
+    use crate::packed::STEP_UNITS;
     use std::arch::x86_64::*;
+
+    fn lanes(count: usize) -> __mmask16 {
+        ((1u32 << count.min(16)) - 1) as __mmask16
+    }
+
+    /// Tile row `q` of a value step: `even[c], odd[c]` for columns `c < columns` of two key
+    /// rows (absent past the last key), rounded to bf16 side by side; zeros after.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and AVX-512 BF16; each row holds `columns` (<= 16)
+    /// values; `out` holds 32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_pairs(even: Option<&[f32]>, odd: Option<&[f32]>, columns: usize, out: &mut [u16]) {
+        let load = |row: Option<&[f32]>| match row {
+            Some(row) => _mm512_maskz_loadu_ps(lanes(columns), row.as_ptr()),
+            None => _mm512_setzero_ps(),
+        };
+        // [even 0-15, odd 0-15] as bf16, then unit c of each half side by side.
+        let halves = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(load(odd), load(even)));
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, _mm512_permutexvar_epi16(order, halves));
+    }
+
+    /// The largest of `row`'s values, sixteen lanes and four chains at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_max(row: &[f32]) -> f32 {
+        let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+        for (i, p) in (0..row.len()).step_by(16).enumerate() {
+            let v = _mm512_mask_loadu_ps(m[i % 4], lanes(row.len() - p), row.as_ptr().add(p));
+            m[i % 4] = _mm512_max_ps(m[i % 4], v);
+        }
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])))
+    }
+
+    /// `e^(row[i] - max(row))` rounded to bf16 into steps of 32 at `out` ([`STEP_UNITS`] apart),
+    /// zeros from `row.len()` to `padded`; returns the sum of the exponentials before rounding.
+    /// `2^f` for the fraction `f` of the exponent in base 2 is a degree-5 Taylor polynomial of
+    /// `f ln 2` (relative error under 3e-6, far below bf16's 4e-3), the integer part applied by
+    /// `vscalefps` (which also takes the far tail to zero).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `row` is not empty and no longer than `padded`, a
+    /// multiple of 32; `out` holds `padded / 32` steps.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn exp_into_steps(row: &[f32], padded: usize, out: *mut u16) -> f32 {
+        let (log2e, shift) =
+            (_mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(row_max(row) * std::f32::consts::LOG2_E));
+        let ln2 = std::f32::consts::LN_2;
+        let terms = [ln2.powi(5) / 120.0, ln2.powi(4) / 24.0, ln2.powi(3) / 6.0, ln2 * ln2 / 2.0, ln2, 1.0];
+        let exp = |p: usize| {
+            let mask = lanes(row.len().saturating_sub(p));
+            let t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(p)), log2e, shift);
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, n);
+            let mut two_f = _mm512_set1_ps(terms[0]);
+            for c in &terms[1..] {
+                two_f = _mm512_fmadd_ps(two_f, f, _mm512_set1_ps(*c));
+            }
+            _mm512_maskz_scalef_ps(mask, two_f, n)
+        };
+        let mut sum = _mm512_setzero_ps();
+        for (s, p) in (0..padded).step_by(32).enumerate() {
+            let (lo, hi) = (exp(p), exp(p + 16));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
+            let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.add(s * STEP_UNITS) as *mut __m512i, bits);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
 
     /// `out[i] = values[i] - bf16(values[i])`: what rounding to bf16 (to nearest, ties to even,
     /// as `round_to_bf16` rounds) leaves out, 16 values at a time.
@@ -265,9 +338,9 @@ mod tests {
             .collect()
     }
 
-    /// Plain f64 attention over rows `stride` apart; with `round_pv`, the probabilities (as f32)
-    /// and values rounded to bf16 as the kernel rounds them, so that what is left of its error
-    /// is the scores'.
+    /// Plain f64 attention over rows `stride` apart; with `round_pv`, the exponentials (as f32)
+    /// and values rounded to bf16 as the kernel rounds them (the sum divided out after), so
+    /// that what is left of its error is the scores'.
     #[allow(clippy::too_many_arguments)]
     fn reference(
         q: &[f32],
@@ -294,8 +367,8 @@ mod tests {
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for j in 0..hd {
-                out[r * hd + j] =
-                    (0..seen).map(|t| round(weights[t] / total) * round(v[t * stride + j] as f64)).sum::<f64>() as f32;
+                out[r * hd + j] = ((0..seen).map(|t| round(weights[t]) * round(v[t * stride + j] as f64)).sum::<f64>()
+                    / total) as f32;
             }
         }
         out

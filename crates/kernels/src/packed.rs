@@ -151,8 +151,24 @@ impl Bf16Tiles {
     /// Tiles of the bf16 rows `rows` (`n` rows of `kp`).
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn from_rows(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
-        // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
-        Bf16Tiles::written(n.div_ceil(COLS) * group_len(kp), |tiles| unsafe { pack_tiles(rows, n, kp, tiles) })
+        Bf16Tiles::written(n.div_ceil(COLS) * group_len(kp), |tiles| {
+            tiles.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
+                // SAFETY: this layout is made for Isa::Amx only, whose CPUs have AVX-512F.
+                unsafe { pack_group(rows, n, kp, g, group) }
+            })
+        })
+    }
+
+    /// As [`Bf16Tiles::from_rows`], on the calling thread: for attention's keys, packed a head
+    /// at a time by threads that each take whole heads.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn from_rows_here(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
+        Bf16Tiles::written(n.div_ceil(COLS) * group_len(kp), |tiles| {
+            for (g, group) in tiles.chunks_exact_mut(group_len(kp)).enumerate() {
+                // SAFETY: as above.
+                unsafe { pack_group(rows, n, kp, g, group) }
+            }
+        })
     }
 
     /// `len` units starting on a cache line, zeroed, then laid out by `write` (for layouts
@@ -307,28 +323,25 @@ pub(crate) fn group_len(kp: usize) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-/// The bf16 rows `bits` (`n` rows of `kp`) as groups of 32 columns into `out` (`n / 32` groups,
-/// rounded up, of [`group_len`]): `kp / 32` steps of two tiles (columns 0-15, 16-31), tile row
-/// `q` holding each column's pair of inputs `2q, 2q + 1` as one 32-bit unit; columns past `n`
-/// are zeros. Groups in parallel.
+/// Group `g` of the bf16 rows `bits` (`n` rows of `kp`), 32 columns, into `group` (of
+/// [`group_len`]): `kp / 32` steps of two tiles (columns 0-15, 16-31), tile row `q` holding
+/// each column's pair of inputs `2q, 2q + 1` as one 32-bit unit; columns past `n` are zeros.
 ///
 /// # Safety
 /// The CPU has AVX-512F.
-unsafe fn pack_tiles(bits: &[u16], n: usize, kp: usize, out: &mut [u16]) {
+unsafe fn pack_group(bits: &[u16], n: usize, kp: usize, g: usize, group: &mut [u16]) {
     let zeros = [0u16; amx::STEP];
-    out.par_chunks_mut(group_len(kp)).enumerate().for_each(|(g, group)| {
-        for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
-            let (s, half) = (t / 2, t % 2);
-            let first = g * COLS + half * 16;
-            // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
-            let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
-                j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
-                _ => zeros.as_ptr(),
-            });
-            // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
-            unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
-        }
-    });
+    for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
+        let (s, half) = (t / 2, t % 2);
+        let first = g * COLS + half * 16;
+        // Each column's 16 pairs of this step, as 16 source rows of 64 bytes.
+        let rows: [*const u16; 16] = std::array::from_fn(|c| match first + c {
+            j if j < n => bits[j * kp + s * amx::STEP..].as_ptr(),
+            _ => zeros.as_ptr(),
+        });
+        // SAFETY: the caller vouches for AVX-512F; each row holds 64 bytes, the tile 1 KiB.
+        unsafe { x86::transpose_16x16(&rows, tile.as_mut_ptr() as *mut u32) };
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
