@@ -1,6 +1,7 @@
 //! One attention head on AMX tiles, fused: `softmax(q k^T * scale) v` over blocks of 32 query
-//! rows, each block's scores kept in a buffer that stays in cache (32 rows by the keys), its
-//! softmax taken in place, its probabilities rounded to bf16 as the next product's activations.
+//! rows, each block's scores kept in a buffer that stays in cache (32 rows by the keys), their
+//! exponentials rounded to bf16 as the next product's activations and the softmax's division
+//! applied to that product's 32 x hd sums.
 //! Keys and values are packed once per head, as the GEMM packs weights (`gemm_amx.rs`); a
 //! causal block multiplies only the keys its last row sees.
 //!
