@@ -96,7 +96,7 @@ fn by_tiles<T>(
     let panel_len = group_len(kp);
     let (groups_in_all, blocks) = (n.div_ceil(COLS), block_count(n));
     // Block b starts at group b * groups / blocks: sizes differ by one group at most and are
-    // spread evenly, so the halves of the range that the two threads start on are equal.
+    // spread evenly, so equal runs of blocks (what each thread starts on) hold equal columns.
     let first_group = |b: usize| b * groups_in_all / blocks;
     (0..blocks).into_par_iter().for_each(|b| {
         let (j0, j1) = (first_group(b) * COLS, (first_group(b + 1) * COLS).min(n));
@@ -256,7 +256,8 @@ impl Drop for TilesBorrowed {
 }
 
 /// Parallel blocks for `n` columns: enough that none is wider than [`MAX_BLOCK_COLS`], at least
-/// two a thread, a multiple of the threads, and no more than the groups of 32 columns. Blocks
+/// two a thread and a multiple of the threads where there are enough groups of 32 columns (never
+/// more blocks than groups). Blocks
 /// all 96 columns wide left 1,024 columns in 11 blocks, 6 for one core and 5 for the other.
 fn block_count(n: usize) -> usize {
     let threads = rayon::current_num_threads();
