@@ -257,8 +257,8 @@ impl Drop for TilesBorrowed {
 
 /// Parallel blocks for `n` columns: enough that none is wider than [`MAX_BLOCK_COLS`], at least
 /// two a thread and a multiple of the threads where there are enough groups of 32 columns (never
-/// more blocks than groups). Blocks
-/// all 96 columns wide left 1,024 columns in 11 blocks, 6 for one core and 5 for the other.
+/// more blocks than groups). Blocks all 96 columns wide left 1,024 columns in 11 blocks, 6 for
+/// one core and 5 for the other.
 fn block_count(n: usize) -> usize {
     let threads = rayon::current_num_threads();
     let blocks = n.div_ceil(MAX_BLOCK_COLS).max(2 * threads).div_ceil(threads) * threads;
