@@ -35,7 +35,7 @@ pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{matmul, matmul_new, matmul_new_then, matmul_using, Activation, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
-pub use vector::{scaled_dots, weighted_sums, weighted_sums_add, CachedValue};
+pub use vector::{narrow_into, scaled_dots, weighted_sums, weighted_sums_add, widen_into, CachedValue};
 
 use std::sync::OnceLock;
 
@@ -50,6 +50,7 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
+    /// AVX2 with FMA and F16C: Haswell, Zen 1 and later.
     Avx2,
     /// AVX-512F with the BF16 and VNNI dot-product extensions (and BW): Cooper Lake, Sapphire
     /// Rapids, Zen 4 and later. bf16 weights use `vdpbf16ps`, 8-bit weights `vpdpbusd`.
@@ -67,10 +68,13 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512bf16") {
+                // Every set includes the ones below it; F16C (half-precision conversions, for f16
+                // KV caches) came with the first AVX2 CPUs.
+                let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+                if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx512bf16") {
                     return if amx_usable() { Isa::Amx } else { Isa::Avx512Bf16 };
                 }
-                if has!("avx2") && has!("fma") {
+                if avx2 {
                     return Isa::Avx2;
                 }
             }

@@ -4,22 +4,28 @@
 //! far too small to share). The queries are the `group` heads that share one KV head (grouped-
 //! query attention: 7 for the 0.5b, 7 for the 7b), so each cached row is loaded and widened once
 //! for all of them instead of once per head; on AVX-512 that is one register-tiled kernel
-//! each, on AVX2 one head at a time. The rows are a KV cache's, in f32 or bf16
+//! each, on AVX2 one head at a time. The rows are a KV cache's, in f32, bf16 or f16
 //! ([`CachedValue`]); the queries, the sums and the outputs stay f32. Written with vectors
 //! because a plain `f32` sum is a chain of dependent additions the compiler may not reorder.
 
 use crate::Isa;
-use half::bf16;
+use half::{bf16, f16};
 
-/// An element of a KV cache row: f32, or bf16 (half the bytes a decode step reads; widened to
-/// f32 exactly, by a shift, before it is multiplied).
+/// An element of a KV cache row: f32, or bf16 or f16 (half the bytes a decode step reads;
+/// widened to f32 exactly before it is multiplied: bf16 by a shift, f16 by `vcvtph2ps`).
 pub trait CachedValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// The nearest value (ties to even); for f16, values past its range become its largest
+    /// finite ones (an infinite key would turn its scores into NaN).
+    fn from_f32(x: f32) -> Self;
 }
 
 impl CachedValue for f32 {
     fn to_f32(self) -> f32 {
         self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
     }
 }
 
@@ -27,6 +33,45 @@ impl CachedValue for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl CachedValue for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x.clamp(-F16_MAX, F16_MAX))
+    }
+}
+
+/// f16's largest finite value.
+const F16_MAX: f32 = 65504.0;
+
+/// `dst[i] = T::from_f32(src[i])`: rows of new keys and values stored into a KV cache (f16 with
+/// the CPU's conversion instruction, 16 at a time; the others value by value).
+pub fn narrow_into<T: CachedValue>(src: &[f32], dst: &mut [T]) {
+    assert_eq!(src.len(), dst.len(), "narrow_into: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f16>() && Isa::active() >= Isa::Avx2 {
+        // SAFETY: AVX2 and F16C were detected; T is f16 (checked above), so the cast is a no-op.
+        return unsafe { x86::narrow_f16(src, &mut *(dst as *mut [T] as *mut [f16])) };
+    }
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f32(s));
+}
+
+/// `dst[i] = src[i].to_f32()`: cached rows read back in f32 (f16 with the CPU's conversion
+/// instruction, 8 at a time; the others value by value).
+pub fn widen_into<T: CachedValue>(src: &[T], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_into: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f16>() && Isa::active() >= Isa::Avx2 {
+        // SAFETY: AVX2 and F16C were detected; T is f16 (checked above), so the cast is a no-op.
+        return unsafe { x86::widen_f16(&*(src as *const [T] as *const [f16]), dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
 }
 
 /// `scores[g * len + i] = scale * (queries[g] . rows[i])` for the `queries.len() / d` query rows
@@ -43,7 +88,7 @@ pub fn scaled_dots<T: CachedValue>(queries: &[f32], d: usize, rows: &[T], scale:
     for (query, scores) in queries.chunks_exact(d.max(1)).zip(scores.chunks_exact_mut(len.max(1))) {
         #[cfg(target_arch = "x86_64")]
         if Isa::active() >= Isa::Avx2 {
-            // SAFETY: AVX2 and FMA were detected; the lengths were checked.
+            // SAFETY: AVX2, FMA and F16C were detected; the lengths were checked.
             unsafe { x86::scaled_dots(query, rows, scale, scores) };
             continue;
         }
@@ -75,7 +120,7 @@ pub fn weighted_sums_add<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, 
     for (weights, out) in weights.chunks_exact(len.max(1)).zip(out.chunks_exact_mut(d.max(1))) {
         #[cfg(target_arch = "x86_64")]
         if Isa::active() >= Isa::Avx2 {
-            // SAFETY: AVX2 and FMA were detected; the lengths were checked.
+            // SAFETY: AVX2, FMA and F16C were detected; the lengths were checked.
             unsafe { x86::weighted_sum(weights, rows, out) };
             continue;
         }
@@ -88,17 +133,20 @@ pub fn weighted_sums_add<T: CachedValue>(weights: &[f32], rows: &[T], d: usize, 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::CachedValue;
-    use half::bf16;
+    use half::{bf16, f16};
     use std::any::TypeId;
     use std::arch::x86_64::*;
 
     /// Eight values of `T` from `p`, as f32. bf16 is the upper half of an f32, so widening is
-    /// a zero-extension and a shift. (The type test is resolved at compile time.)
+    /// a zero-extension and a shift; f16 widens with F16C's conversion (on every AVX2 CPU).
+    /// (The type tests are resolved at compile time.)
     #[inline(always)]
     unsafe fn load8<T: CachedValue>(p: *const T) -> __m256 {
         if TypeId::of::<T>() == TypeId::of::<bf16>() {
             let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+        } else if TypeId::of::<T>() == TypeId::of::<f16>() {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         } else {
             _mm256_loadu_ps(p as *const f32)
         }
@@ -106,7 +154,7 @@ mod x86 {
 
     /// Eight rows at a time: one accumulator per row over the shared length, then the eight
     /// sums reduced together (three rounds of pairwise additions) rather than one by one.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn scaled_dots<T: CachedValue>(query: &[f32], rows: &[T], scale: f32, scores: &mut [f32]) {
         let d = query.len();
         let main = d / 8 * 8;
@@ -152,7 +200,7 @@ mod x86 {
 
     /// The output in stretches of 64 values held in registers while every row adds to them
     /// (starting from what `out` holds).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted_sum<T: CachedValue>(weights: &[f32], rows: &[T], out: &mut [f32]) {
         let d = out.len();
         let main = d / 8 * 8;
@@ -178,12 +226,43 @@ mod x86 {
         }
     }
 
-    /// Sixteen values of `T` from `p`, as f32 (bf16 widened as in [`load8`]).
+    /// f32 to f16, rounded to nearest even and saturated at f16's range, 8 at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn narrow_f16(src: &[f32], dst: &mut [f16]) {
+        let main = src.len() / 8 * 8;
+        let (lo, hi) = (_mm256_set1_ps(-super::F16_MAX), _mm256_set1_ps(super::F16_MAX));
+        for i in (0..main).step_by(8) {
+            // The limits first: min and max return their second operand where one is NaN, so
+            // NaN stays NaN as in the scalar clamp.
+            let x = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src.as_ptr().add(i))));
+            let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, halves);
+        }
+        for (d, &s) in dst[main..].iter_mut().zip(&src[main..]) {
+            *d = CachedValue::from_f32(s);
+        }
+    }
+
+    /// f16 to f32, exactly, 8 at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn widen_f16(src: &[f16], dst: &mut [f32]) {
+        let main = src.len() / 8 * 8;
+        for i in (0..main).step_by(8) {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load8(src.as_ptr().add(i)));
+        }
+        for (d, s) in dst[main..].iter_mut().zip(&src[main..]) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// Sixteen values of `T` from `p`, as f32 (widened as in [`load8`]).
     #[inline(always)]
     unsafe fn load16<T: CachedValue>(p: *const T) -> __m512 {
         if TypeId::of::<T>() == TypeId::of::<bf16>() {
             let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+        } else if TypeId::of::<T>() == TypeId::of::<f16>() {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
         } else {
             _mm512_loadu_ps(p as *const f32)
         }

@@ -3,8 +3,8 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use weft_kernels::{
-    gelu_tanh, layer_norm_rows, rms_norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows, weighted_sums,
-    weighted_sums_add, CachedValue,
+    gelu_tanh, layer_norm_rows, narrow_into, rms_norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows,
+    weighted_sums, weighted_sums_add, widen_into, CachedValue,
 };
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
@@ -79,7 +79,7 @@ fn softmax_rows_match_f64_and_masked_entries_are_zero() {
     }
 }
 
-/// In f32 and in bf16 (a KV cache in bf16), for 1 to 7 queries sharing the rows (the AVX-512
+/// In f32, bf16 and f16 (a KV cache in bf16 or f16), for 1 to 7 queries sharing the rows (the AVX-512
 /// tiles take 4 heads and 4 rows at a time, and 64 values for the sums): each row is widened
 /// exactly, so the reference multiplies the widened values.
 #[test]
@@ -90,6 +90,7 @@ fn grouped_dots_and_weighted_sums_match_f64() {
         let keys: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-2.0..2.0)).collect();
         check_rows(&queries, d, &keys, rows);
         check_rows(&queries, d, &keys.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(), rows);
+        check_rows(&queries, d, &keys.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>(), rows);
     }
 }
 
@@ -116,17 +117,66 @@ fn check_rows<T: CachedValue>(queries: &[f32], d: usize, keys: &[T], rows: usize
     }
 }
 
+/// Rows stored into an f16 cache and read back: the same bits as `half`'s conversions (ties
+/// to even, subnormals kept), except that values past f16's range saturate and NaN stays NaN;
+/// bf16 and f32 as their own conversions.
+#[test]
+fn rows_narrow_and_widen_like_half() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut values: Vec<f32> = (0..1000).map(|_| rng.random_range(-70000.0f32..70000.0)).collect();
+    values.extend((0..1000).map(|_| rng.random_range(-1.0f32..1.0) * 1e-5));
+    values.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        65520.0,
+        -1e9,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        6e-8,
+        3e-8,
+        1.0 + 1.0 / 2048.0,
+    ]);
+    let mut halves = vec![half::f16::ZERO; values.len()];
+    narrow_into(&values, &mut halves);
+    for (&v, h) in values.iter().zip(&halves) {
+        let want = half::f16::from_f32(v.clamp(-65504.0, 65504.0));
+        assert_eq!(h.to_bits(), want.to_bits(), "{v}");
+    }
+    let mut nan = [half::f16::ZERO; 9];
+    narrow_into(&[f32::NAN; 9], &mut nan);
+    assert!(nan.iter().all(|h| h.is_nan()));
+    let mut back = vec![0.0f32; halves.len()];
+    widen_into(&halves, &mut back);
+    assert!(back.iter().zip(&halves).all(|(b, h)| b.to_bits() == h.to_f32().to_bits()));
+    let mut brains = vec![half::bf16::ZERO; values.len()];
+    narrow_into(&values, &mut brains);
+    assert!(brains.iter().zip(&values).all(|(b, &v)| b.to_bits() == half::bf16::from_f32(v).to_bits()));
+}
+
 /// A KV cache in blocks: the weighted sums taken block by block (16 rows each, the last one
-/// partial) and added up are the same bits as one sum over all the rows, in f32 and bf16.
+/// partial) and added up are the same bits as one sum over all the rows, in f32, bf16 and f16.
 #[test]
 fn weighted_sums_over_blocks_equal_one_sum() {
     let mut rng = StdRng::seed_from_u64(5);
     for (group, rows, d) in [(1, 1, 8), (2, 17, 64), (7, 129, 64), (3, 40, 80), (5, 33, 128)] {
         let weights: Vec<f32> = (0..group * rows).map(|_| rng.random_range(0.0..1.0)).collect();
         let values: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let widened: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
         assert_blocks_match(&weights, &values, group, rows, d);
-        assert_blocks_match(&weights, &widened, group, rows, d);
+        assert_blocks_match(
+            &weights,
+            &values.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>(),
+            group,
+            rows,
+            d,
+        );
+        assert_blocks_match(
+            &weights,
+            &values.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>(),
+            group,
+            rows,
+            d,
+        );
     }
 }
 

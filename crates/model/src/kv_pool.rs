@@ -7,6 +7,7 @@
 use crate::error::{ModelError, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
+use weft_kernels::narrow_into;
 
 /// One layer's keys or values: `[num_blocks, kv_heads, block_size, head_dim]`, so that a block
 /// holds each head's rows contiguously (what the CPU decode kernels read in place).
@@ -247,7 +248,7 @@ impl WriteRows<'_> {
         dst: &mut [D],
         src: &[S],
         src_l: &Layout,
-        convert: impl Fn(S) -> D + Sync,
+        convert: impl Fn(&[S], &mut [D]) + Sync,
     ) -> candle_core::Result<()> {
         let (head_stride, row_stride) = match src_l.stride() {
             &[head, row, 1] => (head, row),
@@ -268,8 +269,7 @@ impl WriteRows<'_> {
                 let from = src_l.start_offset() + h * head_stride + i * row_stride;
                 // SAFETY: inside the pool (checked above); head h's rows, in whatever block,
                 // are written by this call of `write_head` alone.
-                let to = unsafe { dst.row(to, hd) };
-                to.iter_mut().zip(&src[from..from + hd]).for_each(|(d, &s)| *d = convert(s));
+                convert(&src[from..from + hd], unsafe { dst.row(to, hd) });
             }
         };
         // A prefill chunk's heads in parallel (a copy of megabytes per layer); a decode step's
@@ -283,6 +283,10 @@ impl WriteRows<'_> {
     }
 }
 
+fn copy_row<T: Copy>(src: &[T], dst: &mut [T]) {
+    dst.copy_from_slice(src);
+}
+
 impl InplaceOp2 for WriteRows<'_> {
     fn name(&self) -> &'static str {
         "kv-pool-write"
@@ -291,11 +295,12 @@ impl InplaceOp2 for WriteRows<'_> {
     fn cpu_fwd(&self, dst: &mut CpuStorage, _: &Layout, src: &CpuStorage, src_l: &Layout) -> candle_core::Result<()> {
         // The pool's layers are whole tensors (no offset), `[num_blocks, kv_heads, block_size, hd]`.
         match (dst, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, |x| x),
-            (CpuStorage::BF16(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, half::bf16::from_f32),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.copy(d, s, src_l, |x| x),
-            (CpuStorage::F16(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, half::f16::from_f32),
-            (CpuStorage::F16(d), CpuStorage::F16(s)) => self.copy(d, s, src_l, |x| x),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, copy_row),
+            (CpuStorage::BF16(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, narrow_into),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.copy(d, s, src_l, copy_row),
+            // f16 saturates at its largest finite value (see `CachedValue::from_f32`).
+            (CpuStorage::F16(d), CpuStorage::F32(s)) => self.copy(d, s, src_l, narrow_into),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => self.copy(d, s, src_l, copy_row),
             _ => candle_core::bail!("kv-pool-write: the rows' dtype does not go into the pool's"),
         }
     }
@@ -314,7 +319,7 @@ mod tests {
     /// copied block holds what its source held.
     #[test]
     fn writes_land_in_the_table_s_blocks_and_gather_back() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             let pool = KvPool::new(2, (2, 4), dtype, &Device::Cpu, (6, 4)).unwrap();
             let blocks = [4u32, 1, 3];
             let whole_k = ramp(2, 11, 4, 0.0);
@@ -341,6 +346,18 @@ mod tests {
                 pool.write(0, BlockTable { blocks: &blocks, len: 11 }, &ramp(2, 2, 4, 0.0), &ramp(2, 2, 4, 0.0));
             assert!(too_far.is_err(), "writing past the table is refused");
         }
+    }
+
+    /// An f16 pool keeps values past f16's range at its largest finite value, not infinity.
+    #[test]
+    fn f16_writes_saturate() {
+        let pool = KvPool::new(1, (1, 4), DType::F16, &Device::Cpu, (1, 4)).unwrap();
+        let k = Tensor::new(&[[[1e6f32, -1e6, 70000.0, 1.5]]], &Device::Cpu).unwrap();
+        pool.write(0, BlockTable { blocks: &[0], len: 0 }, &k, &k).unwrap();
+        let ids = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+        let (keys, _) = pool.gather(0, &ids, 1).unwrap();
+        let read = keys.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(read, [65504.0, -65504.0, 65504.0, 1.5]);
     }
 
     #[test]

@@ -44,27 +44,29 @@ impl Geometry {
     }
 }
 
-/// Calls `f` with `layer`'s keys and values as host slices, if the pool keeps them on the CPU
-/// in f32 or bf16 (`None` otherwise).
-fn with_layer<R>(
-    pool: &KvPool,
-    layer: usize,
-    f32_rows: impl FnOnce(&[f32], &[f32]) -> R,
-    bf16_rows: impl FnOnce(&[half::bf16], &[half::bf16]) -> R,
-) -> Option<R> {
+/// What to do with one pool layer's keys and values, whatever their element type.
+trait LayerRows {
+    type Output;
+    fn with<T: CachedValue>(self, keys: &[T], values: &[T]) -> Self::Output;
+}
+
+/// `rows` applied to `layer`'s keys and values as host slices, if the pool keeps them on the
+/// CPU in f32, bf16 or f16 (`None` otherwise).
+fn with_layer<R: LayerRows>(pool: &KvPool, layer: usize, rows: R) -> Option<R::Output> {
     let (k, v) = pool.layer(layer);
     let (k_storage, _) = k.storage_and_layout();
     let (v_storage, _) = v.storage_and_layout();
     match (&*k_storage, &*v_storage) {
-        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => Some(f32_rows(k, v)),
-        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => Some(bf16_rows(k, v)),
+        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => Some(rows.with(k, v)),
+        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => Some(rows.with(k, v)),
+        (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => Some(rows.with(k, v)),
         _ => None,
     }
 }
 
-/// Whether attention reads `pool` here: in place, from host memory in f32 or bf16.
+/// Whether attention reads `pool` here: in place, from host memory in f32, bf16 or f16.
 pub(crate) fn host_rows(pool: &KvPool) -> bool {
-    pool.reads_in_place() && pool.device().is_cpu() && matches!(pool.dtype(), DType::F32 | DType::BF16)
+    pool.reads_in_place() && pool.device().is_cpu() && matches!(pool.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 fn geometry(pool: &KvPool, hd: usize) -> Geometry {
@@ -72,24 +74,30 @@ fn geometry(pool: &KvPool, hd: usize) -> Geometry {
 }
 
 /// The sequence's first `table.len` keys and values, gathered in f32 (`None` where the pool
-/// is not host memory in f32 or bf16).
+/// is not host memory in f32, bf16 or f16).
 pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usize) -> Option<HostKv<'static>> {
-    let at = geometry(pool, hd);
-    fn gather<T: CachedValue>(data: &[T], table: BlockTable, at: Geometry) -> Vec<f32> {
-        let mut out = Vec::with_capacity(at.kv_heads * table.len * at.hd);
-        for kvh in 0..at.kv_heads {
-            for (block, (_, n)) in table.blocks.iter().zip(at.spans(table.len)) {
-                out.extend(at.rows(data, *block, kvh, n).iter().map(|x| x.to_f32()));
-            }
+    struct Gather<'a>(BlockTable<'a>, Geometry);
+    impl LayerRows for Gather<'_> {
+        type Output = (Vec<f32>, Vec<f32>);
+        fn with<T: CachedValue>(self, keys: &[T], values: &[T]) -> Self::Output {
+            let Gather(table, at) = self;
+            let gather = |data: &[T]| {
+                let mut out = vec![0.0; at.kv_heads * table.len * at.hd];
+                let mut rest = out.as_mut_slice();
+                for kvh in 0..at.kv_heads {
+                    for (block, (_, n)) in table.blocks.iter().zip(at.spans(table.len)) {
+                        let (part, after) = rest.split_at_mut(n * at.hd);
+                        weft_kernels::widen_into(at.rows(data, *block, kvh, n), part);
+                        rest = after;
+                    }
+                }
+                out
+            };
+            (gather(keys), gather(values))
         }
-        out
     }
-    let (keys, values) = with_layer(
-        pool,
-        layer,
-        |k, v| (gather(k, table, at), gather(v, table, at)),
-        |k, v| (gather(k, table, at), gather(v, table, at)),
-    )?;
+    let at = geometry(pool, hd);
+    let (keys, values) = with_layer(pool, layer, Gather(table, at))?;
     Some(HostKv {
         keys: keys.into(),
         values: values.into(),
@@ -101,24 +109,25 @@ pub(crate) fn gather_f32(pool: &KvPool, layer: usize, table: BlockTable, hd: usi
 
 /// One decode step's attention for one sequence: `q` (`[heads, 1, hd]`, f32, at the last
 /// position) over the `table.len` keys and values of its blocks in `layer`, read in place.
-/// `None` where this does not apply (the pool or `q` elsewhere than host f32/bf16), for the
+/// `None` where this does not apply (the pool elsewhere than host f32, bf16 or f16, or `q` not host f32), for the
 /// gathering path to compute instead. The same bits as over one contiguous cache: each score is
 /// its own sum, and the weighted sums go on from block to block in row order.
 pub(crate) fn decode(q: &Tensor, pool: &KvPool, layer: usize, table: BlockTable) -> Result<Option<Tensor>> {
+    struct Decode<'a>(&'a [f32], BlockTable<'a>, usize, Geometry);
+    impl LayerRows for Decode<'_> {
+        type Output = Vec<f32>;
+        fn with<T: CachedValue>(self, keys: &[T], values: &[T]) -> Vec<f32> {
+            let Decode(q, table, heads, at) = self;
+            decode_rows(q, keys, values, table, heads, at)
+        }
+    }
     let (heads, rows, hd) = q.dims3()?;
     let kv_heads = pool.kv_heads();
     if rows != 1 || table.len == 0 || !q.device().is_cpu() || q.dtype() != DType::F32 || heads % kv_heads != 0 {
         return Ok(None);
     }
     let at = geometry(pool, hd);
-    let ctx = with_f32_values(q, |q| {
-        with_layer(
-            pool,
-            layer,
-            |k, v| decode_rows(q, k, v, table, heads, at),
-            |k, v| decode_rows(q, k, v, table, heads, at),
-        )
-    })?;
+    let ctx = with_f32_values(q, |q| with_layer(pool, layer, Decode(q, table, heads, at)))?;
     Ok(match ctx {
         Some(ctx) => Some(Tensor::from_vec(ctx, (heads, 1, hd), &Device::Cpu)?),
         None => None,
@@ -177,7 +186,7 @@ mod tests {
     use super::*;
     use crate::attention::tests::{largest_difference, pseudo_random};
 
-    /// A decode step over blocks out of order, in f32 and bf16: the same as candle's softmax
+    /// A decode step over blocks out of order, in f32, bf16 and f16: the same as candle's softmax
     /// attention over the same keys and values gathered with candle operations (the device
     /// path), and the gathered f32 rows are those keys and values.
     #[test]
@@ -185,7 +194,7 @@ mod tests {
         for (heads, kv_heads, len, hd) in
             [(4, 2, 11usize, 8), (14, 2, 37, 64), (6, 1, 300, 64), (16, 16, 45, 64), (3, 3, 20, 8)]
         {
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let blocks_needed = len.div_ceil(16);
                 let pool = KvPool::new(1, (kv_heads, hd), dtype, &Device::Cpu, (blocks_needed + 3, 16)).unwrap();
                 // Blocks in reverse order, leaving the first three unused.

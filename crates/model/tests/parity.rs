@@ -22,8 +22,10 @@ struct Tolerance {
 
 /// f32 weights: float rounding only.
 const EXACT: Tolerance = Tolerance { logprob: 1e-3, tie_margin: 1e-3 };
-/// bf16 weights (8 mantissa bits): the bound; greedy compared where the margin exceeds
-/// twice it.
+/// bf16 weights (8 mantissa bits) with the KV cache in f16, as they run by default: the issue's
+/// bound (largest differences seen: 0.0419 with the AVX2 kernels, 0.0438 with AVX-512 BF16 and
+/// with AMX; 0.0395, 0.0314 and 0.0425 with an f32 cache); greedy compared where the margin
+/// exceeds twice it.
 const BF16: Tolerance = Tolerance { logprob: 0.05, tie_margin: 0.1 };
 /// q8_0 weights and activations (one scale per 32 values): the documented bound. The tiny
 /// fixtures, 64 wide, are the worst case for per-block scales (largest difference seen: 0.25
@@ -372,8 +374,8 @@ fn gathering_blocks_with_candle_is_exact_too() {
     report(&f, "tiny-v5 (gathered)");
 }
 
-/// The KV pool stores bf16 for 8-bit weights, f32 for f32 and bf16 weights, and what it is
-/// told where it is told; a token costs half the bytes in bf16.
+/// On the CPU the KV pool stores bf16 for 8-bit weights, f16 for bf16 weights, f32 for f32
+/// weights, and what it is told where it is told; a token costs half the bytes in 16 bits.
 #[test]
 fn kv_cache_dtype_follows_the_weights_unless_set() {
     let dir = fixtures().join("tiny-v5");
@@ -383,7 +385,7 @@ fn kv_cache_dtype_follows_the_weights_unless_set() {
     };
     assert_eq!(cache_of(LinearFormat::Q8_0, None).dtype(), DType::BF16);
     assert_eq!(cache_of(LinearFormat::Dense, None).dtype(), DType::F32);
-    assert_eq!(cache_of(LinearFormat::Bf16, None).dtype(), DType::F32);
+    assert_eq!(cache_of(LinearFormat::Bf16, None).dtype(), DType::F16);
     let told = cache_of(LinearFormat::Q8_0, Some(DType::F32));
     assert_eq!(told.dtype(), DType::F32);
     assert_eq!(told.bytes_per_token(), 2 * cache_of(LinearFormat::Q8_0, None).bytes_per_token());

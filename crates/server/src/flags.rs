@@ -40,6 +40,7 @@ pub enum KvCacheDtype {
     Auto,
     F32,
     Bf16,
+    F16,
 }
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
@@ -55,8 +56,9 @@ pub struct ModelFlags {
     /// Quantize linear-layer weights at load time (f32 activations; CPU only).
     #[arg(long, env = "WEFT_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
-    /// KV cache storage: auto (bf16 for q8_0 and q4k weights on the CPU, else the activations'
-    /// dtype), f32 or bf16 (half the memory per token and the bytes each decode step reads).
+    /// KV cache storage: auto (on the CPU bf16 for q8_0 and q4k weights, f16 for bf16 weights;
+    /// else the activations' dtype), f32, bf16 or f16 (either 16-bit type: half the memory per
+    /// token and the bytes each decode step reads).
     #[arg(long, env = "WEFT_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
     /// Render prompts with this Hugging Face Jinja chat template instead of the built-in renderer.
@@ -101,6 +103,7 @@ impl ModelFlags {
             KvCacheDtype::Auto => None,
             KvCacheDtype::F32 => Some(DType::F32),
             KvCacheDtype::Bf16 => Some(DType::BF16),
+            KvCacheDtype::F16 => Some(DType::F16),
         };
         let quantized = match self.quantize {
             Quantize::None => return Ok(WeightOptions { run, linear, kv_cache }),
@@ -203,6 +206,7 @@ mod tests {
         let err = flags(&["--quantize", "q5"]).err().unwrap().to_string();
         assert!(err.contains("q8_0") && err.contains("q4k"), "{err}");
         assert_eq!(flags(&["--kv-cache-dtype", "bf16"]).unwrap().kv_cache_dtype, KvCacheDtype::Bf16);
+        assert_eq!(flags(&["--kv-cache-dtype", "f16"]).unwrap().kv_cache_dtype, KvCacheDtype::F16);
         assert!(parse_device("tpu").unwrap_err().to_string().contains("--device"));
     }
 }
