@@ -6,7 +6,8 @@ use crate::engine::Engine;
 use crate::request::{Event, FinishReason, Timing, Usage};
 use crate::sampling::first_argmax_rows;
 use crate::sequence::{Emitted, Scores};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, Storage, Tensor};
+use std::borrow::Cow;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use weft_model::SeqInput;
@@ -130,7 +131,12 @@ impl Engine {
         let forward = started.elapsed();
         let Some(logits) = logits else { return Ok(()) };
         let finishing: Vec<u64> = chunks.iter().zip(&wants).filter(|(_, &w)| w).map(|(c, _)| c.0).collect();
-        for (id, scores) in finishing.iter().zip(self.host_scores(&finishing, &logits)?) {
+        let (storage, layout) = logits.storage_and_layout();
+        let in_host = match &*storage {
+            Storage::Cpu(CpuStorage::F32(values)) if layout.is_contiguous() => Some(&values[layout.start_offset()..]),
+            _ => None,
+        };
+        for (id, scores) in finishing.iter().zip(self.host_scores(&finishing, &logits, in_host)?) {
             self.after_logits(*id, &scores)?;
         }
         tracing::debug!(
@@ -143,10 +149,16 @@ impl Engine {
         Ok(())
     }
 
-    /// What each sequence of `finishing` samples from, given their logits (`[rows, vocab]`):
-    /// on a GPU, plain greedy rows are decided there and only their ids come back; every other
-    /// row (penalties, bias, logprobs, temperature, a grammar) is copied whole.
-    fn host_scores(&self, finishing: &[u64], logits: &Tensor) -> weft_model::Result<Vec<Scores>> {
+    /// What each sequence of `finishing` samples from, given their logits (`[rows, vocab]`, their
+    /// values `in_host` where they are host memory): on the CPU every row is read in place; on a
+    /// GPU plain greedy rows are decided there and only their ids come back, and every other row
+    /// (penalties, bias, logprobs, temperature, a grammar) is copied whole.
+    fn host_scores<'a>(
+        &self,
+        finishing: &[u64],
+        logits: &Tensor,
+        in_host: Option<&'a [f32]>,
+    ) -> weft_model::Result<Vec<Scores<'a>>> {
         let on_device: Vec<bool> = finishing
             .iter()
             .map(|id| {
@@ -157,14 +169,17 @@ impl Engine {
         let chosen = if on_device.contains(&true) { first_argmax_rows(logits)? } else { vec![None; finishing.len()] };
         let copied: Vec<u32> =
             (0..finishing.len()).filter(|&i| !(on_device[i] && chosen[i].is_some())).map(|i| i as u32).collect();
-        let mut rows = if copied.is_empty() {
-            Vec::new()
-        } else if copied.len() == finishing.len() {
-            logits.to_vec2::<f32>()?
-        } else {
-            logits.index_select(&Tensor::new(copied.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?
-        }
-        .into_iter();
+        let vocab = logits.dim(1)?;
+        let rows: Vec<Cow<'a, [f32]>> = match in_host {
+            Some(values) => copied.iter().map(|&i| Cow::Borrowed(&values[i as usize * vocab..][..vocab])).collect(),
+            None if copied.is_empty() => Vec::new(),
+            None if copied.len() == finishing.len() => logits.to_vec2::<f32>()?.into_iter().map(Cow::Owned).collect(),
+            None => {
+                let picked = logits.index_select(&Tensor::new(copied.as_slice(), logits.device())?, 0)?;
+                picked.to_vec2::<f32>()?.into_iter().map(Cow::Owned).collect()
+            }
+        };
+        let mut rows = rows.into_iter();
         Ok((0..finishing.len())
             .map(|i| match chosen[i] {
                 Some(token) if on_device[i] => Scores::Greedy(token),
@@ -174,7 +189,7 @@ impl Engine {
     }
 
     /// Samples the next token of `id` (and, on a request's first logits, of its other choices).
-    fn after_logits(&mut self, id: u64, row: &Scores) -> weft_model::Result<()> {
+    fn after_logits(&mut self, id: u64, row: &Scores<'_>) -> weft_model::Result<()> {
         let req_id = self.seqs[&id].req_id;
         let req = self.requests.get_mut(&req_id).expect("live");
         let mut siblings = Vec::new();
@@ -202,7 +217,7 @@ impl Engine {
         Ok(())
     }
 
-    fn emit(&mut self, id: u64, row: &Scores) {
+    fn emit(&mut self, id: u64, row: &Scores<'_>) {
         let pool_tokens = self.blocks.num_blocks() * self.pool.block_size();
         let context = self.model.config().text.max_position_embeddings.min(pool_tokens);
         let seq = self.seqs.get_mut(&id).expect("running");

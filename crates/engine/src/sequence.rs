@@ -8,6 +8,7 @@ use crate::prefix_cache::BlockHash;
 use crate::request::{Event, FinishReason, GenerateRequest};
 use crate::sampling::{Sampler, TokenLogprobs};
 use crate::stop::StopMatcher;
+use std::borrow::Cow;
 use std::time::Instant;
 
 pub(crate) struct Sequence {
@@ -41,9 +42,9 @@ pub(crate) struct Sequence {
 }
 
 /// What a sequence samples its next token from.
-pub(crate) enum Scores {
-    /// Its row of logits, on the host.
-    Row(Vec<f32>),
+pub(crate) enum Scores<'a> {
+    /// Its row of logits, on the host (read where the forward pass left it, or copied there).
+    Row(Cow<'a, [f32]>),
     /// The token greedy decoding picked where the logits are.
     Greedy(u32),
 }
@@ -134,7 +135,7 @@ impl Sequence {
     /// Samples the next token from `scores` and decides whether the sequence goes on.
     pub fn sample(
         &mut self,
-        scores: &Scores,
+        scores: &Scores<'_>,
         prompt: &[u32],
         spec: &GenerateRequest,
         eos_ids: &[u32],
