@@ -8,31 +8,32 @@
 use std::time::Instant;
 use weft_kernels::{matmul_using, Isa, Kernel, PackedWeight, WeightFormat};
 
-/// Batched decode (8 to 32 streams, lm_head included), prefill, and the vision tower of the
-/// 0.5b checkpoints (Qwen2 896 wide, MLP 4,864; SigLIP 1,152 wide, MLP 4,304; fused q/k/v and
-/// gate/up projections as the model loads them).
-const SHAPES_05B: [(usize, usize, usize); 15] = [
+/// The products of the 0.5b checkpoint (llava-interleave-qwen-0.5b: its Qwen2 language model is
+/// 1,024 wide with 16 query and 16 KV heads of 64, MLP 2,816, vocabulary 152,000; SigLIP 1,152
+/// wide, MLP 4,304; fused q/k/v and gate/up projections, as the model loads them): decode at 1 to
+/// 32 streams (the output head included), the language model's prefill of one image's prompt
+/// (745 tokens) and the vision tower (729 patches).
+const SHAPES_05B: [(usize, usize, usize); 14] = [
     (1, 1024, 3072),
-    (1, 1024, 151936),
-    (8, 896, 4864),
-    (16, 896, 4864),
-    (16, 896, 151936),
-    (32, 896, 4864),
-    (512, 896, 896),
-    (512, 896, 4864),
-    (512, 4864, 896),
-    (729, 1152, 4304),
+    (1, 1024, 152000),
+    (8, 1024, 5632),
+    (16, 1024, 5632),
+    (16, 1024, 152000),
+    (32, 1024, 5632),
+    (745, 1024, 3072),
     (745, 1024, 1024),
-    (745, 1024, 2816),
+    (745, 1024, 5632),
     (745, 2816, 1024),
+    (729, 1152, 3456),
     (729, 1152, 1152),
+    (729, 1152, 4304),
     (729, 4304, 1152),
 ];
 
-/// The 7b's language model at prefill (3,584 wide, 28 query and 4 KV heads of 128, MLP 18,944):
-/// fused q/k/v, o, fused gate/up, down.
+/// The 7b's language model at prefill (4,096 wide, 32 query and 32 KV heads of 128, MLP
+/// 11,008): fused q/k/v, o, fused gate/up, down.
 const SHAPES_7B: [(usize, usize, usize); 4] =
-    [(512, 3584, 4608), (512, 3584, 3584), (512, 3584, 37888), (512, 18944, 3584)];
+    [(512, 4096, 12288), (512, 4096, 4096), (512, 4096, 22016), (512, 11008, 4096)];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
