@@ -1,9 +1,9 @@
 //! Query rows against many cached rows: the dot products of a decode step's attention
 //! (`scores[g][i] = scale * q_g . k_i`) and the weighted sums of value rows (`out_g = sum_i
 //! p_gi v_i`), on one thread (a decode step runs one of these per sequence, KV head and layer:
-//! far too small to share). The queries are the `group` heads that share one KV head (grouped-
-//! query attention: 7 for the 0.5b, 7 for the 7b), so each cached row is loaded and widened once
-//! for all of them instead of once per head; on AVX-512 that is one register-tiled kernel
+//! far too small to share). The queries are the `group` heads that share one KV head (one in
+//! the published 0.5b and 7b, which have as many KV heads as query heads; several with grouped-
+//! query attention), so each cached row is loaded and widened once for all of them; on AVX-512 that is one register-tiled kernel
 //! each, on AVX2 one head at a time. The rows are a KV cache's, in f32, bf16 or f16
 //! ([`CachedValue`]); the queries, the sums and the outputs stay f32. Written with vectors
 //! because a plain `f32` sum is a chain of dependent additions the compiler may not reorder.
@@ -51,7 +51,7 @@ impl CachedValue for f16 {
 const F16_MAX: f32 = 65504.0;
 
 /// `dst[i] = T::from_f32(src[i])`: rows of new keys and values stored into a KV cache (f16 with
-/// the CPU's conversion instruction, 16 at a time; the others value by value).
+/// the CPU's conversion instruction, 8 at a time; the others value by value).
 pub fn narrow_into<T: CachedValue>(src: &[f32], dst: &mut [T]) {
     assert_eq!(src.len(), dst.len(), "narrow_into: lengths differ");
     #[cfg(target_arch = "x86_64")]
