@@ -52,12 +52,15 @@ impl SamplingParams {
     /// Greedy with nothing that needs the whole row on the host: no penalties, no bias, no
     /// logprobs. Such a row's token can be chosen where the logits are (see [`first_argmax_rows`]).
     pub fn is_plain_greedy(&self) -> bool {
-        self.temperature <= 0.0
-            && self.top_logprobs.is_none()
-            && self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
-            && self.repetition_penalty == 1.0
-            && self.logit_bias.is_empty()
+        self.temperature <= 0.0 && self.top_logprobs.is_none() && !self.changes_scores()
+    }
+
+    /// Whether penalties or a bias change the logits before the draw.
+    fn changes_scores(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
     }
 }
 
@@ -114,13 +117,8 @@ impl Sampler {
     ) -> (u32, Option<TokenLogprobs>) {
         // The row is copied only where something changes it (a vocabulary's row is 600 KB).
         let p = &self.params;
-        let changed = allowed.is_some()
-            || p.repetition_penalty != 1.0
-            || p.presence_penalty != 0.0
-            || p.frequency_penalty != 0.0
-            || !p.logit_bias.is_empty();
         let mut scores = Cow::Borrowed(logits);
-        if changed {
+        if allowed.is_some() || p.changes_scores() {
             let scores = scores.to_mut();
             if let Some(allowed) = allowed {
                 mask_scores(scores, allowed);
