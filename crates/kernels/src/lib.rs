@@ -24,6 +24,7 @@ mod gemm512;
 mod gemm_amx;
 mod matmul;
 mod packed;
+mod pool;
 mod scalar;
 mod shared;
 mod vector;
@@ -35,16 +36,10 @@ pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{matmul, matmul_new, matmul_new_then, matmul_using, Activation, Kernel};
 pub use packed::{PackedWeight, WeightFormat};
+pub use pool::{on_compute_pool, Idle};
 pub use vector::{narrow_into, scaled_dots, weighted_sums, weighted_sums_add, widen_into, CachedValue};
 
 use std::sync::OnceLock;
-
-/// Runs `f` on a thread of the compute pool while the caller waits. A product issued from a
-/// pool thread is split with the other threads directly; issued from outside the pool, each
-/// one costs the caller a sleep and a wake-up, and a decode step issues about 170 of them.
-pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
 
 /// The instruction sets the kernels are written for, slowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

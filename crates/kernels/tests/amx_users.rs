@@ -7,7 +7,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::arch::asm;
-use weft_kernels::{matmul_using, on_compute_pool, Isa, Kernel, PackedWeight, WeightFormat};
+use weft_kernels::{matmul_using, on_compute_pool, Idle, Isa, Kernel, PackedWeight, WeightFormat};
 
 /// Prefill-sized: 64 rows take the AMX GEMM (bf16) and candle's AMX q4k kernel (32 rows on).
 const M: usize = 64;
@@ -69,7 +69,7 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
     let packed = PackedWeight::from_f32(&w, N, K, WeightFormat::Bf16);
     let bf16_product = || {
         let mut out = vec![0.0; M * N];
-        on_compute_pool(|| matmul_using(Isa::Amx, Kernel::Auto, &x, M, &packed, None, &mut out));
+        on_compute_pool(Idle::Spin, || matmul_using(Isa::Amx, Kernel::Auto, &x, M, &packed, None, &mut out));
         out
     };
     let concurrently = |work: &(dyn Fn() + Sync)| {
@@ -93,8 +93,9 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
     let input = Tensor::from_vec(x.clone(), (M, K), &Device::Cpu).unwrap();
     // Called from a pool thread, as the engine calls the model: candle's kernel runs part of
     // its product on the calling thread, which also takes blocks of Weft's GEMM.
-    let q4k_product =
-        || on_compute_pool(|| q4k.forward(&input).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let q4k_product = || {
+        on_compute_pool(Idle::Spin, || q4k.forward(&input).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
     let want_q4k = q4k_product();
     concurrently(&|| {
         assert_eq!(q4k_product(), want_q4k, "candle's q4k product changed");

@@ -10,6 +10,11 @@ use crate::vision::VisionTower;
 use crate::weights::{LoadProgress, NameLayout, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
+use weft_kernels::Idle;
+
+/// New tokens in a forward pass up to which the pool's threads spin ([`Idle::Spin`]): decode
+/// steps of up to 64 sequences (one token each; measured at 1 and 16), not prefill chunks.
+const SPIN_MAX_TOKENS: usize = 64;
 
 /// The two-layer MLP that maps vision features into the language model's embedding space.
 struct Projector {
@@ -125,7 +130,7 @@ impl LlavaModel {
     /// features on the model's device, `[n, tokens_per_image, hidden]`, ready for the `<image>`
     /// slots.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        weft_kernels::on_compute_pool(|| self.encode_on_pool(pixels))
+        weft_kernels::on_compute_pool(Idle::Sleep, || self.encode_on_pool(pixels))
     }
 
     fn encode_on_pool(&self, pixels: &Tensor) -> Result<Tensor> {
@@ -194,6 +199,13 @@ impl LlavaModel {
 
     /// One ragged forward pass of the language model; see [`Qwen2::forward`].
     pub fn forward(&self, pool: &mut KvPool, seqs: &[SeqInput]) -> Result<Option<Tensor>> {
-        weft_kernels::on_compute_pool(|| self.lm.forward(pool, seqs))
+        // Decode steps on the CPU are many short loops: the pool's threads spin between them
+        // (`weft_kernels::Idle` says why, and why not for prefill chunks and images).
+        let tokens: usize = seqs.iter().map(|s| s.embeds.dim(0).unwrap_or(0)).sum();
+        let idle = match self.device.is_cpu() && tokens <= SPIN_MAX_TOKENS {
+            true => Idle::Spin,
+            false => Idle::Sleep,
+        };
+        weft_kernels::on_compute_pool(idle, || self.lm.forward(pool, seqs))
     }
 }
