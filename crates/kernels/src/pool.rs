@@ -6,9 +6,12 @@
 //! rayon thread that finds no work sleeps within microseconds, and waking it (a futex, and on a
 //! virtual machine the host's wake-up of an idle vCPU) cost every loop part of its time: one
 //! stream's decode after an image went from 21.7 to 23.6-24.3 tokens/s on a 2-core AMX Xeon
-//! with the threads spinning, 16 streams' decode steps from 59.6 to 56.3 ms. The same spinning
-//! made an image's encode and a 754-token prefill 5-15% slower (loops far apart matter less
-//! there than whatever the spinning core takes from the working one), so callers choose.
+//! with the threads spinning, 16 streams' decode steps from 60.3 to 54.1 ms. The same spinning
+//! made an image's encode and a 754-token prefill 5-15% slower: candle runs elementwise
+//! operations of 64 Ki values or more (the residual adds) on threads of its own, which then
+//! wait for the cores the spinning threads hold (with those adds moved onto this pool, spinning
+//! still cost an image's first token about 2%). So callers choose; decode steps' adds are
+//! small enough that candle runs them on the calling thread.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
