@@ -12,9 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use weft_kernels::Idle;
 
-/// New tokens in a forward pass up to which the pool's threads spin ([`Idle::Spin`]): decode
-/// steps of up to 64 sequences (one token each; measured at 1 and 16), not prefill chunks.
-const SPIN_MAX_TOKENS: usize = 64;
+/// Activations in a forward pass (new tokens x hidden size) below which the pool's threads
+/// spin ([`Idle::Spin`]): candle runs elementwise operations this large or larger (the
+/// residual adds) on threads of its own, which would then wait for the cores the spinners hold.
+/// Decode steps of the 0.5b up to 63 sequences (measured at 1 and 16), of the 7b up to 15.
+const SPIN_MAX_VALUES: usize = 64 * 1024;
 
 /// The two-layer MLP that maps vision features into the language model's embedding space.
 struct Projector {
@@ -202,7 +204,7 @@ impl LlavaModel {
         // Decode steps on the CPU are many short loops: the pool's threads spin between them
         // (`weft_kernels::Idle` says why, and why not for prefill chunks and images).
         let tokens: usize = seqs.iter().map(|s| s.embeds.dim(0).unwrap_or(0)).sum();
-        let idle = match self.device.is_cpu() && tokens <= SPIN_MAX_TOKENS {
+        let idle = match self.device.is_cpu() && tokens * self.config.text.hidden_size < SPIN_MAX_VALUES {
             true => Idle::Spin,
             false => Idle::Sleep,
         };
