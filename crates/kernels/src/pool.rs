@@ -13,7 +13,7 @@
 //! still cost an image's first token about 2%). So callers choose; decode steps' adds are
 //! small enough that candle runs them on the calling thread.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// What the compute pool's other threads do while a pass runs on one of them.
@@ -30,45 +30,39 @@ pub enum Idle {
 /// threads directly; issued from outside the pool, each one costs the caller a sleep and a
 /// wake-up.
 pub fn on_compute_pool<R: Send>(idle: Idle, f: impl FnOnce() -> R + Send) -> R {
-    let pass = Pass { finished: AtomicBool::new(false), owner: AtomicUsize::new(usize::MAX) };
+    let finished = &AtomicBool::new(false);
     rayon::scope(|scope| {
         if idle == Idle::Spin {
-            pass.owner.store(rayon::current_thread_index().unwrap_or(usize::MAX), Ordering::Relaxed);
+            let owner = rayon::current_thread_index();
             for _ in 1..rayon::current_num_threads() {
-                scope.spawn(|scope| spin(scope, &pass));
+                scope.spawn(move |scope| spin(scope, finished, owner));
             }
         }
         let result = f();
-        pass.finished.store(true, Ordering::Release);
+        finished.store(true, Ordering::Release);
         result
     })
-}
-
-/// One pass of [`on_compute_pool`]: whether `f` has returned, and the pool thread running it.
-struct Pass {
-    finished: AtomicBool,
-    owner: AtomicUsize,
 }
 
 /// How long a spinning thread looks for work in vain before it lets go of its stack (see
 /// [`spin`]): longer than the gaps between a decode step's loops.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
 
-/// Runs the pool's pending jobs as they come until the pass is finished. The thread may have
+/// Runs the pool's pending jobs as they come until the pass is `finished`. The thread may have
 /// picked this job up while waiting inside another job (rayon's joins run other work while they
 /// wait), and that job may be what the pass is waiting for: so after [`SPIN_WINDOW`] without
 /// work it returns, leaving a fresh spinner in its place, and the job below resumes if its wait
-/// is over. The owner's own thread never spins: the pass itself is below it.
-fn spin<'s>(scope: &rayon::Scope<'s>, pass: &'s Pass) {
-    if rayon::current_thread_index() == Some(pass.owner.load(Ordering::Relaxed)) {
+/// is over. The thread running the pass (`owner`) never spins: the pass itself is below it.
+fn spin<'s>(scope: &rayon::Scope<'s>, finished: &'s AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
         return;
     }
     let mut idle_since = Instant::now();
-    while !pass.finished.load(Ordering::Acquire) {
+    while !finished.load(Ordering::Acquire) {
         if rayon::yield_now() == Some(rayon::Yield::Executed) {
             idle_since = Instant::now();
         } else if idle_since.elapsed() > SPIN_WINDOW {
-            scope.spawn(move |scope| spin(scope, pass));
+            scope.spawn(move |scope| spin(scope, finished, owner));
             return;
         } else {
             // A pause between looks, so that the owner's pushes and pops of its queue do not
