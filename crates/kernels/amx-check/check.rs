@@ -77,7 +77,7 @@ unsafe fn case(kp: usize, ldo: usize, seed: u64) -> f64 {
     for i in 0..amx::ROWS * ldo {
         *sums.add(i) = f32::NAN;
     }
-    let saved = amx::borrow();
+    let saved = amx::borrow_with(&amx::CONFIG);
     amx::tile(x_tiles, w_tiles, kp, sums, ldo);
     amx::tile(x_tiles, w_tiles, kp, sums, ldo);
     amx::give_back(&saved);

@@ -12,7 +12,7 @@
 //! The tiles are named in inline assembly (Rust has no stable AMX intrinsics), so the compiler
 //! never allocates them. A thread's tile configuration is shared by every tile user in the
 //! process (candle's q4k kernel loads its own once per thread and expects it to stay), so Weft
-//! borrows it: [`borrow`] saves what the thread had and loads Weft's, [`give_back`] restores
+//! borrows it: [`borrow_with`] saves what the thread had and loads Weft's, [`give_back`] restores
 //! what was saved (or releases the tiles if there was none). This file uses `core` only:
 //! `amx-check/run.sh` compiles it into a bare-metal image and runs it on Bochs' AMX emulation,
 //! for machines without AMX.
@@ -30,7 +30,7 @@ pub const TILE: usize = 512;
 
 /// The 64-byte operand of `ldtilecfg` (palette 1).
 #[repr(C, align(64))]
-struct TileConfig {
+pub struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -39,8 +39,8 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-/// All eight tiles at their largest: 16 rows of 64 bytes.
-static CONFIG: TileConfig = TileConfig {
+/// [`tile`]'s: all eight tiles at their largest, 16 rows of 64 bytes.
+pub static CONFIG: TileConfig = TileConfig {
     palette: 1,
     start_row: 0,
     reserved: [0; 14],
@@ -48,20 +48,21 @@ static CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// Configures this thread's tiles for [`tile`].
-///
-/// # Safety
-/// The CPU has AMX-TILE and AMX-BF16, and the OS lets this process use the tile data (Linux:
-/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` succeeded).
-#[inline]
-pub unsafe fn configure() {
-    asm!("ldtilecfg [{config}]", config = in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-}
+/// The 8-bit products' tiles (`crate::q8_amx`), one block of 32 inputs a step: tmm0-3 hold 16
+/// rows of 16 32-bit sums, tmm4-5 16 rows of 32 signed bytes (activations), tmm6-7 8 rows of 16
+/// columns' 4 consecutive unsigned bytes (weights, as the VNNI panels store them).
+pub static INT8_CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    bytes_per_row: [64, 64, 64, 64, 32, 32, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0],
+};
 
 /// Returns this thread's tiles to their initial state, so the OS need not save them.
 ///
 /// # Safety
-/// As [`configure`].
+/// As [`borrow_with`].
 #[inline]
 pub unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem, preserves_flags));
@@ -71,25 +72,27 @@ pub unsafe fn release() {
 #[repr(C, align(64))]
 pub struct SavedConfig(pub [u8; 64]);
 
-/// Saves this thread's tile configuration (whoever loaded it) and configures the tiles for
-/// [`tile`]; [`give_back`] puts the saved one back.
+/// Saves this thread's tile configuration (whoever loaded it) and loads `config` ([`CONFIG`] for
+/// [`tile`]); [`give_back`] puts the saved one back.
 ///
 /// # Safety
-/// As [`configure`].
+/// The CPU has AMX-TILE (and the AMX instructions the tiles will run), and the OS lets this
+/// process use the tile data (Linux: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`
+/// succeeded); `config` is valid for this CPU (palette 1, at most 16 rows of 64 bytes).
 #[inline]
-pub unsafe fn borrow() -> SavedConfig {
+pub unsafe fn borrow_with(config: &TileConfig) -> SavedConfig {
     let mut saved = SavedConfig([0; 64]);
     asm!("sttilecfg [{saved}]", saved = in(reg) saved.0.as_mut_ptr(), options(nostack, preserves_flags));
-    configure();
+    asm!("ldtilecfg [{config}]", config = in(reg) config, options(nostack, readonly, preserves_flags));
     saved
 }
 
-/// Restores the configuration [`borrow`] saved: loads it again (which zeroes the tile data,
+/// Restores the configuration [`borrow_with`] saved: loads it again (which zeroes the tile data,
 /// as any configuration's owner expects of a fresh load), or releases the tiles if the thread
 /// had none.
 ///
 /// # Safety
-/// As [`configure`]; `saved` came from [`borrow`] on this thread.
+/// As [`borrow_with`]; `saved` came from [`borrow_with`] on this thread.
 #[inline]
 pub unsafe fn give_back(saved: &SavedConfig) {
     if saved.0[0] == 0 {
@@ -105,7 +108,7 @@ pub unsafe fn give_back(saved: &SavedConfig) {
 /// tile row `q` the pairs `w[c][2q], w[c][2q + 1]` of its 16 columns side by side.
 ///
 /// # Safety
-/// [`configure`] (or [`borrow`]) ran on this thread since the last [`release`]; `kp` is a
+/// [`borrow_with`] loaded [`CONFIG`] on this thread since the last [`release`]; `kp` is a
 /// multiple of 32; `x` and `w` hold `kp / 32 * 2` tiles each; `out` holds 32 rows of 32 values
 /// `ldo` apart.
 #[inline]

@@ -138,7 +138,7 @@ impl AmxHead {
         let mut inverses = [0.0f32; amx::ROWS];
         let (key_tiles, value_tiles) = (self.keys.tiles(), self.values.tiles());
         // SAFETY: `new` checked AMX; the tiles are this thread's until the borrow drops.
-        let _tiles = unsafe { TilesBorrowed::new() };
+        let _tiles = unsafe { TilesBorrowed::new(&crate::amx::CONFIG) };
         for start in (0..rows).step_by(amx::ROWS) {
             let block = amx::ROWS.min(rows - start);
             for r in 0..block {

@@ -51,7 +51,7 @@ pub(crate) unsafe fn gemm_bf16(
     let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };
     // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
     // configured while a block holds its `TilesBorrowed`.
-    let borrow_tiles = || unsafe { TilesBorrowed::new() };
+    let borrow_tiles = || unsafe { TilesBorrowed::new(&amx::CONFIG) };
     let tile = |call: TileCall| unsafe {
         let TileCall { x, w, inputs, out, ldo, rows, adding } = call;
         match (adding, rows <= 16) {
@@ -242,9 +242,9 @@ pub(crate) struct TilesBorrowed(amx::SavedConfig);
 
 impl TilesBorrowed {
     /// # Safety
-    /// As [`amx::configure`].
-    pub(crate) unsafe fn new() -> TilesBorrowed {
-        TilesBorrowed(amx::borrow())
+    /// As [`amx::borrow_with`].
+    pub(crate) unsafe fn new(config: &amx::TileConfig) -> TilesBorrowed {
+        TilesBorrowed(amx::borrow_with(config))
     }
 }
 

@@ -4,8 +4,9 @@
 //! vision, batched decode) run an outer-product GEMM.
 //!
 //! The instruction set is picked once at run time: AMX tiles for every bf16 product where the CPU
-//! has them ([`gemm_amx`]), AVX-512 with BF16 and VNNI dot products (`vdpbf16ps` for bf16 weights,
-//! `vpdpbusd` for 8-bit ones, [`vnni`]), AVX2 + FMA, or portable scalar code.
+//! has them ([`gemm_amx`]) and for 8-bit products of 16 rows and more ([`q8_amx`]), AVX-512 with
+//! BF16 and VNNI dot products (`vdpbf16ps` for bf16 weights, `vpdpbusd` for 8-bit ones,
+//! [`vnni`]), AVX2 + FMA, or portable scalar code.
 //! `WEFT_KERNELS=scalar|avx2|avx512` forces a slower path (to test it, or to rule the fast one
 //! out).
 
@@ -25,6 +26,8 @@ mod gemm_amx;
 mod matmul;
 mod packed;
 mod pool;
+#[cfg(target_arch = "x86_64")]
+mod q8_amx;
 mod scalar;
 mod shared;
 mod vector;

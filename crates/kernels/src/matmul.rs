@@ -2,7 +2,7 @@
 //! dot-product tiles for few), and for the tiles splits `y = x W^T` into blocks of weight rows
 //! that stay in L2, hands the blocks to rayon's pool, and walks each block in small register
 //! tiles computed by the ISA kernels. 8-bit weights on AVX-512 have one loop nest of their own
-//! for every row count ([`crate::vnni`]).
+//! for every row count ([`crate::vnni`]), and on AMX the tiles of [`crate::q8_amx`] from 16 rows.
 
 use crate::packed::{PackedWeight, Storage, WeightFormat, Q8_BLOCK};
 use crate::shared::{SharedOut, Tile, MR_MAX, NR_MAX};
@@ -158,9 +158,21 @@ unsafe fn product_then_identity(
     };
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512Bf16 | Isa::Amx, Storage::Q8Panels(panels)) = (isa, &w.storage) {
-        // One loop nest for every row count (the module explains why). SAFETY: AVX-512F, BW
-        // and VNNI are available (isa <= detected).
-        unsafe { crate::vnni::matmul_q8(x, m, w, panels, bias, out) };
+        // AMX-INT8 tiles for many rows where there are any, one VNNI loop nest otherwise; both
+        // give the same bits (`crate::q8_amx` says how).
+        let tiles = isa == Isa::Amx
+            && crate::q8_amx::has_int8()
+            && match kernel {
+                Kernel::Auto => m >= crate::q8_amx::MIN_ROWS,
+                Kernel::Tiles => false,
+                Kernel::Gemm => true,
+            };
+        // SAFETY: AVX-512F, BW and VNNI are available (isa <= detected), and AMX-INT8 with the
+        // tile permission where `tiles` (Isa::Amx is detected only with the permission).
+        match tiles {
+            true => unsafe { crate::q8_amx::matmul_q8(x, m, w, panels, bias, out) },
+            false => unsafe { crate::vnni::matmul_q8(x, m, w, panels, bias, out) },
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]

@@ -28,10 +28,10 @@ const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Activations quantized per block: `q` `[m, kp]`, and per row and block the scale and
 /// `-128 * sum(q)` (the starting value of that block's 32-bit sums).
-struct QuantRows {
-    q: Vec<i8>,
-    scales: Vec<f32>,
-    starts: Vec<i32>,
+pub(crate) struct QuantRows {
+    pub(crate) q: Vec<i8>,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) starts: Vec<i32>,
 }
 
 /// `out[m, n] = x[m, k] W^T + bias` for q8_0 weights in panels.
@@ -49,7 +49,7 @@ pub(crate) unsafe fn matmul_q8(
     let (n, k, kp) = (packed.n, packed.k, packed.kp);
     let blocks = kp / Q8_BLOCK;
     // SAFETY: the caller vouches for the CPU.
-    let act = unsafe { quantize_rows(x, m, k, kp) };
+    let act = unsafe { quantize_rows(x, k, kp, m) };
     let panels = n.div_ceil(PANEL);
     let block = block_panels(panels, kp);
     let act = &act;
@@ -107,11 +107,13 @@ struct Target<'a> {
     bias: Option<&'a [f32]>,
 }
 
+/// The rows of `x` (`k` values each) quantized, then zero rows (with zero scales) up to `rows`.
+///
 /// # Safety
-/// The CPU has AVX-512F and AVX-512BW; `k <= kp`, `kp` a multiple of 32.
-unsafe fn quantize_rows(x: &[f32], m: usize, k: usize, kp: usize) -> QuantRows {
+/// The CPU has AVX-512F and AVX-512BW; `k <= kp`, `kp` a multiple of 32; `rows * k >= x.len()`.
+pub(crate) unsafe fn quantize_rows(x: &[f32], k: usize, kp: usize, rows: usize) -> QuantRows {
     let blocks = kp / Q8_BLOCK;
-    let mut act = QuantRows { q: vec![0; m * kp], scales: vec![0.0; m * blocks], starts: vec![0; m * blocks] };
+    let mut act = QuantRows { q: vec![0; rows * kp], scales: vec![0.0; rows * blocks], starts: vec![0; rows * blocks] };
     if k == 0 {
         return act;
     }

@@ -1,7 +1,8 @@
-//! Every AMX tile user in the process on the same threads: Weft's bf16 GEMM and candle's q4k
-//! kernel, which loads its own tile configuration once per thread and expects it to stay
-//! loaded. Weft's GEMM must leave each thread's configuration as it found it; before it did, a
-//! q4k product after a bf16 one on the same pool thread died of SIGILL at candle's `tilezero`.
+//! Every AMX tile user in the process on the same threads: Weft's bf16 GEMM, Weft's q8_0 tiles
+//! (AMX-INT8) and candle's q4k kernel, which loads its own tile configuration once per thread
+//! and expects it to stay loaded. Weft's products must leave each thread's configuration as
+//! they found it; before they did, a q4k product after a bf16 one on the same pool thread died
+//! of SIGILL at candle's `tilezero`.
 #![cfg(target_arch = "x86_64")]
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -9,20 +10,22 @@ use candle_core::{Device, Module, Tensor};
 use std::arch::asm;
 use weft_kernels::{matmul_using, on_compute_pool, Idle, Isa, Kernel, PackedWeight, WeightFormat};
 
-/// Prefill-sized: 64 rows take the AMX GEMM (bf16) and candle's AMX q4k kernel (32 rows on).
+/// Prefill-sized: 64 rows take the AMX GEMM (bf16), the q8_0 tiles (16 rows on) and candle's
+/// AMX q4k kernel (32 rows on).
 const M: usize = 64;
 const K: usize = 512;
 const N: usize = 512;
 
-/// A tile configuration laid out as `ldtilecfg` reads it, unlike Weft's (tiles 4-7 narrower or
-/// shorter, as candle's q4k kernel has them).
+/// A tile configuration laid out as `ldtilecfg` reads it, unlike both of Weft's (the bf16 GEMM's
+/// tiles are all 16 rows of 64 bytes; its q8_0 tiles have tiles 4-5 of 32 bytes and 6-7 of 8
+/// rows, as candle's q4k kernel has them: here tiles 4-5 are 48 bytes wide).
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
 fn foreign_config() -> Config {
     let mut bytes = [0u8; 64];
     bytes[0] = 1; // palette 1
-    let bytes_per_row: [u16; 8] = [64, 64, 64, 64, 32, 32, 64, 64];
+    let bytes_per_row: [u16; 8] = [64, 64, 64, 64, 48, 48, 64, 64];
     let rows: [u8; 8] = [16, 16, 16, 16, 16, 16, 8, 8];
     for (t, (&b, &r)) in bytes_per_row.iter().zip(&rows).enumerate() {
         bytes[16 + 2 * t..18 + 2 * t].copy_from_slice(&b.to_le_bytes());
@@ -72,6 +75,12 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
         on_compute_pool(Idle::Spin, || matmul_using(Isa::Amx, Kernel::Auto, &x, M, &packed, None, &mut out));
         out
     };
+    let packed_q8 = PackedWeight::from_f32(&w, N, K, WeightFormat::Q8);
+    let q8_product = || {
+        let mut out = vec![0.0; M * N];
+        on_compute_pool(Idle::Spin, || matmul_using(Isa::Amx, Kernel::Auto, &x, M, &packed_q8, None, &mut out));
+        out
+    };
     let concurrently = |work: &(dyn Fn() + Sync)| {
         std::thread::scope(|s| {
             for _ in 0..4 {
@@ -82,10 +91,13 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
 
     let foreign = foreign_config();
     rayon::broadcast(|_| load_and_use(&foreign));
-    let want_bf16 = bf16_product();
-    concurrently(&|| assert_eq!(bf16_product(), want_bf16, "Weft's bf16 product changed"));
+    let (want_bf16, want_q8) = (bf16_product(), q8_product());
+    concurrently(&|| {
+        assert_eq!(bf16_product(), want_bf16, "Weft's bf16 product changed");
+        assert_eq!(q8_product(), want_q8, "Weft's q8_0 product changed");
+    });
     for (thread, config) in rayon::broadcast(|ctx| (ctx.index(), current_config())) {
-        assert_eq!(config, foreign.0, "pool thread {thread} lost the configuration it had before the GEMM");
+        assert_eq!(config, foreign.0, "pool thread {thread} lost the configuration it had before Weft's products");
     }
 
     let weight = Tensor::from_vec(w.clone(), (N, K), &Device::Cpu).unwrap();
@@ -100,5 +112,6 @@ fn every_amx_user_finds_its_tile_configuration_where_it_left_it() {
     concurrently(&|| {
         assert_eq!(q4k_product(), want_q4k, "candle's q4k product changed");
         assert_eq!(bf16_product(), want_bf16, "Weft's bf16 product changed");
+        assert_eq!(q8_product(), want_q8, "Weft's q8_0 product changed");
     });
 }

@@ -109,7 +109,8 @@ fn every_path_matches_the_naive_product() {
 
 /// 8-bit weights on AVX-512 VNNI: every row's outputs are bit-identical whether it is multiplied
 /// alone or with 1 to 40 other rows (decode alone, batched decode, prefill), so a sequence's
-/// tokens do not depend on what else is running.
+/// tokens do not depend on what else is running. On AMX, 16 rows and more take the AMX-INT8
+/// tiles and fewer the VNNI loop nest, with the same bits.
 #[test]
 fn q8_rows_do_not_depend_on_the_batch() {
     if !Isa::available().contains(&Isa::Avx512Bf16) {
@@ -117,6 +118,9 @@ fn q8_rows_do_not_depend_on_the_batch() {
         return;
     }
     rows_do_not_depend_on_the_batch(Isa::Avx512Bf16, WeightFormat::Q8, 1100);
+    if Isa::available().contains(&Isa::Amx) {
+        rows_do_not_depend_on_the_batch(Isa::Amx, WeightFormat::Q8, 1100);
+    }
 }
 
 /// The same for bf16 weights on AMX tiles: one loop nest at every row count, 16-row and 32-row
