@@ -53,10 +53,11 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.runs} runs; GFLOP/s "
           "(q8: GOPS); Weft/torch is the faster of Weft's two loop nests against torch's bf16; the same job: "
-          "against torch's bf16 from f32 activations to f32 outputs")
+          "against torch's bf16 from f32 activations to f32 outputs; q8 GEMM: AMX-INT8 tiles where the CPU has "
+          "them (from 16 rows by default), q8 tiles: the VNNI loop nest")
     print("| geometry | m | k | n | Weft kernels | Weft bf16 GEMM | Weft bf16 tiles | torch bf16 | Weft/torch "
-          "| torch bf16 from f32 | the same job | Weft f32 GEMM | torch f32 | Weft q8 GEMM |\n"
-          "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| torch bf16 from f32 | the same job | Weft f32 GEMM | torch f32 | Weft q8 GEMM | Weft q8 tiles |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for geometry in ["0.5b", "7b"]:
         for row in weft_rows(args.example, geometry, args.runs):
             m, k, n = row["m"], row["k"], row["n"]
@@ -67,7 +68,7 @@ def main() -> None:
             print(f"| {geometry} | {m} | {k} | {n} | {row['isa']} | {row['bf16_gemm']:.0f} | {row['bf16_tiles']:.0f} "
                   f"| {tf_bf16:.0f} | {best / tf_bf16:.2f}x | {tf_from_f32:.0f} | {best / tf_from_f32:.2f}x "
                   f"| {row['f32_gemm']:.0f} | {tf_f32:.0f} "
-                  f"| {row['q8_gemm']:.0f} |", flush=True)
+                  f"| {row['q8_gemm']:.0f} | {row['q8_tiles']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
