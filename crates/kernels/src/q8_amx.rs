@@ -17,7 +17,7 @@ use crate::amx;
 use crate::gemm_amx::TilesBorrowed;
 use crate::packed::{PackedWeight, Q8Panels, PANEL, Q8_BLOCK, Q8_PANEL_BLOCK_BYTES as BLOCK_BYTES};
 use crate::shared::SharedOut;
-use crate::vnni::quantize_rows;
+use crate::vnni::{quantize_rows, Target, Tile};
 use rayon::prelude::*;
 
 /// Activation rows per tile.
@@ -80,6 +80,7 @@ pub(crate) unsafe fn matmul_q8(
                     blocks,
                 };
                 let cols = (n - p * PANEL).min(PANEL);
+                let bias = bias.map(|b| &b[p * PANEL..]);
                 let target = Target { out, row: i, rows: ROWS.min(m - i), col: p * PANEL, n, cols, bias };
                 // SAFETY: the caller vouches for the CPU, the tiles are configured; the tile reads
                 // 16 quantized rows (padded) and one panel, and writes only its own outputs.
@@ -114,28 +115,6 @@ fn block_panels(panels: usize, kp: usize) -> usize {
 /// The 32-bit sums of the last [`ROUND`] blocks as the tiles store them, 16 rows of 16 each.
 #[repr(C, align(64))]
 struct Stored([i32; ROUND * ROWS * PANEL]);
-
-/// Where a tile reads: 16 quantized activation rows from `x` and one panel from `w`.
-struct Tile {
-    w: *const u8,
-    w_scales: *const f32,
-    x: *const i8,
-    x_scales: *const f32,
-    x_starts: *const i32,
-    kp: usize,
-    blocks: usize,
-}
-
-/// Where a tile writes: `rows` rows from `row`, `cols` columns from `col` of the `[.., n]` output.
-struct Target<'a> {
-    out: SharedOut,
-    row: usize,
-    rows: usize,
-    col: usize,
-    n: usize,
-    cols: usize,
-    bias: Option<&'a [f32]>,
-}
 
 mod x86 {
     use super::{Stored, Target, Tile, BLOCK_BYTES, PANEL, ROUND, ROWS};
@@ -210,7 +189,7 @@ mod x86 {
         }
         let mask = ((1u32 << target.cols) - 1) as __mmask16;
         let bias = match target.bias {
-            Some(bias) => _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(target.col)),
+            Some(bias) => _mm512_maskz_loadu_ps(mask, bias.as_ptr()),
             None => _mm512_setzero_ps(),
         };
         for (r, sum) in sums.iter().enumerate().take(target.rows) {

@@ -69,7 +69,8 @@ pub(crate) unsafe fn matmul_q8(
                     blocks,
                 };
                 let cols = (n - p * PANEL).min(np * PANEL);
-                let target = Target { out, row: i, col: p * PANEL, n, cols, bias: bias.map(|b| &b[p * PANEL..]) };
+                let bias = bias.map(|b| &b[p * PANEL..]);
+                let target = Target { out, row: i, rows: mr, col: p * PANEL, n, cols, bias };
                 // SAFETY: the caller vouches for the CPU; the tile reads mr rows of the
                 // activations and np panels, and writes only its own rows and columns.
                 unsafe { x86::tile(mr, np, &tile, &target) };
@@ -86,25 +87,29 @@ fn block_panels(panels: usize, kp: usize) -> usize {
     (by_cache.min(by_threads).div_ceil(NP) * NP).max(NP)
 }
 
-/// Where a tile reads: `mr` activation rows from `x` and `np` panels from `w`.
-struct Tile {
-    w: *const u8,
-    w_scales: *const f32,
-    x: *const i8,
-    x_scales: *const f32,
-    x_starts: *const i32,
-    kp: usize,
-    blocks: usize,
+/// Where a tile reads: activation rows from `x` (`kp` apart) with their scales and starting
+/// values (`[row][block]` here, `[block][row]` per group of 16 rows in [`crate::q8_amx`]), and
+/// weight panels from `w` (`blocks * 512` bytes apart) with their scales.
+pub(crate) struct Tile {
+    pub(crate) w: *const u8,
+    pub(crate) w_scales: *const f32,
+    pub(crate) x: *const i8,
+    pub(crate) x_scales: *const f32,
+    pub(crate) x_starts: *const i32,
+    pub(crate) kp: usize,
+    pub(crate) blocks: usize,
 }
 
-/// Where a tile writes: rows from `row`, `cols` columns from `col` of the `[.., n]` output.
-struct Target<'a> {
-    out: SharedOut,
-    row: usize,
-    col: usize,
-    n: usize,
-    cols: usize,
-    bias: Option<&'a [f32]>,
+/// Where a tile writes: `rows` rows from `row`, `cols` columns from `col` of the `[.., n]`
+/// output, with the bias from its column `col`.
+pub(crate) struct Target<'a> {
+    pub(crate) out: SharedOut,
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
+    pub(crate) col: usize,
+    pub(crate) n: usize,
+    pub(crate) cols: usize,
+    pub(crate) bias: Option<&'a [f32]>,
 }
 
 /// The rows of `x` (`k` values each) quantized, then zero rows (with zero scales) up to `rows`.
