@@ -117,12 +117,26 @@ impl Isa {
 fn amx_usable() -> bool {
     const AMX_BF16: u32 = 1 << 22;
     const AMX_TILE: u32 = 1 << 24;
-    // Leaf 7 exists on every CPU with AVX-512.
-    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-    if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE {
+    if leaf7_edx() & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE {
         return false;
     }
     request_tile_data()
+}
+
+/// Whether the AMX tiles also multiply bytes (AMX-INT8, CPUID leaf 7, EDX bit 25): the q8_0
+/// products' tiles ([`q8_amx`]). Asked once (CPUID traps to the hypervisor on virtual machines).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_int8() -> bool {
+    const AMX_INT8: u32 = 1 << 25;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| Isa::detected() == Isa::Amx && leaf7_edx() & AMX_INT8 != 0)
+}
+
+/// CPUID leaf 7's EDX, where the AMX bits are (leaf 7 exists on every CPU with AVX-512, which
+/// the callers have checked).
+#[cfg(target_arch = "x86_64")]
+fn leaf7_edx() -> u32 {
+    std::arch::x86_64::__cpuid_count(7, 0).edx
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

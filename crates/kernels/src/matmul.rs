@@ -161,7 +161,7 @@ unsafe fn product_then_identity(
         // AMX-INT8 tiles for many rows where there are any, one VNNI loop nest otherwise; both
         // give the same bits (`crate::q8_amx` says how).
         let tiles = isa == Isa::Amx
-            && crate::q8_amx::has_int8()
+            && crate::amx_int8()
             && match kernel {
                 Kernel::Auto => m >= crate::q8_amx::MIN_ROWS,
                 Kernel::Tiles => false,

@@ -30,18 +30,6 @@ const L2_WEIGHT_BYTES: usize = 512 * 1024;
 /// Rows from which the tiles beat [`crate::vnni`] (measured with `examples/gemm_vs_tiles.rs`).
 pub(crate) const MIN_ROWS: usize = 16;
 
-/// Whether the CPU multiplies bytes on AMX (CPUID leaf 7, EDX bit 25), given [`crate::Isa::Amx`].
-pub(crate) fn has_int8() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        const AMX_INT8: u32 = 1 << 25;
-        // Leaf 7 exists on every CPU with AVX-512 (which Isa::Amx implies).
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        leaf7.edx & AMX_INT8 != 0
-    })
-}
-
 /// `out[m, n] = x[m, k] W^T + bias` for q8_0 weights in panels, on AMX-INT8 tiles.
 ///
 /// # Safety
@@ -238,7 +226,7 @@ mod tests {
     /// groups), ragged inputs and columns, with and without bias, inputs past four blocks' rounds.
     #[test]
     fn the_tiles_give_the_vnni_bits() {
-        if Isa::detected() < Isa::Amx || !super::has_int8() {
+        if !crate::amx_int8() {
             println!("skipped: no AMX-INT8 here");
             return;
         }
