@@ -86,6 +86,25 @@ pub(crate) fn gelu_tanh_here(x: &mut [f32]) {
     gelu_tanh_scalar(x)
 }
 
+/// [`gelu_tanh_here`] on `rows` rows of `width` values, `stride` apart from `at`: one call for a
+/// GEMM's block of outputs (32 values a call, row by row, took twice the time of the same
+/// values in rows of 96).
+///
+/// # Safety
+/// `at` points to `rows` rows of `width` writable values `stride` apart, which nothing else
+/// accesses during the call.
+pub(crate) unsafe fn gelu_tanh_rows_here(at: *mut f32, rows: usize, width: usize, stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::active() >= Isa::Avx512Bf16 {
+        // SAFETY: AVX-512F was detected; the rows are the caller's.
+        return unsafe { x86::gelu_tanh16_rows(at, rows, width, stride) };
+    }
+    for r in 0..rows {
+        // SAFETY: as the caller promises.
+        gelu_tanh_here(unsafe { std::slice::from_raw_parts_mut(at.add(r * stride), width) });
+    }
+}
+
 /// RMSNorm of every row of `weight.len()` values: `out = x / sqrt(mean(x^2) + eps) * weight`,
 /// the mean of squares summed in f64 (exact enough to match any summation order in f32).
 pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -341,13 +360,34 @@ mod x86 {
     pub(super) unsafe fn gelu_tanh16(x: &mut [f32]) {
         let main = x.len() / 16 * 16;
         for i in (0..main).step_by(16) {
-            let v = _mm512_loadu_ps(x.as_ptr().add(i));
-            let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-            let u = _mm512_mul_ps(_mm512_set1_ps(GELU_SCALE), _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBIC), cube, v));
-            let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
-            _mm512_storeu_ps(x.as_mut_ptr().add(i), _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0), e)));
+            gelu16(x.as_mut_ptr().add(i));
         }
         gelu_tanh(&mut x[main..]);
+    }
+
+    /// [`gelu_tanh16`] on `rows` rows of `width` values `stride` apart from `at`, in one call.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gelu_tanh16_rows(at: *mut f32, rows: usize, width: usize, stride: usize) {
+        let main = width / 16 * 16;
+        for r in 0..rows {
+            let row = at.add(r * stride);
+            for i in (0..main).step_by(16) {
+                gelu16(row.add(i));
+            }
+            if main < width {
+                gelu_tanh(std::slice::from_raw_parts_mut(row.add(main), width - main));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn gelu16(at: *mut f32) {
+        let v = _mm512_loadu_ps(at);
+        let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        let u = _mm512_mul_ps(_mm512_set1_ps(GELU_SCALE), _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBIC), cube, v));
+        let e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
+        _mm512_storeu_ps(at, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0), e)));
     }
 
     #[target_feature(enable = "avx2,fma")]

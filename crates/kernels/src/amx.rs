@@ -113,29 +113,69 @@ pub unsafe fn give_back(saved: &SavedConfig) {
 /// `ldo` apart.
 #[inline]
 pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
-    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
-    tile_steps(x, w, kp, out, ldo);
+    tile_from(Start::Zero, x, w, kp, out, ldo);
 }
 
-/// As [`tile`], adding to the sums already at `out` (the same sums, in the same order, as one
-/// call over all the inputs: the accumulators are stored and loaded as they are).
-///
-/// # Safety
-/// As [`tile`]; `out` holds 32 rows of 32 sums `ldo` apart.
-#[inline]
-pub unsafe fn tile_adding(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
+/// What a call's sums start from.
+#[derive(Clone, Copy)]
+pub enum Start {
+    Zero,
+    /// The sums already at `out` (the same sums, in the same order, as one call over all the
+    /// inputs: the accumulators are stored and loaded as they are).
+    Out,
+    /// 16 rows of 32 values 128 bytes apart at the pointer, for every 16 rows of the call (a
+    /// bias, broadcast): added first, so that nothing reads the outputs after the tiles store
+    /// them (loads right behind tile stores waited for them to reach L1).
+    Broadcast(*const f32),
+}
+
+/// Loads the accumulators of `rows` rows (16 or 32) as `start` says.
+#[inline(always)]
+unsafe fn load_start(start: Start, rows: usize, out: *mut f32, ldo: usize) {
+    let (c00, c01, c10, c11, cs) = match start {
+        Start::Zero => {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
+            return;
+        }
+        Start::Out => {
+            (out as *const f32, out.add(16) as *const f32, out.add(16 * ldo), out.add(16 * ldo + 16), ldo * 4)
+        }
+        Start::Broadcast(rows16) => (rows16, rows16.add(16), rows16 as *mut f32, rows16.add(16) as *mut f32, 128),
+    };
     asm!(
         "tileloadd tmm0, [{c00} + {cs}*1]",
         "tileloadd tmm1, [{c01} + {cs}*1]",
-        "tileloadd tmm2, [{c10} + {cs}*1]",
-        "tileloadd tmm3, [{c11} + {cs}*1]",
-        c00 = in(reg) out,
-        c01 = in(reg) out.add(16),
-        c10 = in(reg) out.add(16 * ldo),
-        c11 = in(reg) out.add(16 * ldo + 16),
-        cs = in(reg) ldo * 4,
+        c00 = in(reg) c00,
+        c01 = in(reg) c01,
+        cs = in(reg) cs,
         options(nostack, readonly, preserves_flags)
     );
+    if rows > 16 {
+        asm!(
+            "tileloadd tmm2, [{c10} + {cs}*1]",
+            "tileloadd tmm3, [{c11} + {cs}*1]",
+            c10 = in(reg) c10,
+            c11 = in(reg) c11,
+            cs = in(reg) cs,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+}
+
+/// As [`tile`], the sums starting as `start` says.
+///
+/// # Safety
+/// As [`tile`]; with [`Start::Out`], `out` holds 32 rows of 32 sums `ldo` apart; with
+/// [`Start::Broadcast`], the pointer holds 16 rows of 32 values 128 bytes apart.
+#[inline]
+pub unsafe fn tile_from(start: Start, x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
+    load_start(start, 32, out, ldo);
     tile_steps(x, w, kp, out, ldo);
 }
 
@@ -212,7 +252,16 @@ fn prefetch_quarter(x: *const u16, w: *const u16, q: usize) {
 /// As [`tile`]; `out` holds 16 rows.
 #[inline]
 pub unsafe fn tile_16_rows(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
-    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem, preserves_flags));
+    tile_16_rows_from(Start::Zero, x, w, kp, out, ldo);
+}
+
+/// As [`tile_16_rows`], the sums starting as `start` says.
+///
+/// # Safety
+/// As [`tile_16_rows`] and [`tile_from`] (for 16 rows).
+#[inline]
+pub unsafe fn tile_16_rows_from(start: Start, x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
+    load_start(start, 16, out, ldo);
     for s in 0..kp / STEP {
         asm!(
             "tileloadd tmm4, [{x} + {rs}*1]",

@@ -10,11 +10,12 @@
 //! them, and laid out panel by panel (32 rows). Every output is the same sum in the same order
 //! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
-use crate::amx;
+use crate::amx::{self, Start};
 use crate::matmul::Activation;
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
 use crate::shared::SharedOut;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 pub(crate) use x86::round_into_steps;
 
 /// Weight columns per parallel block at most: 96 columns of 4,864 inputs are 912 KiB of tiles,
@@ -42,6 +43,26 @@ pub(crate) unsafe fn gemm_bf16(
     activation: Activation,
     out: SharedOut,
 ) {
+    let order = Order::for_product(m, w.n, w.kp);
+    // SAFETY: as the caller promises.
+    unsafe { gemm_bf16_in(order, x, m, w, tiles, bias, activation, out) }
+}
+
+/// [`gemm_bf16`] with the work split in `order` (every order gives the same bits).
+///
+/// # Safety
+/// As [`gemm_bf16`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_in(
+    order: Order,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    tiles: &[u16],
+    bias: Option<&[f32]>,
+    activation: Activation,
+    out: SharedOut,
+) {
     // The panels' buffer is the calling thread's, kept from call to call (as large as its
     // largest product's activations in bf16): packing into a fresh zeroed one per call took
     // 0.19 ms of a 1.15 ms prefill product, into the kept one 0.10. Taken out while in use, so
@@ -53,20 +74,19 @@ pub(crate) unsafe fn gemm_bf16(
     // configured while a block holds its `TilesBorrowed`.
     let borrow_tiles = || unsafe { TilesBorrowed::new(&amx::CONFIG) };
     let tile = |call: TileCall| unsafe {
-        let TileCall { x, w, inputs, out, ldo, rows, adding } = call;
-        match (adding, rows <= 16) {
-            (true, _) => amx::tile_adding(x, w, inputs, out, ldo),
-            (false, true) => amx::tile_16_rows(x, w, inputs, out, ldo),
-            (false, false) => amx::tile(x, w, inputs, out, ldo),
+        let TileCall { x, w, inputs, out, ldo, rows, start } = call;
+        match (start, rows <= 16) {
+            (Start::Out, _) | (_, false) => amx::tile_from(start, x, w, inputs, out, ldo),
+            (_, true) => amx::tile_16_rows_from(start, x, w, inputs, out, ldo),
         }
     };
-    by_tiles(m, w.n, w.kp, panels, tiles, Finish { bias, activation }, out, borrow_tiles, tile);
+    by_tiles(order, m, w.n, w.kp, panels, tiles, Finish { bias, activation }, out, borrow_tiles, tile);
     PANELS.with_borrow_mut(|kept| *kept = storage);
 }
 
 /// One product of 32 activation rows by 32 weight columns: `inputs` inputs from the tiles at `x`
 /// and `w`, into 32 rows of 32 sums `ldo` apart at `out` (at least the first `rows` of them
-/// written), added to the sums there if `adding`.
+/// written), the sums starting as `start` says (from the sums there with [`Start::Out`]).
 #[derive(Clone, Copy)]
 struct TileCall {
     x: *const u16,
@@ -75,14 +95,90 @@ struct TileCall {
     out: *mut f32,
     ldo: usize,
     rows: usize,
-    adding: bool,
+    start: Start,
 }
 
-/// The loop nest: blocks of columns in parallel, each multiplied by every panel 32 columns at a
-/// time through `tile` (the AMX tile, or a model of it in tests), in one pass or, for long
-/// inputs, in chunks; `enter()`'s result is held while a thread works on a block.
+/// A group's bias as [`Start::Broadcast`] reads it: 16 rows of its 32 columns' values.
+#[repr(C, align(64))]
+struct BiasRows([f32; 16 * COLS]);
+
+impl BiasRows {
+    /// From the bias of a group's `bias.len()` columns (32 or fewer: the rest zero).
+    fn new(bias: &[f32]) -> BiasRows {
+        let mut rows = BiasRows([0.0; 16 * COLS]);
+        rows.0.chunks_exact_mut(COLS).for_each(|row| row[..bias.len()].copy_from_slice(bias));
+        rows
+    }
+}
+
+/// Where a group's sums start: from its bias where there is one.
+fn start_from(bias: &Option<BiasRows>) -> Start {
+    bias.as_ref().map_or(Start::Zero, |rows| Start::Broadcast(rows.0.as_ptr()))
+}
+
+/// How a product's work is split between the threads: which operand each thread keeps in its
+/// L2 while the other streams through it from L3 or memory.
+///
+/// Tile loads that miss L2 are slow: a stand-alone loop on this Xeon ran a step (four products,
+/// 4 KiB of tiles) in 20 ns from L1, 27-40 from L2 and 108-143 from L3 or memory (~29 GB/s a
+/// core), so the order is the one that brings the fewest bytes into L2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Blocks of weight columns (at most [`MAX_BLOCK_COLS`]) kept in L2, every panel of
+    /// activations passing over each: right for few rows, where the activations are small.
+    Columns,
+    /// This many blocks of activation rows (multiples of 16, at most [`ROW_BLOCK_BYTES`] of
+    /// panels) kept in L2, every group of weight columns passing over each: for prefill, where
+    /// the column order brought all the activations back from L3 for every block of columns
+    /// (a vision-tower product of 729 rows: 36 blocks of 1.7 MB against 8 MB of weights once
+    /// per thread; 1.1-1.2x faster on the 0.5b's prefill products, measured interleaved).
+    Rows(usize),
+}
+
+/// Bytes of activation panels one row block keeps in L2: half of a 2 MiB L2, the rest for the
+/// group of weights passing through (73 KiB at 1,152 inputs) and the outputs being written.
+const ROW_BLOCK_BYTES: usize = 1 << 20;
+
+impl Order {
+    /// The order that reads the fewest bytes from beyond L2 over the threads, counted in rows
+    /// of `kp` inputs: rows read the activations once and every weight column once per row
+    /// block; columns read the weights once and the activations once per column block (once
+    /// in all when they are small enough to stay in L2 themselves). Weights too large to stay
+    /// in L3 are read once per thread at most: the 7b's 180 MB gate and up projections read
+    /// twice per thread (512 rows) ran at 0.8x the column order.
+    fn for_product(m: usize, n: usize, kp: usize) -> Order {
+        let threads = rayon::current_num_threads();
+        let row_blocks = row_block_count(m, kp, threads);
+        let column_blocks = if m * kp * 2 <= ROW_BLOCK_BYTES / 2 { 1 } else { block_count(n) };
+        let rereads_large_weights = row_blocks > threads && n * kp * 2 > REREAD_WEIGHT_BYTES;
+        match m + n * row_blocks < n + m * column_blocks && !rereads_large_weights {
+            true => Order::Rows(row_blocks),
+            false => Order::Columns,
+        }
+    }
+}
+
+/// Weights past which the row order reads them once per thread at most (the 7b's 34 MB
+/// output projection read twice per thread still ran 1.1x faster than in the column order).
+const REREAD_WEIGHT_BYTES: usize = 48 << 20;
+
+/// Row blocks for `m` rows of `kp` inputs on `threads` threads: a multiple of the threads (one
+/// block each, or more where a thread's rows would not stay in L2), each a run of whole tiles
+/// (16 rows).
+fn row_block_count(m: usize, kp: usize, threads: usize) -> usize {
+    let (tiles, tiles_kept) = (m.div_ceil(HALF), (ROW_BLOCK_BYTES / (kp * 2 * HALF)).max(1));
+    tiles.div_ceil(tiles_kept).div_ceil(threads) * threads
+}
+
+/// Rows of one AMX tile, half a panel: the unit row blocks are made of.
+const HALF: usize = 16;
+
+/// The loop nest, in `order`: each block multiplied 32 columns and up to 32 rows at a time
+/// through `tile` (the AMX tile, or a model of it in tests), in one pass or, for long inputs in
+/// the column order, in chunks; `enter()`'s result is held while a thread works on a block.
 #[allow(clippy::too_many_arguments)]
 fn by_tiles<T>(
+    order: Order,
     m: usize,
     n: usize,
     kp: usize,
@@ -93,6 +189,38 @@ fn by_tiles<T>(
     enter: impl Fn() -> T + Sync,
     tile: impl Fn(TileCall) + Sync,
 ) {
+    if let Order::Rows(blocks) = order {
+        let tiles_in_all = m.div_ceil(HALF);
+        let block = |b: usize| RowBlock {
+            n,
+            kp,
+            first: b * tiles_in_all / blocks * HALF,
+            end: ((b + 1) * tiles_in_all / blocks * HALF).min(m),
+            finish,
+            out,
+        };
+        // Each block's next group of columns, claimed by whoever works on the block: a thread
+        // starts on its own block and then helps with the others' groups left, so one woken
+        // late (prefill products come far apart) does not leave the other waiting for it.
+        let next_group: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
+        let groups = n.div_ceil(COLS);
+        (0..blocks).into_par_iter().for_each(|own| {
+            BLOCK_SUMS.with_borrow_mut(|storage| {
+                let _entered = enter();
+                for b in (own..blocks).chain(0..own) {
+                    let rows = block(b);
+                    loop {
+                        let g = next_group[b].fetch_add(1, Ordering::Relaxed);
+                        if g >= groups {
+                            break;
+                        }
+                        rows.group(g, panels, tiles, storage, &tile);
+                    }
+                }
+            })
+        });
+        return;
+    }
     let panel_len = group_len(kp);
     let (groups_in_all, blocks) = (n.div_ceil(COLS), block_count(n));
     // Block b starts at group b * groups / blocks: sizes differ by one group at most and are
@@ -123,6 +251,58 @@ fn by_tiles<T>(
     });
 }
 
+/// One parallel block in the row order: output rows `first..end` (`first` a multiple of 16),
+/// every column.
+struct RowBlock<'a> {
+    n: usize,
+    kp: usize,
+    first: usize,
+    end: usize,
+    finish: Finish<'a>,
+    out: SharedOut,
+}
+
+impl RowBlock<'_> {
+    /// Group `g` of 32 weight columns over every panel of the block: the panels stay in L2 from
+    /// group to group, a group comes from beyond it once. A block may start or end halfway
+    /// through a panel; those halves run on one activation tile.
+    fn group(&self, g: usize, panels: &[u16], tiles: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
+        let (n, panel_len) = (self.n, group_len(self.kp));
+        // Every tile call writes the sums before they are read.
+        let sums = reused_aligned(storage, amx::ROWS * COLS);
+        let ws = &tiles[g * panel_len..][..panel_len];
+        {
+            let (j0, width) = (g * COLS, COLS.min(n - g * COLS));
+            let bias = self.finish.bias.map(|b| BiasRows::new(&b[j0..j0 + width]));
+            let mut row = self.first;
+            while row < self.end {
+                // From the panel's first row, both tiles (up to 32 rows); from its 17th, the
+                // second alone (up to 16).
+                let (panel, second_half) = (row / amx::ROWS, row % amx::ROWS == HALF);
+                let rows = self.end.min((panel + 1) * amx::ROWS) - row;
+                let x = panels[panel * panel_len + usize::from(second_half) * amx::TILE..].as_ptr();
+                // Straight into the output when the call's rows and columns are all there.
+                let direct = (rows == amx::ROWS || rows == HALF) && width == COLS;
+                let (to, ldo) = match direct {
+                    // SAFETY: rows row..row + rows < m, columns j0..j0 + 32 <= n.
+                    true => (unsafe { self.out.0.add(row * n + j0) }, n),
+                    false => (sums.as_mut_ptr(), COLS),
+                };
+                tile(TileCall { x, w: ws.as_ptr(), inputs: self.kp, out: to, ldo, rows, start: start_from(&bias) });
+                if !direct {
+                    for r in 0..rows {
+                        // SAFETY: inside `out`, and only this block writes its rows and these columns.
+                        unsafe { self.out.write_row((row + r) * n + j0, &sums[r * COLS..][..width]) };
+                    }
+                }
+                // SAFETY: as above; the rows' columns in the group are written.
+                unsafe { self.finish.apply(self.out.0.add(row * n + j0), rows, width, n) };
+                row += rows;
+            }
+        }
+    }
+}
+
 /// One parallel block: columns `j0..j0 + width` of the `[m, n]` output, their weight tiles
 /// (groups of 32 columns, `ldo` in all) and bias.
 struct Block<'a> {
@@ -138,7 +318,8 @@ struct Block<'a> {
     out: SharedOut,
 }
 
-/// What becomes of the sums: the bias added, then the activation.
+/// What becomes of the sums: the bias starts them (see [`Start::Broadcast`]), the activation
+/// follows them.
 #[derive(Clone, Copy)]
 struct Finish<'a> {
     bias: Option<&'a [f32]>,
@@ -146,22 +327,35 @@ struct Finish<'a> {
 }
 
 impl Finish<'_> {
-    fn apply(&self, row: &mut [f32]) {
-        if let Some(bias) = self.bias {
-            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        }
+    /// The activation on `rows` rows of `width` values (the block's columns), `ldo` apart from
+    /// `at`.
+    ///
+    /// # Safety
+    /// `at` points to `rows` rows of `width` written values `ldo` apart, which only this
+    /// thread accesses.
+    unsafe fn apply(&self, at: *mut f32, rows: usize, width: usize, ldo: usize) {
         if self.activation == Activation::GeluTanh {
-            crate::activations::gelu_tanh_here(row);
+            // SAFETY: as the caller promises.
+            unsafe { crate::activations::gelu_tanh_rows_here(at, rows, width, ldo) };
         }
     }
 }
 
 impl Block<'_> {
+    /// Each group's bias rows (`None` without a bias).
+    fn group_biases(&self) -> Vec<Option<BiasRows>> {
+        let groups = self.width.div_ceil(COLS);
+        let group_bias =
+            |g: usize| self.finish.bias.map(|b| BiasRows::new(&b[g * COLS..(g * COLS + COLS).min(self.width)]));
+        (0..groups).map(group_bias).collect()
+    }
+
     /// Every panel over all the inputs at once.
     fn in_one_pass(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (n, j0, ldo, panel_len) = (self.n, self.j0, self.ldo, group_len(self.kp));
         // Every tile call writes its 32 x 32 sums before they are read.
         let sums = reused_aligned(storage, amx::ROWS * ldo);
+        let biases = self.group_biases();
         for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
             let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(self.m - panel * amx::ROWS));
             // The tiles store straight into the output when they cover exactly this panel's
@@ -175,17 +369,16 @@ impl Block<'_> {
                     false => (sums[g * COLS..].as_mut_ptr(), ldo),
                 };
                 let (x, w, inputs) = (xs.as_ptr(), ws.as_ptr(), self.kp);
-                tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, adding: false });
+                tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, start: start_from(&biases[g]) });
             }
-            for r in 0..rows {
-                let at = (first_row + r) * n + j0;
-                if !direct {
+            if !direct {
+                for r in 0..rows {
                     // SAFETY: inside `out`, and only this block writes its columns.
-                    unsafe { self.out.write_row(at, &sums[r * ldo..][..self.width]) };
+                    unsafe { self.out.write_row((first_row + r) * n + j0, &sums[r * ldo..][..self.width]) };
                 }
-                // SAFETY: as above; the row's columns in the block are written.
-                self.finish.apply(unsafe { std::slice::from_raw_parts_mut(self.out.0.add(at), self.width) });
             }
+            // SAFETY: as above; the rows' columns in the block are written.
+            unsafe { self.finish.apply(self.out.0.add(first_row * n + j0), rows, self.width, n) };
         }
     }
 
@@ -195,6 +388,7 @@ impl Block<'_> {
     fn in_chunks(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (ldo, panel_len) = (self.ldo, group_len(self.kp));
         let sums = reused_aligned(storage, panels.len() / panel_len * amx::ROWS * ldo);
+        let biases = self.group_biases();
         for first in (0..self.kp).step_by(CHUNK_INPUTS) {
             let (inputs, at) = (CHUNK_INPUTS.min(self.kp - first), first / amx::STEP * STEP_UNITS);
             let panel_sums = sums.chunks_exact_mut(amx::ROWS * ldo);
@@ -203,15 +397,16 @@ impl Block<'_> {
                 for (g, ws) in self.weights.chunks_exact(panel_len).enumerate() {
                     let (x, w) = (xs[at..].as_ptr(), ws[at..].as_ptr());
                     let to = panel_sums[g * COLS..].as_mut_ptr();
-                    tile(TileCall { x, w, inputs, out: to, ldo, rows, adding: first > 0 });
+                    let start = if first > 0 { Start::Out } else { start_from(&biases[g]) };
+                    tile(TileCall { x, w, inputs, out: to, ldo, rows, start });
                 }
             }
         }
-        for (r, row) in sums.chunks_exact_mut(ldo).take(self.m).enumerate() {
-            let row = &mut row[..self.width];
-            self.finish.apply(row);
+        // SAFETY: the first m rows of the sums are written, and the buffer is this thread's.
+        unsafe { self.finish.apply(sums.as_mut_ptr(), self.m, self.width, ldo) };
+        for (r, row) in sums.chunks_exact(ldo).take(self.m).enumerate() {
             // SAFETY: inside `out`, and only this block writes its columns.
-            unsafe { self.out.write_row(r * self.n + self.j0, row) };
+            unsafe { self.out.write_row(r * self.n + self.j0, &row[..self.width]) };
         }
     }
 }
@@ -329,9 +524,10 @@ mod tests {
     /// The contract of [`amx::tile`] in plain code, read from the packed layouts: what the tests
     /// run on CPUs without AMX (and Bochs' AMX emulation checks the tile against, `amx-check`).
     fn model_tile(call: TileCall) {
-        let TileCall { x: xs, w: ws, inputs: kp, out: sums, ldo, adding, .. } = call;
+        let TileCall { x: xs, w: ws, inputs: kp, out: sums, ldo, start, rows } = call;
         let widen = |bits: u16| f32::from_bits((bits as u32) << 16);
-        for r in 0..amx::ROWS {
+        // One activation tile (16 rows) for up to 16 rows, as `amx::tile_16_rows`.
+        for r in 0..if rows <= 16 { 16 } else { amx::ROWS } {
             for c in 0..amx::COLS {
                 let sum: f32 = (0..kp)
                     .map(|p| {
@@ -343,14 +539,23 @@ mod tests {
                     })
                     .sum();
                 // SAFETY: 32 rows of 32 sums ldo apart.
-                unsafe { *sums.add(r * ldo + c) = if adding { *sums.add(r * ldo + c) + sum } else { sum } };
+                // SAFETY: as above, and 16 rows of 32 values for a broadcast start.
+                let from = unsafe {
+                    match start {
+                        Start::Zero => 0.0,
+                        Start::Out => *sums.add(r * ldo + c),
+                        Start::Broadcast(rows) => *rows.add((r % 16) * COLS + c),
+                    }
+                };
+                unsafe { *sums.add(r * ldo + c) = from + sum };
             }
         }
     }
 
     /// The packed layouts and the loop nest (blocks, groups of 32 columns with the last one
     /// padded, panels, bias) give the AVX-512 register tile's product, through the model of the
-    /// tile, and through the tile itself where the CPU has AMX; long inputs in chunks too.
+    /// tile, and through the tile itself where the CPU has AMX; long inputs in chunks too. Both
+    /// orders, with row blocks that start and end halfway through panels, give the same bits.
     #[test]
     fn the_amx_gemm_matches_the_register_tile() {
         if Isa::detected() < Isa::Avx512Bf16 {
@@ -358,7 +563,15 @@ mod tests {
             return;
         }
         // The last one is past LONG_INPUTS: it runs in chunks, the last one shorter.
-        let shapes = [(1, 64, 32), (33, 96, 70), (70, 896, 300), (32, 1152, 4304 / 8), (45, 40, 17), (40, 8200, 50)];
+        let shapes = [
+            (1, 64, 32),
+            (33, 96, 70),
+            (70, 896, 300),
+            (32, 1152, 4304 / 8),
+            (45, 40, 17),
+            (40, 8200, 50),
+            (100, 64, 64),
+        ];
         for (m, k, n) in shapes {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let values: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
@@ -368,25 +581,44 @@ mod tests {
             let packed_tiles = crate::packed::Bf16Tiles::from_rows(bits, n, w.kp);
             let tiles = packed_tiles.tiles();
             let mut want = vec![f32::NAN; m * n];
-            let mut got = vec![f32::NAN; m * n];
-            // SAFETY: AVX-512 BF16 was detected (and AMX where it is used); outputs of m x n.
-            unsafe {
-                crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr()));
-                let mut storage = Vec::new();
-                let panels = pack_activations(&x, m, k, w.kp, &mut storage);
-                let finish = Finish { bias: Some(&bias), activation: Activation::Identity };
-                by_tiles(m, n, w.kp, panels, tiles, finish, SharedOut(got.as_mut_ptr()), || (), model_tile);
-            }
+            // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
+            unsafe { crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr())) };
             let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
-            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                assert!(close(g, e), "model tile {m}x{k}x{n} [{i}]: {g} vs {e}");
-            }
-            if Isa::detected() == Isa::Amx {
-                got.fill(f32::NAN);
-                // SAFETY: AMX was detected.
-                unsafe { gemm_bf16(&x, m, &w, tiles, Some(&bias), Activation::Identity, SharedOut(got.as_mut_ptr())) };
+            let orders = [Order::Columns, Order::Rows(1), Order::Rows(2), Order::Rows(3), Order::Rows(5)];
+            let (mut first_model, mut first_amx): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+            for order in orders {
+                let mut got = vec![f32::NAN; m * n];
+                // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
+                unsafe {
+                    let mut storage = Vec::new();
+                    let panels = pack_activations(&x, m, k, w.kp, &mut storage);
+                    let finish = Finish { bias: Some(&bias), activation: Activation::Identity };
+                    by_tiles(order, m, n, w.kp, panels, tiles, finish, SharedOut(got.as_mut_ptr()), || (), model_tile);
+                }
                 for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                    assert!(close(g, e), "AMX tile {m}x{k}x{n} [{i}]: {g} vs {e}");
+                    assert!(close(g, e), "model tile {m}x{k}x{n} {order:?} [{i}]: {g} vs {e}");
+                }
+                // (The model sums each chunk of long inputs apart, which the tile does not.)
+                if k <= LONG_INPUTS {
+                    let first = first_model.get_or_insert_with(|| got.clone());
+                    assert!(
+                        got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{m}x{k}x{n} {order:?}"
+                    );
+                }
+                if Isa::detected() == Isa::Amx {
+                    got.fill(f32::NAN);
+                    let (bias, identity) = (Some(bias.as_slice()), Activation::Identity);
+                    // SAFETY: AMX was detected.
+                    unsafe { gemm_bf16_in(order, &x, m, &w, tiles, bias, identity, SharedOut(got.as_mut_ptr())) };
+                    for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                        assert!(close(g, e), "AMX tile {m}x{k}x{n} {order:?} [{i}]: {g} vs {e}");
+                    }
+                    let first = first_amx.get_or_insert_with(|| got.clone());
+                    assert!(
+                        got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "AMX {m}x{k}x{n} {order:?}"
+                    );
                 }
             }
         }
