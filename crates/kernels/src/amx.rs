@@ -120,49 +120,43 @@ pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: 
 #[derive(Clone, Copy)]
 pub enum Start {
     Zero,
-    /// The sums already at `out` (the same sums, in the same order, as one call over all the
-    /// inputs: the accumulators are stored and loaded as they are).
-    Out,
-    /// 16 rows of 32 values 128 bytes apart at the pointer, for every 16 rows of the call (a
-    /// bias, broadcast): added first, so that nothing reads the outputs after the tiles store
-    /// them (loads right behind tile stores waited for them to reach L1).
-    Broadcast(*const f32),
+    /// Rows of 32 sums `ldo` values apart at the pointer (rows 16-31 from `16 * ldo` on); with
+    /// `ldo` 0, the same 32 for every row (a bias). Outputs stored by an earlier call over
+    /// other inputs continue as one call over all of them would (the accumulators are stored
+    /// and loaded as they are). Starting from the bias (or the bias and a residual) leaves
+    /// nothing to read the outputs right after the tiles store them: loads right behind tile
+    /// stores waited for them to reach L1.
+    From(*const f32, usize),
 }
 
 /// Loads the accumulators of `rows` rows (16 or 32) as `start` says.
 #[inline(always)]
-unsafe fn load_start(start: Start, rows: usize, out: *mut f32, ldo: usize) {
-    let (c00, c01, c10, c11, cs) = match start {
-        Start::Zero => {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem, preserves_flags)
-            );
-            return;
-        }
-        Start::Out => {
-            (out as *const f32, out.add(16) as *const f32, out.add(16 * ldo), out.add(16 * ldo + 16), ldo * 4)
-        }
-        Start::Broadcast(rows16) => (rows16, rows16.add(16), rows16 as *mut f32, rows16.add(16) as *mut f32, 128),
+unsafe fn load_start(start: Start, rows: usize) {
+    let Start::From(at, ldo) = start else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem, preserves_flags)
+        );
+        return;
     };
     asm!(
         "tileloadd tmm0, [{c00} + {cs}*1]",
         "tileloadd tmm1, [{c01} + {cs}*1]",
-        c00 = in(reg) c00,
-        c01 = in(reg) c01,
-        cs = in(reg) cs,
+        c00 = in(reg) at,
+        c01 = in(reg) at.add(16),
+        cs = in(reg) ldo * 4,
         options(nostack, readonly, preserves_flags)
     );
     if rows > 16 {
         asm!(
             "tileloadd tmm2, [{c10} + {cs}*1]",
             "tileloadd tmm3, [{c11} + {cs}*1]",
-            c10 = in(reg) c10,
-            c11 = in(reg) c11,
-            cs = in(reg) cs,
+            c10 = in(reg) at.add(16 * ldo),
+            c11 = in(reg) at.add(16 * ldo + 16),
+            cs = in(reg) ldo * 4,
             options(nostack, readonly, preserves_flags)
         );
     }
@@ -171,15 +165,14 @@ unsafe fn load_start(start: Start, rows: usize, out: *mut f32, ldo: usize) {
 /// As [`tile`], the sums starting as `start` says.
 ///
 /// # Safety
-/// As [`tile`]; with [`Start::Out`], `out` holds 32 rows of 32 sums `ldo` apart; with
-/// [`Start::Broadcast`], the pointer holds 16 rows of 32 values 128 bytes apart.
+/// As [`tile`]; a [`Start::From`] pointer holds its 32 rows of 32 sums.
 #[inline]
 pub unsafe fn tile_from(start: Start, x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
-    load_start(start, 32, out, ldo);
+    load_start(start, 32);
     tile_steps(x, w, kp, out, ldo);
 }
 
-/// The steps and the stores of [`tile`] and [`tile_adding`], from the accumulators as they are.
+/// The steps and the stores of [`tile_from`], from the accumulators as they are.
 #[inline(always)]
 unsafe fn tile_steps(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
     for s in 0..kp / STEP {
@@ -261,7 +254,7 @@ pub unsafe fn tile_16_rows(x: *const u16, w: *const u16, kp: usize, out: *mut f3
 /// As [`tile_16_rows`] and [`tile_from`] (for 16 rows).
 #[inline]
 pub unsafe fn tile_16_rows_from(start: Start, x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: usize) {
-    load_start(start, 16, out, ldo);
+    load_start(start, 16);
     for s in 0..kp / STEP {
         asm!(
             "tileloadd tmm4, [{x} + {rs}*1]",

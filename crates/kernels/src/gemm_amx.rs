@@ -11,7 +11,7 @@
 //! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
 use crate::amx::{self, Start};
-use crate::matmul::Activation;
+use crate::matmul::{Activation, Epilogue as Finish};
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
 use crate::shared::SharedOut;
 use rayon::prelude::*;
@@ -29,38 +29,28 @@ const LONG_INPUTS: usize = 8192;
 /// Inputs per chunk: a panel's chunk is 128 KiB, a block's 384 KiB.
 const CHUNK_INPUTS: usize = 2048;
 
-/// `out[m, n] = x[m, k] W^T + bias` for the bf16 weights of `w`, packed as `tiles`.
+/// `out[m, n] = x[m, k] W^T` for the bf16 weights of `w`, packed as `tiles`, then `finish`.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512 BF16, AMX-TILE and AMX-BF16, and this process may use the
 /// tiles (what [`crate::Isa::Amx`] means).
-pub(crate) unsafe fn gemm_bf16(
-    x: &[f32],
-    m: usize,
-    w: &PackedWeight,
-    tiles: &[u16],
-    bias: Option<&[f32]>,
-    activation: Activation,
-    out: SharedOut,
-) {
+pub(crate) unsafe fn gemm_bf16(x: &[f32], m: usize, w: &PackedWeight, tiles: &[u16], finish: Finish, out: SharedOut) {
     let order = Order::for_product(m, w.n, w.kp);
     // SAFETY: as the caller promises.
-    unsafe { gemm_bf16_in(order, x, m, w, tiles, bias, activation, out) }
+    unsafe { gemm_bf16_in(order, x, m, w, tiles, finish, out) }
 }
 
 /// [`gemm_bf16`] with the work split in `order` (every order gives the same bits).
 ///
 /// # Safety
 /// As [`gemm_bf16`].
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_bf16_in(
     order: Order,
     x: &[f32],
     m: usize,
     w: &PackedWeight,
     tiles: &[u16],
-    bias: Option<&[f32]>,
-    activation: Activation,
+    finish: Finish,
     out: SharedOut,
 ) {
     // The panels' buffer is the calling thread's, kept from call to call (as large as its
@@ -75,18 +65,18 @@ unsafe fn gemm_bf16_in(
     let borrow_tiles = || unsafe { TilesBorrowed::new(&amx::CONFIG) };
     let tile = |call: TileCall| unsafe {
         let TileCall { x, w, inputs, out, ldo, rows, start } = call;
-        match (start, rows <= 16) {
-            (Start::Out, _) | (_, false) => amx::tile_from(start, x, w, inputs, out, ldo),
-            (_, true) => amx::tile_16_rows_from(start, x, w, inputs, out, ldo),
+        match rows <= 16 {
+            true => amx::tile_16_rows_from(start, x, w, inputs, out, ldo),
+            false => amx::tile_from(start, x, w, inputs, out, ldo),
         }
     };
-    by_tiles(order, m, w.n, w.kp, panels, tiles, Finish { bias, activation }, out, borrow_tiles, tile);
+    by_tiles(order, m, w.n, w.kp, panels, tiles, finish, out, borrow_tiles, tile);
     PANELS.with_borrow_mut(|kept| *kept = storage);
 }
 
 /// One product of 32 activation rows by 32 weight columns: `inputs` inputs from the tiles at `x`
 /// and `w`, into 32 rows of 32 sums `ldo` apart at `out` (at least the first `rows` of them
-/// written), the sums starting as `start` says (from the sums there with [`Start::Out`]).
+/// written), the sums starting as `start` says.
 #[derive(Clone, Copy)]
 struct TileCall {
     x: *const u16,
@@ -98,23 +88,21 @@ struct TileCall {
     start: Start,
 }
 
-/// A group's bias as [`Start::Broadcast`] reads it: 16 rows of its 32 columns' values.
+/// A group's bias, padded to 32 columns, for [`Start::From`].
 #[repr(C, align(64))]
-struct BiasRows([f32; 16 * COLS]);
+struct BiasRow([f32; COLS]);
 
-impl BiasRows {
-    /// From the bias of a group's `bias.len()` columns (32 or fewer: the rest zero).
-    fn new(bias: &[f32]) -> BiasRows {
-        let mut rows = BiasRows([0.0; 16 * COLS]);
-        rows.0.chunks_exact_mut(COLS).for_each(|row| row[..bias.len()].copy_from_slice(bias));
-        rows
+impl BiasRow {
+    fn new(bias: &[f32]) -> BiasRow {
+        let mut row = BiasRow([0.0; COLS]);
+        row.0[..bias.len()].copy_from_slice(bias);
+        row
     }
 }
 
-/// Where a group's sums start: from its bias where there is one.
-fn start_from(bias: &Option<BiasRows>) -> Start {
-    bias.as_ref().map_or(Start::Zero, |rows| Start::Broadcast(rows.0.as_ptr()))
-}
+/// 32 rows of starting sums for one call: its rows of a residual, plus the bias.
+#[repr(C, align(64))]
+struct StartRows([f32; amx::ROWS * COLS]);
 
 /// How a product's work is split between the threads: which operand each thread keeps in its
 /// L2 while the other streams through it from L3 or memory.
@@ -273,7 +261,8 @@ impl RowBlock<'_> {
         let ws = &tiles[g * panel_len..][..panel_len];
         {
             let (j0, width) = (g * COLS, COLS.min(n - g * COLS));
-            let bias = self.finish.bias.map(|b| BiasRows::new(&b[j0..j0 + width]));
+            let bias = self.finish.bias.map(|b| BiasRow::new(&b[j0..j0 + width]));
+            let mut scratch = StartRows([0.0; amx::ROWS * COLS]);
             let mut row = self.first;
             while row < self.end {
                 // From the panel's first row, both tiles (up to 32 rows); from its 17th, the
@@ -288,7 +277,8 @@ impl RowBlock<'_> {
                     true => (unsafe { self.out.0.add(row * n + j0) }, n),
                     false => (sums.as_mut_ptr(), COLS),
                 };
-                tile(TileCall { x, w: ws.as_ptr(), inputs: self.kp, out: to, ldo, rows, start: start_from(&bias) });
+                let start = self.finish.start(&bias, row, rows, j0, width, n, &mut scratch);
+                tile(TileCall { x, w: ws.as_ptr(), inputs: self.kp, out: to, ldo, rows, start });
                 if !direct {
                     for r in 0..rows {
                         // SAFETY: inside `out`, and only this block writes its rows and these columns.
@@ -318,15 +308,45 @@ struct Block<'a> {
     out: SharedOut,
 }
 
-/// What becomes of the sums: the bias starts them (see [`Start::Broadcast`]), the activation
-/// follows them.
-#[derive(Clone, Copy)]
-struct Finish<'a> {
-    bias: Option<&'a [f32]>,
-    activation: Activation,
-}
-
+/// On the tiles, the bias, and the residual where there is one, start the sums (see
+/// [`Start::From`]); the activation follows them.
 impl Finish<'_> {
+    /// Where the sums of output rows `row..row + rows`, columns `j0..j0 + width` (of `n`),
+    /// start: `bias` is those columns' bias; `scratch` holds the starting rows when there is a
+    /// residual (rows past `rows` and columns past `width` zero).
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &self,
+        bias: &Option<BiasRow>,
+        row: usize,
+        rows: usize,
+        j0: usize,
+        width: usize,
+        n: usize,
+        scratch: &mut StartRows,
+    ) -> Start {
+        let Some(residual) = self.residual else {
+            return bias.as_ref().map_or(Start::Zero, |b| Start::From(b.0.as_ptr(), 0));
+        };
+        if bias.is_none() && (rows == amx::ROWS || rows == HALF) && width == COLS {
+            // The tiles load the residual's rows where they lie (every row they read is there).
+            return Start::From(residual[row * n + j0..].as_ptr(), n);
+        }
+        // SAFETY: AVX-512F (the caller runs AMX tiles); rows row..row + rows, columns j0..j0 +
+        // width lie inside the residual.
+        unsafe {
+            x86::residual_and_bias(
+                residual[row * n + j0..].as_ptr(),
+                n,
+                rows,
+                width,
+                bias.as_ref().map(|b| &b.0),
+                &mut scratch.0,
+            )
+        };
+        Start::From(scratch.0.as_ptr(), COLS)
+    }
+
     /// The activation on `rows` rows of `width` values (the block's columns), `ldo` apart from
     /// `at`.
     ///
@@ -342,12 +362,15 @@ impl Finish<'_> {
 }
 
 impl Block<'_> {
-    /// Each group's bias rows (`None` without a bias).
-    fn group_biases(&self) -> Vec<Option<BiasRows>> {
-        let groups = self.width.div_ceil(COLS);
-        let group_bias =
-            |g: usize| self.finish.bias.map(|b| BiasRows::new(&b[g * COLS..(g * COLS + COLS).min(self.width)]));
-        (0..groups).map(group_bias).collect()
+    /// Each group's bias (`None` without a bias).
+    fn group_biases(&self) -> Vec<Option<BiasRow>> {
+        let group_bias = |g: usize| self.finish.bias.map(|b| BiasRow::new(&b[g * COLS..][..self.group_width(g)]));
+        (0..self.width.div_ceil(COLS)).map(group_bias).collect()
+    }
+
+    /// The columns of the block's group `g`.
+    fn group_width(&self, g: usize) -> usize {
+        COLS.min(self.width - g * COLS)
     }
 
     /// Every panel over all the inputs at once.
@@ -355,7 +378,7 @@ impl Block<'_> {
         let (n, j0, ldo, panel_len) = (self.n, self.j0, self.ldo, group_len(self.kp));
         // Every tile call writes its 32 x 32 sums before they are read.
         let sums = reused_aligned(storage, amx::ROWS * ldo);
-        let biases = self.group_biases();
+        let (biases, mut scratch) = (self.group_biases(), StartRows([0.0; amx::ROWS * COLS]));
         for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
             let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(self.m - panel * amx::ROWS));
             // The tiles store straight into the output when they cover exactly this panel's
@@ -369,7 +392,9 @@ impl Block<'_> {
                     false => (sums[g * COLS..].as_mut_ptr(), ldo),
                 };
                 let (x, w, inputs) = (xs.as_ptr(), ws.as_ptr(), self.kp);
-                tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, start: start_from(&biases[g]) });
+                let start =
+                    self.finish.start(&biases[g], first_row, rows, j0 + g * COLS, self.group_width(g), n, &mut scratch);
+                tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, start });
             }
             if !direct {
                 for r in 0..rows {
@@ -388,7 +413,7 @@ impl Block<'_> {
     fn in_chunks(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (ldo, panel_len) = (self.ldo, group_len(self.kp));
         let sums = reused_aligned(storage, panels.len() / panel_len * amx::ROWS * ldo);
-        let biases = self.group_biases();
+        let (biases, mut scratch) = (self.group_biases(), StartRows([0.0; amx::ROWS * COLS]));
         for first in (0..self.kp).step_by(CHUNK_INPUTS) {
             let (inputs, at) = (CHUNK_INPUTS.min(self.kp - first), first / amx::STEP * STEP_UNITS);
             let panel_sums = sums.chunks_exact_mut(amx::ROWS * ldo);
@@ -397,7 +422,11 @@ impl Block<'_> {
                 for (g, ws) in self.weights.chunks_exact(panel_len).enumerate() {
                     let (x, w) = (xs[at..].as_ptr(), ws[at..].as_ptr());
                     let to = panel_sums[g * COLS..].as_mut_ptr();
-                    let start = if first > 0 { Start::Out } else { start_from(&biases[g]) };
+                    let (row, j) = (panel * amx::ROWS, self.j0 + g * COLS);
+                    let start = match first {
+                        0 => self.finish.start(&biases[g], row, rows, j, self.group_width(g), self.n, &mut scratch),
+                        _ => Start::From(to, ldo),
+                    };
                     tile(TileCall { x, w, inputs, out: to, ldo, rows, start });
                 }
             }
@@ -511,6 +540,42 @@ mod x86 {
         }
     }
 
+    /// `rows` rows of `width` residual values `ld` apart from `at`, plus `bias` (32 values, zero
+    /// past `width`) where there is one, as 32 rows of 32 into `out` (zeros past `rows` and
+    /// `width`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `at` holds `rows` rows of `width` values `ld` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn residual_and_bias(
+        at: *const f32,
+        ld: usize,
+        rows: usize,
+        width: usize,
+        bias: Option<&[f32; 32]>,
+        out: &mut [f32; 32 * 32],
+    ) {
+        let (lo, hi) = (lanes(width.min(16)), lanes(width.saturating_sub(16)));
+        for r in 0..32 {
+            let (to, from) = (out.as_mut_ptr().add(r * 32), at.add(r * ld));
+            let (a, b) = match r < rows {
+                true => (_mm512_maskz_loadu_ps(lo, from), _mm512_maskz_loadu_ps(hi, from.add(16))),
+                false => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+            };
+            // (No bias, nothing added: the residual's values as they are, -0.0 included, as
+            // where the tiles load them in place.)
+            let (a, b) = match (bias, r < rows) {
+                (Some(bias), true) => (
+                    _mm512_add_ps(a, _mm512_loadu_ps(bias.as_ptr())),
+                    _mm512_add_ps(b, _mm512_loadu_ps(bias.as_ptr().add(16))),
+                ),
+                _ => (a, b),
+            };
+            _mm512_storeu_ps(to, a);
+            _mm512_storeu_ps(to.add(16), b);
+        }
+    }
+
     fn lanes(count: usize) -> __mmask16 {
         ((1u32 << count) - 1) as __mmask16
     }
@@ -543,8 +608,7 @@ mod tests {
                 let from = unsafe {
                     match start {
                         Start::Zero => 0.0,
-                        Start::Out => *sums.add(r * ldo + c),
-                        Start::Broadcast(rows) => *rows.add((r % 16) * COLS + c),
+                        Start::From(at, ldo) => *at.add(r * ldo + c),
                     }
                 };
                 unsafe { *sums.add(r * ldo + c) = from + sum };
@@ -585,40 +649,39 @@ mod tests {
             unsafe { crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr())) };
             let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
             let orders = [Order::Columns, Order::Rows(1), Order::Rows(2), Order::Rows(3), Order::Rows(5)];
-            let (mut first_model, mut first_amx): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
-            for order in orders {
-                let mut got = vec![f32::NAN; m * n];
-                // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
-                unsafe {
-                    let mut storage = Vec::new();
-                    let panels = pack_activations(&x, m, k, w.kp, &mut storage);
-                    let finish = Finish { bias: Some(&bias), activation: Activation::Identity };
-                    by_tiles(order, m, n, w.kp, panels, tiles, finish, SharedOut(got.as_mut_ptr()), || (), model_tile);
-                }
-                for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                    assert!(close(g, e), "model tile {m}x{k}x{n} {order:?} [{i}]: {g} vs {e}");
-                }
-                // (The model sums each chunk of long inputs apart, which the tile does not.)
-                if k <= LONG_INPUTS {
-                    let first = first_model.get_or_insert_with(|| got.clone());
-                    assert!(
-                        got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{m}x{k}x{n} {order:?}"
-                    );
-                }
-                if Isa::detected() == Isa::Amx {
-                    got.fill(f32::NAN);
-                    let (bias, identity) = (Some(bias.as_slice()), Activation::Identity);
-                    // SAFETY: AMX was detected.
-                    unsafe { gemm_bf16_in(order, &x, m, &w, tiles, bias, identity, SharedOut(got.as_mut_ptr())) };
-                    for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                        assert!(close(g, e), "AMX tile {m}x{k}x{n} {order:?} [{i}]: {g} vs {e}");
+            let residual: Vec<f32> = (0..m * n).map(|i| ((i * 29 % 83) as f32 - 41.0) / 41.0).collect();
+            let want_adding: Vec<f32> = want.iter().zip(&residual).map(|(w, r)| w + r).collect();
+            for (residual, want) in [(None, &want), (Some(residual.as_slice()), &want_adding)] {
+                let finish = Finish { bias: Some(&bias), activation: Activation::Identity, residual };
+                let (mut first_model, mut first_amx): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+                for order in orders {
+                    let mut got = vec![f32::NAN; m * n];
+                    // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
+                    unsafe {
+                        let mut storage = Vec::new();
+                        let panels = pack_activations(&x, m, k, w.kp, &mut storage);
+                        let out = SharedOut(got.as_mut_ptr());
+                        by_tiles(order, m, n, w.kp, panels, tiles, finish, out, || (), model_tile);
                     }
-                    let first = first_amx.get_or_insert_with(|| got.clone());
-                    assert!(
-                        got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "AMX {m}x{k}x{n} {order:?}"
-                    );
+                    let case = format!("{m}x{k}x{n} {order:?}, residual {}", residual.is_some());
+                    for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
+                        assert!(close(g, e), "model tile {case} [{i}]: {g} vs {e}");
+                    }
+                    // (The model sums each chunk of long inputs apart, which the tile does not.)
+                    if k <= LONG_INPUTS {
+                        let first = first_model.get_or_insert_with(|| got.clone());
+                        assert!(got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{case}");
+                    }
+                    if Isa::detected() == Isa::Amx {
+                        got.fill(f32::NAN);
+                        // SAFETY: AMX was detected.
+                        unsafe { gemm_bf16_in(order, &x, m, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
+                        for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
+                            assert!(close(g, e), "AMX tile {case} [{i}]: {g} vs {e}");
+                        }
+                        let first = first_amx.get_or_insert_with(|| got.clone());
+                        assert!(got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "AMX {case}");
+                    }
                 }
             }
         }

@@ -61,7 +61,7 @@ pub fn matmul_using(
 ) {
     assert_eq!(out.len(), m * w.n, "out must be {m}x{}", w.n);
     // SAFETY: `out` holds the m x n values `product` writes.
-    unsafe { product(isa, kernel, x, m, w, bias, Activation::Identity, SharedOut(out.as_mut_ptr())) }
+    unsafe { product(isa, kernel, x, m, w, Epilogue::bias(bias), SharedOut(out.as_mut_ptr())) }
 }
 
 /// `x[m, k] W^T + bias` as a new `[m, n]` vector, on [`Isa::active`]. Its memory is never
@@ -89,34 +89,55 @@ pub fn matmul_new_then(
     bias: Option<&[f32]>,
     activation: Activation,
 ) -> Vec<f32> {
+    product_new(x, m, w, Epilogue { activation, ..Epilogue::bias(bias) })
+}
+
+/// `x[m, k] W^T + bias + residual` (`[m, n]`) as a new vector: a residual connection in the
+/// product. On AMX tiles the sums start from the residual and the bias, read once (a separate
+/// addition read both `[m, n]` arrays and wrote a third); elsewhere it is added after.
+pub fn matmul_new_adding(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, residual: &[f32]) -> Vec<f32> {
+    assert_eq!(residual.len(), m * w.n, "the residual must be {m}x{}", w.n);
+    product_new(x, m, w, Epilogue { residual: Some(residual), ..Epilogue::bias(bias) })
+}
+
+/// What becomes of a product's sums: the bias added, then the activation, or the residual
+/// (never both).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) activation: Activation,
+    /// `[m, n]` values added to the product (a residual connection).
+    pub(crate) residual: Option<&'a [f32]>,
+}
+
+impl<'a> Epilogue<'a> {
+    fn bias(bias: Option<&'a [f32]>) -> Self {
+        Epilogue { bias, activation: Activation::Identity, residual: None }
+    }
+}
+
+/// [`product`] into a new `[m, n]` vector, on [`Isa::active`].
+fn product_new(x: &[f32], m: usize, w: &PackedWeight, epilogue: Epilogue) -> Vec<f32> {
     let len = m * w.n;
     let mut out = Vec::with_capacity(len);
     // SAFETY: the capacity holds the m x n values `product` writes, through the pointer (no
     // reference to the uninitialised memory is made)...
-    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, bias, activation, SharedOut(out.as_mut_ptr())) };
+    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, epilogue, SharedOut(out.as_mut_ptr())) };
     // ...and all of them are written (`every_path_matches_the_naive_product` checks each
     // path on an output filled with NaN).
     unsafe { out.set_len(len) };
     out
 }
 
-/// Writes all of `out[m, n] = activation(x W^T + bias)`.
+/// Writes all of `out[m, n] = activation(x W^T + bias) + residual`, as `epilogue` says.
 ///
 /// # Safety
 /// `out` points to `m * n` writable `f32` that nothing else accesses during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    isa: Isa,
-    kernel: Kernel,
-    x: &[f32],
-    m: usize,
-    w: &PackedWeight,
-    bias: Option<&[f32]>,
-    activation: Activation,
-    out: SharedOut,
-) {
+unsafe fn product(isa: Isa, kernel: Kernel, x: &[f32], m: usize, w: &PackedWeight, epilogue: Epilogue, out: SharedOut) {
+    let Epilogue { bias, activation, residual } = epilogue;
     assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
     assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
+    assert!(residual.is_none() || activation == Activation::Identity, "an activation and a residual");
     assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
     if m == 0 || w.n == 0 {
         return;
@@ -125,16 +146,25 @@ unsafe fn product(
     if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
         // Every row count: the tiles are this layout's only loop nest (the module says why).
         // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), bias, activation, out) };
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), epilogue, out) };
         return;
     }
     // SAFETY: as the caller promises.
     unsafe { product_then_identity(isa, kernel, x, m, w, bias, out) };
+    // SAFETY: every value was written; the caller gives this call the output alone.
+    let written = unsafe { std::slice::from_raw_parts_mut(out.0, m * w.n) };
     if activation == Activation::GeluTanh {
-        // SAFETY: every value was written; the caller gives this call the output alone.
-        crate::gelu_tanh(unsafe { std::slice::from_raw_parts_mut(out.0, m * w.n) });
+        crate::gelu_tanh(written);
+    }
+    if let Some(residual) = residual {
+        written.par_chunks_mut(RESIDUAL_CHUNK).zip(residual.par_chunks(RESIDUAL_CHUNK)).for_each(|(out, residual)| {
+            out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
+        });
     }
 }
+
+/// Values per parallel piece of a residual addition.
+const RESIDUAL_CHUNK: usize = 64 * 1024;
 
 /// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`, for the
 /// products [`product`] has checked (non-empty) and does not run on AMX tiles.

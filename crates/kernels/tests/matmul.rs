@@ -4,7 +4,8 @@
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use weft_kernels::{
-    gelu_tanh, matmul, matmul_new, matmul_new_then, matmul_using, Activation, Isa, Kernel, PackedWeight, WeightFormat,
+    gelu_tanh, matmul, matmul_new, matmul_new_adding, matmul_new_then, matmul_using, Activation, Isa, Kernel,
+    PackedWeight, WeightFormat,
 };
 
 const SHAPES: &[(usize, usize, usize)] = &[
@@ -102,6 +103,28 @@ fn every_path_matches_the_naive_product() {
                         want[idx]
                     );
                 }
+            }
+        }
+    }
+}
+
+/// A residual added in the product equals the product plus the residual, in every format, on
+/// the CPU's own kernels (on AMX from the row order's shapes down to one row).
+#[test]
+fn the_residual_in_the_product_is_the_product_plus_the_residual() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for &(m, k, n) in SHAPES.iter().chain(&[(300, 1152, 200), (745, 256, 96)]) {
+        let (x, w, b, r) =
+            (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng), random(m * n, &mut rng));
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            let packed = PackedWeight::from_f32(&w, n, k, format);
+            let (_, scale) = reference(&x, &packed, &b, m, Isa::active());
+            let want: Vec<f32> = matmul_new(&x, m, &packed, Some(&b)).iter().zip(&r).map(|(y, r)| y + r).collect();
+            let got = matmul_new_adding(&x, m, &packed, Some(&b), &r);
+            for idx in 0..m * n {
+                let tol = 1e-6 * (scale[idx] + 1.0) + 1e-7 * k as f64 * scale[idx];
+                let err = (got[idx] - want[idx]).abs() as f64;
+                assert!(err <= tol, "{m}x{k}x{n} {format:?}: [{idx}] {} vs {} (tol {tol})", got[idx], want[idx]);
             }
         }
     }

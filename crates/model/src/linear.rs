@@ -161,6 +161,32 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `residual + x W^T + b`, `residual` shaped as the output (a residual connection): in the
+    /// product on Weft's kernels (on AMX tiles the sums start from the residual and the bias, so
+    /// it is read once rather than the output written, read again and summed into a third
+    /// array), an addition after it elsewhere.
+    pub fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let Backend::Packed(w) = &self.backend else {
+            return Ok((residual + self.forward(x)?)?);
+        };
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim;
+        if residual.dims() != out_dims.as_slice() {
+            return Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims())));
+        }
+        let bias = self.bias_f32.as_deref().map(Vec::as_slice);
+        let flat = x.reshape((rows, in_dim))?;
+        let out = with_f32_values(&flat, |input| {
+            with_f32_values(residual, |residual| weft_kernels::matmul_new_adding(input, rows, w, bias, residual))
+        })??;
+        Ok(Tensor::from_vec(out, out_dims, x.device())?)
+    }
+}
+
 fn activate(y: Tensor, activation: Activation) -> Result<Tensor> {
     match activation {
         Activation::Identity => Ok(y),

@@ -164,9 +164,17 @@ impl Attention {
         rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.qkv, device)
     }
 
-    /// `x`: `[T, hidden]` for all sequences; `batch` says where each sequence's rows, blocks
-    /// and mask are.
-    fn forward(&self, layer: usize, x: &Tensor, batch: &Batch, rotary: &Rotary, pool: &KvPool) -> Result<Tensor> {
+    /// `residual` plus attention over `x`: `[T, hidden]` for all sequences; `batch` says where
+    /// each sequence's rows, blocks and mask are.
+    fn forward_adding(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        residual: &Tensor,
+        batch: &Batch,
+        rotary: &Rotary,
+        pool: &KvPool,
+    ) -> Result<Tensor> {
         let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, &batch.positions)?;
         for (seq, &(start, len)) in batch.seqs.iter().zip(&batch.spans) {
             let table = BlockTable { blocks: seq.blocks, len: seq.past };
@@ -177,13 +185,15 @@ impl Attention {
         let fresh_rows = pool.dtype() == DType::F32 && k.device().is_cpu() && k.dtype() == DType::F32;
         with_f32_values_if(fresh_rows, &k, |k_rows| {
             with_f32_values_if(fresh_rows, &v, |v_rows| {
-                self.attend_then_project(layer, x, &q, k_rows.zip(v_rows), batch, pool)
+                self.attend_then_project(layer, x, &q, k_rows.zip(v_rows), batch, pool, residual)
             })
         })??
     }
 
-    /// Every sequence's attention, then the output projection; `fresh` holds all the chunk's
-    /// keys and values as f32 rows `[kv_heads, T, hd]` where they can be borrowed.
+    /// Every sequence's attention, then the output projection added to `residual`; `fresh`
+    /// holds all the chunk's keys and values as f32 rows `[kv_heads, T, hd]` where they can be
+    /// borrowed.
+    #[allow(clippy::too_many_arguments)]
     fn attend_then_project(
         &self,
         layer: usize,
@@ -192,6 +202,7 @@ impl Attention {
         fresh: Option<(&[f32], &[f32])>,
         batch: &Batch,
         pool: &KvPool,
+        residual: &Tensor,
     ) -> Result<Tensor> {
         let (total, hd) = (x.dim(0)?, self.head_dim);
         // Sequences attend in parallel: a decode step's attention is one small product per
@@ -225,7 +236,7 @@ impl Attention {
             .collect::<Result<Vec<_>>>()?;
         // [heads, T, hd] -> [T, heads * hd]
         let ctx = Tensor::cat(&outputs, 1)?.transpose(0, 1)?.reshape((total, self.heads * hd))?;
-        self.o.forward(&ctx)
+        self.o.forward_adding(&ctx, residual)
     }
 }
 
@@ -327,9 +338,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual` plus the MLP of `x`.
+    fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let gated = silu_mul_halves(&self.gate_up.forward(x)?)?;
-        self.down.forward(&gated)
+        self.down.forward_adding(&gated, residual)
     }
 }
 
@@ -500,9 +512,8 @@ impl Qwen2 {
         let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
-            let attn = layer.attn.forward(i, &normed, &batch, &self.rotary, pool)?;
-            let h = (x + attn)?;
-            x = (&h + layer.mlp.forward(&layer.post_norm.forward(&h)?)?)?;
+            let h = layer.attn.forward_adding(i, &normed, &x, &batch, &self.rotary, pool)?;
+            x = layer.mlp.forward_adding(&layer.post_norm.forward(&h)?, &h)?;
         }
         let last_rows: Vec<u32> = seqs
             .iter()

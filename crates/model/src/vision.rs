@@ -31,8 +31,9 @@ impl Attention {
         })
     }
 
-    /// `x`: `[images, patches, hidden]`; full (non-causal) attention within each image.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual` plus attention over `x`: `[images, patches, hidden]`; full (non-causal)
+    /// attention within each image.
+    fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (n, p, d) = x.dims3()?;
         let hd = d / self.heads;
         let split =
@@ -40,7 +41,7 @@ impl Attention {
         let qkv = self.qkv.forward(x)?;
         if crate::attention::bf16_available(&self.qkv, x.device()) {
             let ctx = crate::attention::full_bf16(&qkv, self.heads, self.scale as f32)?;
-            return self.out.forward(&ctx);
+            return self.out.forward_adding(&ctx, residual);
         }
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         // In f32 whatever the run dtype, as in the language model's attention.
@@ -49,7 +50,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = softmax_f32(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, p, d))?.to_dtype(x.dtype())?;
-        self.out.forward(&ctx)
+        self.out.forward_adding(&ctx, residual)
     }
 }
 
@@ -74,9 +75,8 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let mlp = self.fc2.forward(&self.fc1.forward_then(&self.norm2.forward(&h)?, Activation::GeluTanh)?)?;
-        Ok((h + mlp)?)
+        let h = self.attn.forward_adding(&self.norm1.forward(x)?, x)?;
+        self.fc2.forward_adding(&self.fc1.forward_then(&self.norm2.forward(&h)?, Activation::GeluTanh)?, &h)
     }
 }
 
