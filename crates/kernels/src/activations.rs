@@ -358,11 +358,7 @@ mod x86 {
     /// is [`exp8`]'s), so the same values.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn gelu_tanh16(x: &mut [f32]) {
-        let main = x.len() / 16 * 16;
-        for i in (0..main).step_by(16) {
-            gelu16(x.as_mut_ptr().add(i));
-        }
-        gelu_tanh(&mut x[main..]);
+        gelu_tanh16_rows(x.as_mut_ptr(), 1, x.len(), x.len());
     }
 
     /// [`gelu_tanh16`] on `rows` rows of `width` values `stride` apart from `at`, in one call.

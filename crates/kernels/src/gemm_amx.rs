@@ -100,9 +100,8 @@ impl BiasRow {
     }
 }
 
-/// 32 rows of starting sums for one call: its rows of a residual, plus the bias.
-#[repr(C, align(64))]
-struct StartRows([f32; amx::ROWS * COLS]);
+/// Values in one call's block of starting sums (its rows of a residual, plus the bias).
+const START_LEN: usize = amx::ROWS * COLS;
 
 /// How a product's work is split between the threads: which operand each thread keeps in its
 /// L2 while the other streams through it from L3 or memory.
@@ -256,39 +255,36 @@ impl RowBlock<'_> {
     /// through a panel; those halves run on one activation tile.
     fn group(&self, g: usize, panels: &[u16], tiles: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (n, panel_len) = (self.n, group_len(self.kp));
-        // Every tile call writes the sums before they are read.
-        let sums = reused_aligned(storage, amx::ROWS * COLS);
+        // Every tile call writes the sums, and every residual start its block, before they are read.
+        let (sums, starts) = reused_aligned(storage, amx::ROWS * COLS + START_LEN).split_at_mut(amx::ROWS * COLS);
         let ws = &tiles[g * panel_len..][..panel_len];
-        {
-            let (j0, width) = (g * COLS, COLS.min(n - g * COLS));
-            let bias = self.finish.bias.map(|b| BiasRow::new(&b[j0..j0 + width]));
-            let mut scratch = StartRows([0.0; amx::ROWS * COLS]);
-            let mut row = self.first;
-            while row < self.end {
-                // From the panel's first row, both tiles (up to 32 rows); from its 17th, the
-                // second alone (up to 16).
-                let (panel, second_half) = (row / amx::ROWS, row % amx::ROWS == HALF);
-                let rows = self.end.min((panel + 1) * amx::ROWS) - row;
-                let x = panels[panel * panel_len + usize::from(second_half) * amx::TILE..].as_ptr();
-                // Straight into the output when the call's rows and columns are all there.
-                let direct = (rows == amx::ROWS || rows == HALF) && width == COLS;
-                let (to, ldo) = match direct {
-                    // SAFETY: rows row..row + rows < m, columns j0..j0 + 32 <= n.
-                    true => (unsafe { self.out.0.add(row * n + j0) }, n),
-                    false => (sums.as_mut_ptr(), COLS),
-                };
-                let start = self.finish.start(&bias, row, rows, j0, width, n, &mut scratch);
-                tile(TileCall { x, w: ws.as_ptr(), inputs: self.kp, out: to, ldo, rows, start });
-                if !direct {
-                    for r in 0..rows {
-                        // SAFETY: inside `out`, and only this block writes its rows and these columns.
-                        unsafe { self.out.write_row((row + r) * n + j0, &sums[r * COLS..][..width]) };
-                    }
+        let (j0, width) = (g * COLS, COLS.min(n - g * COLS));
+        let bias = self.finish.bias.map(|b| BiasRow::new(&b[j0..j0 + width]));
+        let mut row = self.first;
+        while row < self.end {
+            // From the panel's first row, both tiles (up to 32 rows); from its 17th, the
+            // second alone (up to 16).
+            let (panel, second_half) = (row / amx::ROWS, row % amx::ROWS == HALF);
+            let rows = self.end.min((panel + 1) * amx::ROWS) - row;
+            let x = panels[panel * panel_len + usize::from(second_half) * amx::TILE..].as_ptr();
+            // Straight into the output when the call's rows and columns are all there.
+            let direct = (rows == amx::ROWS || rows == HALF) && width == COLS;
+            let (to, ldo) = match direct {
+                // SAFETY: rows row..row + rows < m, columns j0..j0 + 32 <= n.
+                true => (unsafe { self.out.0.add(row * n + j0) }, n),
+                false => (sums.as_mut_ptr(), COLS),
+            };
+            let start = self.finish.start(&bias, row, rows, j0, width, n, starts);
+            tile(TileCall { x, w: ws.as_ptr(), inputs: self.kp, out: to, ldo, rows, start });
+            if !direct {
+                for r in 0..rows {
+                    // SAFETY: inside `out`, and only this block writes its rows and these columns.
+                    unsafe { self.out.write_row((row + r) * n + j0, &sums[r * COLS..][..width]) };
                 }
-                // SAFETY: as above; the rows' columns in the group are written.
-                unsafe { self.finish.apply(self.out.0.add(row * n + j0), rows, width, n) };
-                row += rows;
             }
+            // SAFETY: as above; the rows' columns in the group are written.
+            unsafe { self.finish.apply(self.out.0.add(row * n + j0), rows, width, n) };
+            row += rows;
         }
     }
 }
@@ -312,8 +308,8 @@ struct Block<'a> {
 /// [`Start::From`]); the activation follows them.
 impl Finish<'_> {
     /// Where the sums of output rows `row..row + rows`, columns `j0..j0 + width` (of `n`),
-    /// start: `bias` is those columns' bias; `scratch` holds the starting rows when there is a
-    /// residual (rows past `rows` and columns past `width` zero).
+    /// start: `bias` is those columns' bias; `starts` ([`START_LEN`] values) holds the starting
+    /// rows when there is a residual (rows past `rows` and columns past `width` zero).
     #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
@@ -323,7 +319,7 @@ impl Finish<'_> {
         j0: usize,
         width: usize,
         n: usize,
-        scratch: &mut StartRows,
+        starts: &mut [f32],
     ) -> Start {
         let Some(residual) = self.residual else {
             return bias.as_ref().map_or(Start::Zero, |b| Start::From(b.0.as_ptr(), 0));
@@ -341,10 +337,10 @@ impl Finish<'_> {
                 rows,
                 width,
                 bias.as_ref().map(|b| &b.0),
-                &mut scratch.0,
+                starts,
             )
         };
-        Start::From(scratch.0.as_ptr(), COLS)
+        Start::From(starts.as_ptr(), COLS)
     }
 
     /// The activation on `rows` rows of `width` values (the block's columns), `ldo` apart from
@@ -376,9 +372,10 @@ impl Block<'_> {
     /// Every panel over all the inputs at once.
     fn in_one_pass(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (n, j0, ldo, panel_len) = (self.n, self.j0, self.ldo, group_len(self.kp));
-        // Every tile call writes its 32 x 32 sums before they are read.
-        let sums = reused_aligned(storage, amx::ROWS * ldo);
-        let (biases, mut scratch) = (self.group_biases(), StartRows([0.0; amx::ROWS * COLS]));
+        // Every tile call writes its 32 x 32 sums, and every residual start its block, before
+        // they are read.
+        let (sums, starts) = reused_aligned(storage, amx::ROWS * ldo + START_LEN).split_at_mut(amx::ROWS * ldo);
+        let biases = self.group_biases();
         for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
             let (first_row, rows) = (panel * amx::ROWS, amx::ROWS.min(self.m - panel * amx::ROWS));
             // The tiles store straight into the output when they cover exactly this panel's
@@ -393,7 +390,7 @@ impl Block<'_> {
                 };
                 let (x, w, inputs) = (xs.as_ptr(), ws.as_ptr(), self.kp);
                 let start =
-                    self.finish.start(&biases[g], first_row, rows, j0 + g * COLS, self.group_width(g), n, &mut scratch);
+                    self.finish.start(&biases[g], first_row, rows, j0 + g * COLS, self.group_width(g), n, starts);
                 tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, start });
             }
             if !direct {
@@ -412,8 +409,9 @@ impl Block<'_> {
     /// one pass), then copied out.
     fn in_chunks(&self, panels: &[u16], storage: &mut Vec<f32>, tile: &impl Fn(TileCall)) {
         let (ldo, panel_len) = (self.ldo, group_len(self.kp));
-        let sums = reused_aligned(storage, panels.len() / panel_len * amx::ROWS * ldo);
-        let (biases, mut scratch) = (self.group_biases(), StartRows([0.0; amx::ROWS * COLS]));
+        let all_sums = panels.len() / panel_len * amx::ROWS * ldo;
+        let (sums, starts) = reused_aligned(storage, all_sums + START_LEN).split_at_mut(all_sums);
+        let biases = self.group_biases();
         for first in (0..self.kp).step_by(CHUNK_INPUTS) {
             let (inputs, at) = (CHUNK_INPUTS.min(self.kp - first), first / amx::STEP * STEP_UNITS);
             let panel_sums = sums.chunks_exact_mut(amx::ROWS * ldo);
@@ -424,7 +422,7 @@ impl Block<'_> {
                     let to = panel_sums[g * COLS..].as_mut_ptr();
                     let (row, j) = (panel * amx::ROWS, self.j0 + g * COLS);
                     let start = match first {
-                        0 => self.finish.start(&biases[g], row, rows, j, self.group_width(g), self.n, &mut scratch),
+                        0 => self.finish.start(&biases[g], row, rows, j, self.group_width(g), self.n, starts),
                         _ => Start::From(to, ldo),
                     };
                     tile(TileCall { x, w, inputs, out: to, ldo, rows, start });
@@ -553,8 +551,9 @@ mod x86 {
         rows: usize,
         width: usize,
         bias: Option<&[f32; 32]>,
-        out: &mut [f32; 32 * 32],
+        out: &mut [f32],
     ) {
+        assert!(out.len() >= 32 * 32);
         let (lo, hi) = (lanes(width.min(16)), lanes(width.saturating_sub(16)));
         for r in 0..32 {
             let (to, from) = (out.as_mut_ptr().add(r * 32), at.add(r * ld));
