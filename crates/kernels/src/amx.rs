@@ -18,6 +18,7 @@
 //! for machines without AMX.
 
 use core::arch::asm;
+use core::marker::PhantomData;
 
 /// Activation rows one call covers (two tiles of 16).
 pub const ROWS: usize = 32;
@@ -118,21 +119,29 @@ pub unsafe fn tile(x: *const u16, w: *const u16, kp: usize, out: *mut f32, ldo: 
 
 /// What a call's sums start from.
 #[derive(Clone, Copy)]
-pub enum Start {
+pub enum Start<'a> {
     Zero,
     /// Rows of 32 sums `ldo` values apart at the pointer (rows 16-31 from `16 * ldo` on); with
     /// `ldo` 0, the same 32 for every row (a bias). Outputs stored by an earlier call over
     /// other inputs continue as one call over all of them would (the accumulators are stored
     /// and loaded as they are). Starting from the bias (or the bias and a residual) leaves
     /// nothing to read the outputs right after the tiles store them: loads right behind tile
-    /// stores waited for them to reach L1.
-    From(*const f32, usize),
+    /// stores waited for them to reach L1. Made by [`Start::from`], which keeps what the
+    /// pointer reads borrowed while the start is used.
+    From(*const f32, usize, PhantomData<&'a [f32]>),
+}
+
+impl<'a> Start<'a> {
+    /// From `values` (their first value, then rows `ldo` apart), borrowed while the start lives.
+    pub fn from(values: &'a [f32], ldo: usize) -> Start<'a> {
+        Start::From(values.as_ptr(), ldo, PhantomData)
+    }
 }
 
 /// Loads the accumulators of `rows` rows (16 or 32) as `start` says.
 #[inline(always)]
 unsafe fn load_start(start: Start, rows: usize) {
-    let Start::From(at, ldo) = start else {
+    let Start::From(at, ldo, _) = start else {
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",

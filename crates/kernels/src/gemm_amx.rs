@@ -78,14 +78,14 @@ unsafe fn gemm_bf16_in(
 /// and `w`, into 32 rows of 32 sums `ldo` apart at `out` (at least the first `rows` of them
 /// written), the sums starting as `start` says.
 #[derive(Clone, Copy)]
-struct TileCall {
+struct TileCall<'a> {
     x: *const u16,
     w: *const u16,
     inputs: usize,
     out: *mut f32,
     ldo: usize,
     rows: usize,
-    start: Start,
+    start: Start<'a>,
 }
 
 /// A group's bias, padded to 32 columns, for [`Start::From`].
@@ -311,22 +311,22 @@ impl Finish<'_> {
     /// start: `bias` is those columns' bias; `starts` ([`START_LEN`] values) holds the starting
     /// rows when there is a residual (rows past `rows` and columns past `width` zero).
     #[allow(clippy::too_many_arguments)]
-    fn start(
-        &self,
-        bias: &Option<BiasRow>,
+    fn start<'s>(
+        &'s self,
+        bias: &'s Option<BiasRow>,
         row: usize,
         rows: usize,
         j0: usize,
         width: usize,
         n: usize,
-        starts: &mut [f32],
-    ) -> Start {
+        starts: &'s mut [f32],
+    ) -> Start<'s> {
         let Some(residual) = self.residual else {
-            return bias.as_ref().map_or(Start::Zero, |b| Start::From(b.0.as_ptr(), 0));
+            return bias.as_ref().map_or(Start::Zero, |b| Start::from(&b.0, 0));
         };
         if bias.is_none() && (rows == amx::ROWS || rows == HALF) && width == COLS {
             // The tiles load the residual's rows where they lie (every row they read is there).
-            return Start::From(residual[row * n + j0..].as_ptr(), n);
+            return Start::from(&residual[row * n + j0..], n);
         }
         // SAFETY: AVX-512F (the caller runs AMX tiles); rows row..row + rows, columns j0..j0 +
         // width lie inside the residual.
@@ -340,7 +340,7 @@ impl Finish<'_> {
                 starts,
             )
         };
-        Start::From(starts.as_ptr(), COLS)
+        Start::from(starts, COLS)
     }
 
     /// The activation on `rows` rows of `width` values (the block's columns), `ldo` apart from
@@ -389,15 +389,9 @@ impl Block<'_> {
                     false => (sums[g * COLS..].as_mut_ptr(), ldo),
                 };
                 let (x, w, inputs) = (xs.as_ptr(), ws.as_ptr(), self.kp);
-                let start = self.finish.start(
-                    &self.group_bias(g),
-                    first_row,
-                    rows,
-                    j0 + g * COLS,
-                    self.group_width(g),
-                    n,
-                    starts,
-                );
+                // (Bound here: the tiles read the bias through `start`'s pointer.)
+                let (bias, width) = (self.group_bias(g), self.group_width(g));
+                let start = self.finish.start(&bias, first_row, rows, j0 + g * COLS, width, n, starts);
                 tile(TileCall { x, w, inputs, out: to, ldo: stride, rows, start });
             }
             if !direct {
@@ -426,10 +420,10 @@ impl Block<'_> {
                 for (g, ws) in self.weights.chunks_exact(panel_len).enumerate() {
                     let (x, w) = (xs[at..].as_ptr(), ws[at..].as_ptr());
                     let to = panel_sums[g * COLS..].as_mut_ptr();
-                    let (row, j) = (panel * amx::ROWS, self.j0 + g * COLS);
+                    let (row, j, bias) = (panel * amx::ROWS, self.j0 + g * COLS, self.group_bias(g));
                     let start = match first {
-                        0 => self.finish.start(&self.group_bias(g), row, rows, j, self.group_width(g), self.n, starts),
-                        _ => Start::From(to, ldo),
+                        0 => self.finish.start(&bias, row, rows, j, self.group_width(g), self.n, starts),
+                        _ => Start::From(to, ldo, std::marker::PhantomData),
                     };
                     tile(TileCall { x, w, inputs, out: to, ldo, rows, start });
                 }
@@ -614,7 +608,7 @@ mod tests {
                 let from = unsafe {
                     match start {
                         Start::Zero => 0.0,
-                        Start::From(at, ldo) => *at.add(r * ldo + c),
+                        Start::From(at, ldo, _) => *at.add(r * ldo + c),
                     }
                 };
                 unsafe { *sums.add(r * ldo + c) = from + sum };
