@@ -8,7 +8,7 @@ use crate::Isa;
 use rayon::prelude::*;
 
 /// Elements per parallel piece: large enough to amortise a task, small enough to share.
-const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
 const GELU_CUBIC: f32 = 0.044_715;

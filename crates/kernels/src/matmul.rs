@@ -157,14 +157,13 @@ unsafe fn product(isa: Isa, kernel: Kernel, x: &[f32], m: usize, w: &PackedWeigh
         crate::gelu_tanh(written);
     }
     if let Some(residual) = residual {
-        written.par_chunks_mut(RESIDUAL_CHUNK).zip(residual.par_chunks(RESIDUAL_CHUNK)).for_each(|(out, residual)| {
-            out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
-        });
+        written.par_chunks_mut(crate::activations::CHUNK).zip(residual.par_chunks(crate::activations::CHUNK)).for_each(
+            |(out, residual)| {
+                out.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
+            },
+        );
     }
 }
-
-/// Values per parallel piece of a residual addition.
-const RESIDUAL_CHUNK: usize = 64 * 1024;
 
 /// Writes all of `out[m, n] = x W^T + bias`, each value once, never reading `out`, for the
 /// products [`product`] has checked (non-empty) and does not run on AMX tiles.

@@ -139,10 +139,7 @@ impl Linear {
     /// [`Linear::forward`], then `activation` on every output: in the product's epilogue on
     /// Weft's kernels, as a separate step elsewhere.
     pub fn forward_then(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let flat = x.reshape((rows, in_dim))?;
+        let (flat, rows, out_dims) = self.as_rows(x)?;
         let y = match &self.backend {
             Backend::Candle(w) => activate(add_bias(flat.matmul(&w.t()?)?, &self.bias)?, activation)?,
             Backend::Quantized(q) => {
@@ -155,13 +152,9 @@ impl Linear {
                 Tensor::from_vec(out, (rows, self.out_dim), x.device())?
             }
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim;
         Ok(y.to_dtype(x.dtype())?.reshape(out_dims)?)
     }
-}
 
-impl Linear {
     /// `residual + x W^T + b`, `residual` shaped as the output (a residual connection): in the
     /// product on Weft's kernels (on AMX tiles the sums start from the residual and the bias, so
     /// it is read once rather than the output written, read again and summed into a third
@@ -170,20 +163,24 @@ impl Linear {
         let Backend::Packed(w) = &self.backend else {
             return Ok((residual + self.forward(x)?)?);
         };
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("x has at least one dimension") = self.out_dim;
+        let (flat, rows, out_dims) = self.as_rows(x)?;
         if residual.dims() != out_dims.as_slice() {
             return Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims())));
         }
         let bias = self.bias_f32.as_deref().map(Vec::as_slice);
-        let flat = x.reshape((rows, in_dim))?;
         let out = with_f32_values(&flat, |input| {
             with_f32_values(residual, |residual| weft_kernels::matmul_new_adding(input, rows, w, bias, residual))
         })??;
         Ok(Tensor::from_vec(out, out_dims, x.device())?)
+    }
+
+    /// `x` (`[.., in]`) as `[rows, in]`, its rows, and the output's dimensions (`[.., out]`).
+    fn as_rows(&self, x: &Tensor) -> Result<(Tensor, usize, Vec<usize>)> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        *dims.last_mut().expect("x has at least one dimension") = self.out_dim;
+        Ok((x.reshape((rows, in_dim))?, rows, dims))
     }
 }
 
