@@ -25,7 +25,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// [`silu_mul`] on the calling thread.
-fn silu_mul_here(gate: &mut [f32], up: &[f32]) {
+pub(crate) fn silu_mul_here(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if Isa::active() >= Isa::Avx512Bf16 {
         // SAFETY: AVX-512F was detected.

@@ -13,10 +13,10 @@
 use crate::amx::{self, Start};
 use crate::matmul::{Activation, Epilogue as Finish};
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
+pub(crate) use crate::panels::{pack_activations, reused_aligned, round_into_steps, PANELS};
 use crate::shared::SharedOut;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
-pub(crate) use x86::round_into_steps;
 
 /// Weight columns per parallel block at most: 96 columns of 4,864 inputs are 912 KiB of tiles,
 /// which stay in a 2 MiB L2 next to one activation panel (304 KiB).
@@ -60,40 +60,66 @@ unsafe fn gemm_bf16_in(
     let mut storage = PANELS.with_borrow_mut(std::mem::take);
     // SAFETY: the caller vouches for the CPU.
     let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };
+    // SAFETY: as the caller promises.
+    unsafe { on_panels(order, m, w, panels, tiles, finish, out) };
+    PANELS.with_borrow_mut(|kept| *kept = storage);
+}
+
+/// [`gemm_bf16_in`] from activations already rounded and laid out as panels ([`pack_activations`]'s
+/// layout, `m` rows of `w.kp` inputs).
+///
+/// # Safety
+/// As [`gemm_bf16`].
+pub(crate) unsafe fn on_panels(
+    order: Order,
+    m: usize,
+    w: &PackedWeight,
+    panels: &[u16],
+    tiles: &[u16],
+    finish: Finish,
+    out: SharedOut,
+) {
     // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
     // configured while a block holds its `TilesBorrowed`.
     let borrow_tiles = || unsafe { TilesBorrowed::new(&amx::CONFIG) };
-    let tile = |call: TileCall| unsafe {
-        let TileCall { x, w, inputs, out, ldo, rows, start } = call;
-        match rows <= 16 {
-            true => amx::tile_16_rows_from(start, x, w, inputs, out, ldo),
-            false => amx::tile_from(start, x, w, inputs, out, ldo),
-        }
-    };
+    let tile = |call: TileCall| unsafe { on_tiles(call) };
     by_tiles(order, m, w.n, w.kp, panels, tiles, finish, out, borrow_tiles, tile);
-    PANELS.with_borrow_mut(|kept| *kept = storage);
+}
+
+/// One [`TileCall`] on the AMX tiles.
+///
+/// # Safety
+/// As [`gemm_bf16`], with [`amx::CONFIG`] loaded on this thread (a [`TilesBorrowed`] held); the
+/// call's pointers hold what [`amx::tile_from`] reads and writes.
+pub(crate) unsafe fn on_tiles(call: TileCall) {
+    let TileCall { x, w, inputs, out, ldo, rows, start } = call;
+    match rows <= HALF {
+        // SAFETY: as the caller promises.
+        true => unsafe { amx::tile_16_rows_from(start, x, w, inputs, out, ldo) },
+        false => unsafe { amx::tile_from(start, x, w, inputs, out, ldo) },
+    }
 }
 
 /// One product of 32 activation rows by 32 weight columns: `inputs` inputs from the tiles at `x`
 /// and `w`, into 32 rows of 32 sums `ldo` apart at `out` (at least the first `rows` of them
 /// written), the sums starting as `start` says.
 #[derive(Clone, Copy)]
-struct TileCall<'a> {
-    x: *const u16,
-    w: *const u16,
-    inputs: usize,
-    out: *mut f32,
-    ldo: usize,
-    rows: usize,
-    start: Start<'a>,
+pub(crate) struct TileCall<'a> {
+    pub(crate) x: *const u16,
+    pub(crate) w: *const u16,
+    pub(crate) inputs: usize,
+    pub(crate) out: *mut f32,
+    pub(crate) ldo: usize,
+    pub(crate) rows: usize,
+    pub(crate) start: Start<'a>,
 }
 
 /// A group's bias, padded to 32 columns, for [`Start::From`].
 #[repr(C, align(64))]
-struct BiasRow([f32; COLS]);
+pub(crate) struct BiasRow(pub(crate) [f32; COLS]);
 
 impl BiasRow {
-    fn new(bias: &[f32]) -> BiasRow {
+    pub(crate) fn new(bias: &[f32]) -> BiasRow {
         let mut row = BiasRow([0.0; COLS]);
         row.0[..bias.len()].copy_from_slice(bias);
         row
@@ -110,7 +136,7 @@ const START_LEN: usize = amx::ROWS * COLS;
 /// 4 KiB of tiles) in 20 ns from L1, 27-40 from L2 and 108-143 from L3 or memory (~29 GB/s a
 /// core), so the order is the one that brings the fewest bytes into L2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Order {
+pub(crate) enum Order {
     /// Blocks of weight columns (at most [`MAX_BLOCK_COLS`]) kept in L2, every panel of
     /// activations passing over each: right for few rows, where the activations are small.
     Columns,
@@ -134,7 +160,7 @@ impl Order {
     /// in all when they are small enough to stay in L2 themselves). Weights too large to stay
     /// in L3 are read once per thread at most: the 7b's 180 MB gate and up projections read
     /// twice per thread (512 rows) ran at 0.8x the column order.
-    fn for_product(m: usize, n: usize, kp: usize) -> Order {
+    pub(crate) fn for_product(m: usize, n: usize, kp: usize) -> Order {
         let threads = rayon::current_num_threads();
         let row_blocks = row_block_count(m, kp, threads);
         let column_blocks = if m * kp * 2 <= ROW_BLOCK_BYTES / 2 { 1 } else { block_count(n) };
@@ -159,13 +185,13 @@ fn row_block_count(m: usize, kp: usize, threads: usize) -> usize {
 }
 
 /// Rows of one AMX tile, half a panel: the unit row blocks are made of.
-const HALF: usize = 16;
+pub(crate) const HALF: usize = 16;
 
 /// The loop nest, in `order`: each block multiplied 32 columns and up to 32 rows at a time
 /// through `tile` (the AMX tile, or a model of it in tests), in one pass or, for long inputs in
 /// the column order, in chunks; `enter()`'s result is held while a thread works on a block.
 #[allow(clippy::too_many_arguments)]
-fn by_tiles<T>(
+pub(crate) fn by_tiles<T>(
     order: Order,
     m: usize,
     n: usize,
@@ -178,14 +204,9 @@ fn by_tiles<T>(
     tile: impl Fn(TileCall) + Sync,
 ) {
     if let Order::Rows(blocks) = order {
-        let tiles_in_all = m.div_ceil(HALF);
-        let block = |b: usize| RowBlock {
-            n,
-            kp,
-            first: b * tiles_in_all / blocks * HALF,
-            end: ((b + 1) * tiles_in_all / blocks * HALF).min(m),
-            finish,
-            out,
+        let block = |b: usize| {
+            let (first, end) = row_block_rows(b, blocks, m);
+            RowBlock { n, kp, first, end, finish, out }
         };
         // Each block's next group of columns, claimed by whoever works on the block: a thread
         // starts on its own block and then helps with the others' groups left, so one woken
@@ -239,6 +260,37 @@ fn by_tiles<T>(
     });
 }
 
+/// Rows `first..end` of row block `b` of `blocks` over `m` rows: runs of whole tiles (16 rows),
+/// the blocks' sizes differing by one tile at most.
+pub(crate) fn row_block_rows(b: usize, blocks: usize, m: usize) -> (usize, usize) {
+    let tiles_in_all = m.div_ceil(HALF);
+    (b * tiles_in_all / blocks * HALF, ((b + 1) * tiles_in_all / blocks * HALF).min(m))
+}
+
+/// One tile call of a row block: `rows` rows from `row`, in `panel`, starting on its second
+/// activation tile (its 17th row) or not.
+pub(crate) struct RowCall {
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
+    pub(crate) panel: usize,
+    pub(crate) second_half: bool,
+}
+
+/// The tile calls over rows `first..end` (`first` a multiple of 16): from a panel's first row,
+/// both tiles (up to 32 rows); from its 17th, the second alone (up to 16).
+pub(crate) fn row_calls(first: usize, end: usize) -> impl Iterator<Item = RowCall> {
+    let mut row = first;
+    std::iter::from_fn(move || {
+        if row >= end {
+            return None;
+        }
+        let (panel, second_half) = (row / amx::ROWS, row % amx::ROWS == HALF);
+        let call = RowCall { row, rows: end.min((panel + 1) * amx::ROWS) - row, panel, second_half };
+        row += call.rows;
+        Some(call)
+    })
+}
+
 /// One parallel block in the row order: output rows `first..end` (`first` a multiple of 16),
 /// every column.
 struct RowBlock<'a> {
@@ -261,12 +313,7 @@ impl RowBlock<'_> {
         let ws = &tiles[g * panel_len..][..panel_len];
         let (j0, width) = (g * COLS, COLS.min(n - g * COLS));
         let bias = self.finish.bias.map(|b| BiasRow::new(&b[j0..j0 + width]));
-        let mut row = self.first;
-        while row < self.end {
-            // From the panel's first row, both tiles (up to 32 rows); from its 17th, the
-            // second alone (up to 16).
-            let (panel, second_half) = (row / amx::ROWS, row % amx::ROWS == HALF);
-            let rows = self.end.min((panel + 1) * amx::ROWS) - row;
+        for RowCall { row, rows, panel, second_half } in row_calls(self.first, self.end) {
             let x = panels[panel * panel_len + usize::from(second_half) * amx::TILE..].as_ptr();
             // Straight into the output when the call's rows and columns are all there.
             let direct = (rows == amx::ROWS || rows == HALF) && width == COLS;
@@ -285,7 +332,6 @@ impl RowBlock<'_> {
             }
             // SAFETY: as above; the rows' columns in the group are written.
             unsafe { self.finish.apply(self.out.0.add(row * n + j0), rows, width, n) };
-            row += rows;
         }
     }
 }
@@ -440,22 +486,9 @@ impl Block<'_> {
 }
 
 thread_local! {
-    /// The activations' panels of the last product this thread called (see [`gemm_bf16`]).
-    static PANELS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A block's sums, kept by each thread from block to block rather than allocated and zeroed
     /// for each (for long inputs, all panels' sums: 4.5 MB at 11,700 rows).
-    static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `len` units of `storage` from a cache line on, grown (zeroed) when too short and otherwise
-/// holding whatever the last user left: for buffers written before they are read.
-fn reused_aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
-    let line = 64 / std::mem::size_of::<T>();
-    if storage.len() < len + line {
-        *storage = vec![T::default(); len + line];
-    }
-    let skip = storage.as_ptr().align_offset(64).min(line);
-    &mut storage[skip..skip + len]
+    pub(crate) static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The AMX tiles configured for Weft on this thread for as long as it lives (one parallel
@@ -488,56 +521,8 @@ fn block_count(n: usize) -> usize {
     blocks.min(n.div_ceil(COLS))
 }
 
-/// `x` rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
-/// each tile row 32 inputs in order; zero-padded to `kp` inputs and whole panels. `storage` is
-/// reused as it is: every value of the panels is written.
-///
-/// # Safety
-/// The CPU has AVX-512F and AVX-512 BF16.
-unsafe fn pack_activations<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<u16>) -> &'a [u16] {
-    let panel_len = group_len(kp);
-    let panels = reused_aligned(storage, m.div_ceil(amx::ROWS) * panel_len);
-    if k == 0 {
-        panels.fill(0);
-        return panels;
-    }
-    panels.par_chunks_mut(panel_len).zip(x.par_chunks(k * amx::ROWS)).for_each(|(panel, rows)| {
-        let count = rows.len() / k;
-        for r in 0..amx::ROWS {
-            let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
-            if r < count {
-                // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
-                unsafe { x86::round_into_steps(&rows[r * k..][..k], 1.0, panel[at..].as_mut_ptr()) };
-            } else {
-                // Rows past the last: zeros (their sums are never stored, but stay finite).
-                panel[at..].chunks_mut(STEP_UNITS).for_each(|step| step[..amx::STEP].fill(0));
-            }
-        }
-    });
-    panels
-}
-
 mod x86 {
-    use super::STEP_UNITS;
     use std::arch::x86_64::*;
-
-    /// `row` times `scale` rounded to bf16 (to nearest, ties to even) 32 values at a time, each
-    /// 32 stored [`STEP_UNITS`] after the previous at `out`; the last ones zero-padded to 32.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F and AVX-512 BF16; `out` holds `row.len().div_ceil(32)` steps.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(crate) unsafe fn round_into_steps(row: &[f32], scale: f32, out: *mut u16) {
-        let scale = _mm512_set1_ps(scale);
-        for (s, p) in (0..row.len()).step_by(32).enumerate() {
-            let left = row.len() - p;
-            let (lo_mask, hi_mask) = (lanes(left.min(16)), lanes(left.saturating_sub(16).min(16)));
-            let lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(p)), scale);
-            let hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(hi_mask, row.as_ptr().add(p + 16.min(left))), scale);
-            let bits = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(out.add(s * STEP_UNITS) as *mut __m512i, bits);
-        }
-    }
 
     /// `rows` rows of `width` residual values `ld` apart from `at`, plus `bias` (32 values, zero
     /// past `width`) where there is one, as rows of 32 into `out` (zeros past `rows`, up to the
@@ -583,108 +568,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Isa, WeightFormat};
-
-    /// The contract of [`amx::tile`] in plain code, read from the packed layouts: what the tests
-    /// run on CPUs without AMX (and Bochs' AMX emulation checks the tile against, `amx-check`).
-    fn model_tile(call: TileCall) {
-        let TileCall { x: xs, w: ws, inputs: kp, out: sums, ldo, start, rows } = call;
-        let widen = |bits: u16| f32::from_bits((bits as u32) << 16);
-        // One activation tile (16 rows) for up to 16 rows, as `amx::tile_16_rows`.
-        for r in 0..if rows <= 16 { 16 } else { amx::ROWS } {
-            for c in 0..amx::COLS {
-                let sum: f32 = (0..kp)
-                    .map(|p| {
-                        let (s, i) = (p / amx::STEP, p % amx::STEP);
-                        let x_at = s * STEP_UNITS + (r / 16) * amx::TILE + (r % 16) * amx::STEP + i;
-                        let w_at = s * STEP_UNITS + (c / 16) * amx::TILE + (i / 2) * 32 + (c % 16) * 2 + i % 2;
-                        // SAFETY: inside one panel and one group of kp / 32 steps.
-                        unsafe { widen(*xs.add(x_at)) * widen(*ws.add(w_at)) }
-                    })
-                    .sum();
-                // SAFETY: 32 rows of 32 sums ldo apart.
-                // SAFETY: as above, and 16 rows of 32 values for a broadcast start.
-                let from = unsafe {
-                    match start {
-                        Start::Zero => 0.0,
-                        Start::From(at, ldo, _) => *at.add(r * ldo + c),
-                    }
-                };
-                unsafe { *sums.add(r * ldo + c) = from + sum };
-            }
-        }
-    }
-
-    /// The packed layouts and the loop nest (blocks, groups of 32 columns with the last one
-    /// padded, panels, bias) give the AVX-512 register tile's product, through the model of the
-    /// tile, and through the tile itself where the CPU has AMX; long inputs in chunks too. Both
-    /// orders, with row blocks that start and end halfway through panels, give the same bits.
-    #[test]
-    fn the_amx_gemm_matches_the_register_tile() {
-        if Isa::detected() < Isa::Avx512Bf16 {
-            println!("skipped: no AVX-512 BF16 here");
-            return;
-        }
-        // The last one is past LONG_INPUTS: it runs in chunks, the last one shorter.
-        let shapes = [
-            (1, 64, 32),
-            (33, 96, 70),
-            (70, 896, 300),
-            (32, 1152, 4304 / 8),
-            (45, 40, 17),
-            (40, 8200, 50),
-            (100, 64, 64),
-        ];
-        for (m, k, n) in shapes {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let values: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 / n as f32).collect();
-            let w = PackedWeight::from_f32_for(Isa::Avx512Bf16, &values, n, k, WeightFormat::Bf16);
-            let crate::packed::Storage::Bf16(bits) = &w.storage else { unreachable!() };
-            let packed_tiles = crate::packed::Bf16Tiles::from_rows(bits, n, w.kp);
-            let tiles = packed_tiles.tiles();
-            let mut want = vec![f32::NAN; m * n];
-            // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
-            unsafe { crate::gemm512::gemm_bf16(&x, m, &w, bits, Some(&bias), SharedOut(want.as_mut_ptr())) };
-            let close = |g: f32, e: f32| (g - e).abs() <= 1e-4 * (1.0 + e.abs());
-            let orders = [Order::Columns, Order::Rows(1), Order::Rows(2), Order::Rows(3), Order::Rows(5)];
-            let residual: Vec<f32> = (0..m * n).map(|i| ((i * 29 % 83) as f32 - 41.0) / 41.0).collect();
-            let want_adding: Vec<f32> = want.iter().zip(&residual).map(|(w, r)| w + r).collect();
-            for (residual, want) in [(None, &want), (Some(residual.as_slice()), &want_adding)] {
-                let finish = Finish { bias: Some(&bias), activation: Activation::Identity, residual };
-                let (mut first_model, mut first_amx): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
-                for order in orders {
-                    let mut got = vec![f32::NAN; m * n];
-                    // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
-                    unsafe {
-                        let mut storage = Vec::new();
-                        let panels = pack_activations(&x, m, k, w.kp, &mut storage);
-                        let out = SharedOut(got.as_mut_ptr());
-                        by_tiles(order, m, n, w.kp, panels, tiles, finish, out, || (), model_tile);
-                    }
-                    let case = format!("{m}x{k}x{n} {order:?}, residual {}", residual.is_some());
-                    for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
-                        assert!(close(g, e), "model tile {case} [{i}]: {g} vs {e}");
-                    }
-                    // (The model sums each chunk of long inputs apart, which the tile does not.)
-                    if k <= LONG_INPUTS {
-                        let first = first_model.get_or_insert_with(|| got.clone());
-                        assert!(got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{case}");
-                    }
-                    if Isa::detected() == Isa::Amx {
-                        got.fill(f32::NAN);
-                        // SAFETY: AMX was detected.
-                        unsafe { gemm_bf16_in(order, &x, m, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
-                        for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
-                            assert!(close(g, e), "AMX tile {case} [{i}]: {g} vs {e}");
-                        }
-                        let first = first_amx.get_or_insert_with(|| got.clone());
-                        assert!(got.iter().zip(first.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "AMX {case}");
-                    }
-                }
-            }
-        }
-    }
-}
+#[path = "gemm_amx_tests.rs"]
+mod tests;
+#[cfg(test)]
+pub(crate) use tests::model_tile;

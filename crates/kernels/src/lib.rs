@@ -24,7 +24,11 @@ mod gemm512;
 #[cfg(target_arch = "x86_64")]
 mod gemm_amx;
 mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod mlp_amx;
 mod packed;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 mod pool;
 #[cfg(target_arch = "x86_64")]
 mod q8_amx;
@@ -37,7 +41,10 @@ mod vnni;
 pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_mul_halves, softmax_rows};
 #[cfg(target_arch = "x86_64")]
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
-pub use matmul::{matmul, matmul_new, matmul_new_adding, matmul_new_then, matmul_using, Activation, Kernel};
+pub use matmul::{
+    matmul, matmul_new, matmul_new_adding, matmul_new_then, matmul_using, mlp_new_adding, Activation, Kernel, Mlp,
+    MlpActivation,
+};
 pub use packed::{PackedWeight, WeightFormat};
 pub use pool::{on_compute_pool, Idle};
 pub use vector::{narrow_into, scaled_dots, weighted_sums, weighted_sums_add, widen_into, CachedValue};

@@ -100,6 +100,60 @@ pub fn matmul_new_adding(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f
     product_new(x, m, w, Epilogue { residual: Some(residual), ..Epilogue::bias(bias) })
 }
 
+/// What an MLP's hidden activations go through between its two products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpActivation {
+    /// [`crate::gelu_tanh`] of every output of the first product (SigLIP).
+    GeluTanh,
+    /// `silu(gate) * up`, the first product's outputs being the gate's then the up
+    /// projection's, half each (Qwen2): [`crate::silu_mul_halves`].
+    SiluGated,
+}
+
+/// A two-layer MLP: `down(activation(x up^T + up_bias)) + down_bias`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mlp<'a> {
+    pub up: &'a PackedWeight,
+    pub up_bias: Option<&'a [f32]>,
+    pub activation: MlpActivation,
+    pub down: &'a PackedWeight,
+    pub down_bias: Option<&'a [f32]>,
+}
+
+/// `residual + mlp(x)` for `x` of `[m, mlp.up.k]`, as a new `[m, mlp.down.n]` vector. On AMX
+/// tiles, for as many rows as prefill and the vision tower run, the hidden activations go from
+/// the first product to the second as bf16 panels ([`crate::mlp_amx`]); elsewhere the two
+/// products run apart ([`matmul_new_then`], [`crate::silu_mul_halves`], [`matmul_new_adding`]).
+/// Both give the same bits.
+pub fn mlp_new_adding(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32]) -> Vec<f32> {
+    let Mlp { up, up_bias, activation, down, down_bias } = *mlp;
+    let hidden = match activation {
+        MlpActivation::GeluTanh => up.n,
+        MlpActivation::SiluGated => up.n / 2,
+    };
+    assert!(activation == MlpActivation::GeluTanh || up.n.is_multiple_of(2), "gated halves of {}", up.n);
+    assert_eq!(down.k, hidden, "the down projection takes {} inputs, not {hidden}", down.k);
+    assert_eq!(x.len(), m * up.k, "x must be {m}x{}", up.k);
+    assert_eq!(residual.len(), m * down.n, "the residual must be {m}x{}", down.n);
+    assert!(up_bias.is_none_or(|b| b.len() == up.n) && down_bias.is_none_or(|b| b.len() == down.n), "biases");
+    #[cfg(target_arch = "x86_64")]
+    if Isa::active() == Isa::Amx && m > 0 {
+        let mut out = Vec::with_capacity(m * down.n);
+        // SAFETY: AMX is active (detected, with the permission); the capacity holds the m x n
+        // values written through the pointer when it returns true...
+        if unsafe { crate::mlp_amx::mlp_bf16(x, m, mlp, residual, SharedOut(out.as_mut_ptr())) } {
+            // ...all of them (the second product writes every output once).
+            unsafe { out.set_len(m * down.n) };
+            return out;
+        }
+    }
+    let hidden = match activation {
+        MlpActivation::GeluTanh => matmul_new_then(x, m, up, up_bias, Activation::GeluTanh),
+        MlpActivation::SiluGated => crate::silu_mul_halves(&matmul_new(x, m, up, up_bias), hidden),
+    };
+    matmul_new_adding(&hidden, m, down, down_bias, residual)
+}
+
 /// What becomes of a product's sums: the bias added, then the activation, or the residual
 /// (never both).
 #[derive(Debug, Clone, Copy)]

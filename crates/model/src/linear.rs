@@ -9,7 +9,7 @@ use crate::weights::Scope;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
-pub use weft_kernels::Activation;
+pub use weft_kernels::{Activation, MlpActivation};
 use weft_kernels::{PackedWeight, WeightFormat};
 
 /// How linear-layer weights are stored and multiplied (activations stay in the run dtype).
@@ -170,6 +170,43 @@ impl Linear {
         let bias = self.bias_f32.as_deref().map(Vec::as_slice);
         let out = with_f32_values(&flat, |input| {
             with_f32_values(residual, |residual| weft_kernels::matmul_new_adding(input, rows, w, bias, residual))
+        })??;
+        Ok(Tensor::from_vec(out, out_dims, x.device())?)
+    }
+
+    /// `residual + down(activation(self(x)))`: an MLP whose first layer is `self` (for
+    /// [`MlpActivation::SiluGated`] the gate's and the up projection's outputs side by side,
+    /// [`Linear::load_fused`]). On Weft's kernels in one call, which on AMX tiles hands the
+    /// hidden activations to `down` as bf16 panels rather than f32 rows
+    /// ([`weft_kernels::mlp_new_adding`]); layer by layer elsewhere.
+    pub fn mlp_adding(
+        &self,
+        x: &Tensor,
+        activation: MlpActivation,
+        down: &Linear,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let (Backend::Packed(up_weight), Backend::Packed(down_weight)) = (&self.backend, &down.backend) else {
+            let hidden = match activation {
+                MlpActivation::GeluTanh => self.forward_then(x, Activation::GeluTanh)?,
+                MlpActivation::SiluGated => crate::layers::silu_mul_halves(&self.forward(x)?)?,
+            };
+            return down.forward_adding(&hidden, residual);
+        };
+        let (flat, rows, mut out_dims) = self.as_rows(x)?;
+        *out_dims.last_mut().expect("x has at least one dimension") = down.out_dim;
+        if residual.dims() != out_dims.as_slice() {
+            return Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims())));
+        }
+        let mlp = weft_kernels::Mlp {
+            up: up_weight,
+            up_bias: self.bias_f32.as_deref().map(Vec::as_slice),
+            activation,
+            down: down_weight,
+            down_bias: down.bias_f32.as_deref().map(Vec::as_slice),
+        };
+        let out = with_f32_values(&flat, |input| {
+            with_f32_values(residual, |residual| weft_kernels::mlp_new_adding(input, rows, &mlp, residual))
         })??;
         Ok(Tensor::from_vec(out, out_dims, x.device())?)
     }

@@ -4,8 +4,8 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_pool::{BlockTable, DisjointRows, KvPool};
-use crate::layers::{silu_mul_halves, softmax_f32, with_f32_values, RmsNorm};
-use crate::linear::{Linear, LinearFormat};
+use crate::layers::{softmax_f32, with_f32_values, RmsNorm};
+use crate::linear::{Linear, LinearFormat, MlpActivation};
 use crate::paged::HostKv;
 use crate::weights::Scope;
 use candle_core::{DType, Device, Tensor};
@@ -340,8 +340,7 @@ impl Mlp {
 
     /// `residual` plus the MLP of `x`.
     fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let gated = silu_mul_halves(&self.gate_up.forward(x)?)?;
-        self.down.forward_adding(&gated, residual)
+        self.gate_up.mlp_adding(x, MlpActivation::SiluGated, &self.down, residual)
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{softmax_f32, LayerNorm};
-use crate::linear::{Activation, Linear};
+use crate::linear::{Linear, MlpActivation};
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
 
@@ -76,7 +76,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.attn.forward_adding(&self.norm1.forward(x)?, x)?;
-        self.fc2.forward_adding(&self.fc1.forward_then(&self.norm2.forward(&h)?, Activation::GeluTanh)?, &h)
+        self.fc1.mlp_adding(&self.norm2.forward(&h)?, MlpActivation::GeluTanh, &self.fc2, &h)
     }
 }
 
