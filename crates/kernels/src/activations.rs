@@ -105,42 +105,67 @@ pub(crate) unsafe fn gelu_tanh_rows_here(at: *mut f32, rows: usize, width: usize
     }
 }
 
-/// RMSNorm of every row of `weight.len()` values: `out = x / sqrt(mean(x^2) + eps) * weight`,
-/// the mean of squares summed in f64 (exact enough to match any summation order in f32).
-pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let d = weight.len();
+/// A normalisation of each row, as a product's input may go through it on the way in.
+#[derive(Debug, Clone, Copy)]
+pub enum Norm<'a> {
+    /// LayerNorm (SigLIP): `(x - mean) / sqrt(var + eps) * weight + bias`.
+    Layer { weight: &'a [f32], bias: &'a [f32], eps: f32 },
+    /// RMSNorm (Qwen2): `x / sqrt(mean(x^2) + eps) * weight`.
+    Rms { weight: &'a [f32], eps: f32 },
+}
+
+impl Norm<'_> {
+    /// Values per row.
+    pub fn width(&self) -> usize {
+        match self {
+            Norm::Layer { weight, .. } | Norm::Rms { weight, .. } => weight.len(),
+        }
+    }
+
+    /// One row into `out`, the sums in f64 (exact enough to match any summation order in f32).
+    pub(crate) fn row(&self, row: &[f32], out: &mut [f32]) {
+        let d = row.len() as f64;
+        match *self {
+            Norm::Layer { weight, bias, eps } => {
+                let mean = sum_f64(row, |v| v) / d;
+                let variance = sum_f64(row, |v| (v - mean) * (v - mean)) / d;
+                let inverse = 1.0 / (variance as f32 + eps).sqrt();
+                let mean = mean as f32;
+                for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+                    *o = (v - mean) * inverse * w + b;
+                }
+            }
+            Norm::Rms { weight, eps } => {
+                let inverse = 1.0 / ((sum_f64(row, |v| v * v) / d) as f32 + eps).sqrt();
+                for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+                    *o = v * inverse * w;
+                }
+            }
+        }
+    }
+}
+
+/// `norm` of every row of `x` (rows of [`Norm::width`] values) into `out`, rows in parallel
+/// (candle's LayerNorm took one thread, its RMSNorm seven passes).
+pub fn norm_rows(x: &[f32], norm: &Norm, out: &mut [f32]) {
+    let d = norm.width();
+    if let Norm::Layer { bias, .. } = norm {
+        assert_eq!(bias.len(), d, "weight and bias differ in length");
+    }
     assert!(d > 0 && x.len() == out.len() && x.len().is_multiple_of(d), "{} values are not rows of {d}", x.len());
     let rows_per_chunk = (CHUNK / d).max(1);
     out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).for_each(|(out, x)| {
         for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let squares = sum_f64(row, |v| v * v);
-            let inverse = 1.0 / ((squares / d as f64) as f32 + eps).sqrt();
-            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-                *o = v * inverse * w;
-            }
+            norm.row(row, o);
         }
     });
 }
 
-/// LayerNorm of every row of `weight.len()` values, `out = (x - mean) / sqrt(var + eps) *
-/// weight + bias`, the mean and the variance summed in f64 (exact enough to match any summation
-/// order in f32); rows in parallel. Candle's took one thread.
-pub fn layer_norm_rows(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
-    let d = weight.len();
-    assert!(d > 0 && bias.len() == d, "weight and bias differ in length");
-    assert!(x.len() == out.len() && x.len().is_multiple_of(d), "{} values are not rows of {d}", x.len());
-    let rows_per_chunk = (CHUNK / d).max(1);
-    out.par_chunks_mut(rows_per_chunk * d).zip(x.par_chunks(rows_per_chunk * d)).for_each(|(out, x)| {
-        for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let mean = sum_f64(row, |v| v) / d as f64;
-            let variance = sum_f64(row, |v| (v - mean) * (v - mean)) / d as f64;
-            let inverse = 1.0 / (variance as f32 + eps).sqrt();
-            let mean = mean as f32;
-            for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
-                *o = (v - mean) * inverse * w + b;
-            }
-        }
-    });
+/// [`norm_rows`] into a new vector.
+pub fn norm_rows_new(x: &[f32], norm: &Norm) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    norm_rows(x, norm, &mut out);
+    out
 }
 
 /// The sum of `f(v)` over `values` in f64, on eight independent chains (one chain waits on

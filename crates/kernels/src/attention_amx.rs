@@ -21,7 +21,8 @@
 use crate::amx;
 use crate::gemm_amx::{round_into_steps, TilesBorrowed};
 use crate::packed::{group_len, Bf16Tiles, COLS, STEP_UNITS};
-use crate::shared::{aligned, round_to_bf16};
+use crate::shared::{reused_aligned, round_to_bf16};
+use std::cell::RefCell;
 
 /// How the query-key products are rounded (see the module's comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,20 +85,25 @@ impl AmxHead {
         }
         let score_inputs = (precision.segments() * hd).div_ceil(amx::STEP) * amx::STEP;
         let len_padded = len.div_ceil(amx::STEP) * amx::STEP;
-        // Key rows in bf16, each `score_inputs` long: [k] or [k, k - kh, k] (rounded: kh, kl, kh).
-        let mut rows = vec![0u16; len * score_inputs];
+        // Key rows in bf16, each `score_inputs` long: [k] or [k, k - kh, k] (rounded: kh, kl, kh),
+        // every unit written.
+        let mut row_storage = KEY_ROWS.with_borrow_mut(std::mem::take);
+        let rows = reused_aligned(&mut row_storage, len * score_inputs);
         let mut widened = vec![0.0f32; score_inputs];
         for (t, out) in rows.chunks_exact_mut(score_inputs).enumerate() {
             split_row(keys.row(t, hd), precision, Role::Key, &mut widened);
             // SAFETY: AMX CPUs have AVX-512F and AVX-512 BF16 (checked above).
             unsafe { round_to_bf16(&widened, out) };
         }
-        let keys = Bf16Tiles::from_rows_here(&rows, len, score_inputs);
+        let (key_storage, value_storage) = HEAD_TILES.with_borrow_mut(std::mem::take);
+        let keys = Bf16Tiles::from_rows_here(rows, len, score_inputs, key_storage);
+        KEY_ROWS.with_borrow_mut(|kept| *kept = row_storage);
         // Values as the weights of the output product: one column per value, one input per
         // key, so tile row q of a step holds keys 2q and 2q + 1 of its 16 columns side by side,
         // which is two rows of `values` interleaved (no transpose).
         let hd_padded = hd.div_ceil(COLS) * COLS;
-        let values = Bf16Tiles::written(hd_padded / COLS * group_len(len_padded), |tiles| {
+        // Every unit written: each tile row of each step, zeros past the last key and value.
+        let values = Bf16Tiles::written_in(value_storage, hd_padded / COLS * group_len(len_padded), |tiles| {
             for (g, group) in tiles.chunks_exact_mut(group_len(len_padded)).enumerate() {
                 for (t, tile) in group.chunks_exact_mut(amx::TILE).enumerate() {
                     let (step, first) = (t / 2, g * COLS + (t % 2) * 16);
@@ -128,12 +134,14 @@ impl AmxHead {
     ) {
         let (hd, len, len_padded, inputs) = (self.hd, self.len, self.len_padded, self.score_inputs);
         let hd_padded = hd.div_ceil(COLS) * COLS;
-        let (mut q_storage, mut p_storage, mut s_storage, mut o_storage) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let q_panel = aligned(&mut q_storage, group_len(inputs));
-        let p_panel = aligned(&mut p_storage, group_len(len_padded));
-        let scores = aligned(&mut s_storage, amx::ROWS * len_padded);
-        let sums = aligned(&mut o_storage, amx::ROWS * hd_padded);
+        // The thread's buffers from its last head: each is written before it is read (rows of
+        // the panels past a block's last are left as they were; their sums are never used).
+        let mut scratch = SCRATCH.with_borrow_mut(std::mem::take);
+        let Scratch { query_panel, probabilities, scores, sums } = &mut scratch;
+        let q_panel = reused_aligned(query_panel, group_len(inputs));
+        let p_panel = reused_aligned(probabilities, group_len(len_padded));
+        let scores = reused_aligned(scores, amx::ROWS * len_padded);
+        let sums = reused_aligned(sums, amx::ROWS * hd_padded);
         let (mut widened, mut scaled) = (vec![0.0f32; inputs], vec![0.0f32; hd]);
         let mut inverses = [0.0f32; amx::ROWS];
         let (key_tiles, value_tiles) = (self.keys.tiles(), self.values.tiles());
@@ -182,7 +190,34 @@ impl AmxHead {
                 out.iter_mut().zip(&sums[r * hd_padded..]).for_each(|(o, &s)| *o = s * inverse);
             }
         }
+        SCRATCH.with_borrow_mut(|kept| *kept = scratch);
     }
+}
+
+impl Drop for AmxHead {
+    /// The head's tiles go back to the thread for the next head it packs.
+    fn drop(&mut self) {
+        let storages = (self.keys.take_storage(), self.values.take_storage());
+        HEAD_TILES.with_borrow_mut(|kept| *kept = storages);
+    }
+}
+
+/// What [`AmxHead::attend`] works in.
+#[derive(Default)]
+struct Scratch {
+    query_panel: Vec<u16>,
+    probabilities: Vec<u16>,
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+thread_local! {
+    /// Each thread's buffers from the last head it packed or attended with, taken while in use:
+    /// fresh zeroed ones for every head of every layer had cost 1.5-2% of a one-image first
+    /// token (2.4 MB of keys, values and scores a layer zeroed and then overwritten).
+    static KEY_ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static HEAD_TILES: RefCell<(Vec<u16>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Where row `r` of a panel starts: its tile (rows 0-15 or 16-31), then its row in the tile.

@@ -10,10 +10,12 @@
 //! them, and laid out panel by panel (32 rows). Every output is the same sum in the same order
 //! whatever the number of rows, so a sequence gets the same logits alone and in a batch.
 
+use crate::activations::Norm;
 use crate::amx::{self, Start};
 use crate::matmul::{Activation, Epilogue as Finish};
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
-pub(crate) use crate::panels::{pack_activations, reused_aligned, round_into_steps, PANELS};
+pub(crate) use crate::panels::{pack_activations, round_into_steps, PANELS};
+pub(crate) use crate::shared::reused_aligned;
 use crate::shared::SharedOut;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,25 +31,36 @@ const LONG_INPUTS: usize = 8192;
 /// Inputs per chunk: a panel's chunk is 128 KiB, a block's 384 KiB.
 const CHUNK_INPUTS: usize = 2048;
 
-/// `out[m, n] = x[m, k] W^T` for the bf16 weights of `w`, packed as `tiles`, then `finish`.
+/// `out[m, n] = x[m, k] W^T` for the bf16 weights of `w`, packed as `tiles`, then `finish`;
+/// each row of `x` through `norm` first where there is one.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512 BF16, AMX-TILE and AMX-BF16, and this process may use the
 /// tiles (what [`crate::Isa::Amx`] means).
-pub(crate) unsafe fn gemm_bf16(x: &[f32], m: usize, w: &PackedWeight, tiles: &[u16], finish: Finish, out: SharedOut) {
+pub(crate) unsafe fn gemm_bf16(
+    x: &[f32],
+    m: usize,
+    norm: Option<&Norm>,
+    w: &PackedWeight,
+    tiles: &[u16],
+    finish: Finish,
+    out: SharedOut,
+) {
     let order = Order::for_product(m, w.n, w.kp);
     // SAFETY: as the caller promises.
-    unsafe { gemm_bf16_in(order, x, m, w, tiles, finish, out) }
+    unsafe { gemm_bf16_in(order, x, m, norm, w, tiles, finish, out) }
 }
 
 /// [`gemm_bf16`] with the work split in `order` (every order gives the same bits).
 ///
 /// # Safety
 /// As [`gemm_bf16`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_bf16_in(
     order: Order,
     x: &[f32],
     m: usize,
+    norm: Option<&Norm>,
     w: &PackedWeight,
     tiles: &[u16],
     finish: Finish,
@@ -59,7 +72,7 @@ unsafe fn gemm_bf16_in(
     // that a product nested in this one's parallel loop on the same thread allocates its own.
     let mut storage = PANELS.with_borrow_mut(std::mem::take);
     // SAFETY: the caller vouches for the CPU.
-    let panels = unsafe { pack_activations(x, m, w.k, w.kp, &mut storage) };
+    let panels = unsafe { pack_activations(x, m, w.k, w.kp, norm, &mut storage) };
     // SAFETY: as the caller promises.
     unsafe { on_panels(order, m, w, panels, tiles, finish, out) };
     PANELS.with_borrow_mut(|kept| *kept = storage);

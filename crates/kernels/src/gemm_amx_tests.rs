@@ -69,7 +69,7 @@ fn the_amx_gemm_matches_the_register_tile() {
                 // SAFETY: AVX-512 BF16 was detected; outputs of m x n.
                 unsafe {
                     let mut storage = Vec::new();
-                    let panels = pack_activations(&x, m, k, w.kp, &mut storage);
+                    let panels = pack_activations(&x, m, k, w.kp, None, &mut storage);
                     let out = SharedOut(got.as_mut_ptr());
                     by_tiles(order, m, n, w.kp, panels, tiles, finish, out, || (), model_tile);
                 }
@@ -85,7 +85,7 @@ fn the_amx_gemm_matches_the_register_tile() {
                 if Isa::detected() == Isa::Amx {
                     got.fill(f32::NAN);
                     // SAFETY: AMX was detected.
-                    unsafe { gemm_bf16_in(order, &x, m, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
+                    unsafe { gemm_bf16_in(order, &x, m, None, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
                     for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
                         assert!(close(g, e), "AMX tile {case} [{i}]: {g} vs {e}");
                     }

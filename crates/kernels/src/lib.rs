@@ -38,12 +38,12 @@ mod vector;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-pub use activations::{gelu_tanh, layer_norm_rows, rms_norm_rows, silu_mul, silu_mul_halves, softmax_rows};
+pub use activations::{gelu_tanh, norm_rows, norm_rows_new, silu_mul, silu_mul_halves, softmax_rows, Norm};
 #[cfg(target_arch = "x86_64")]
 pub use attention_amx::{AmxHead, ScorePrecision, StridedRows};
 pub use matmul::{
-    matmul, matmul_new, matmul_new_adding, matmul_new_then, matmul_using, mlp_new_adding, Activation, Kernel, Mlp,
-    MlpActivation,
+    matmul, matmul_new, matmul_new_adding, matmul_new_normed, matmul_new_then, matmul_using, mlp_new_adding,
+    Activation, Kernel, Mlp, MlpActivation,
 };
 pub use packed::{PackedWeight, WeightFormat};
 pub use pool::{on_compute_pool, Idle};

@@ -4,6 +4,7 @@
 //! tiles computed by the ISA kernels. 8-bit weights on AVX-512 have one loop nest of their own
 //! for every row count ([`crate::vnni`]), and on AMX the tiles of [`crate::q8_amx`] from 16 rows.
 
+use crate::activations::Norm;
 use crate::packed::{PackedWeight, Storage, WeightFormat, Q8_BLOCK};
 use crate::shared::{SharedOut, Tile, MR_MAX, NR_MAX};
 use crate::{avx2, avx512, scalar, Isa};
@@ -100,6 +101,29 @@ pub fn matmul_new_adding(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f
     product_new(x, m, w, Epilogue { residual: Some(residual), ..Epilogue::bias(bias) })
 }
 
+/// `norm(x)[m, k] W^T + bias` as a new `[m, n]` vector: on AMX tiles each row is normalised as
+/// it is rounded into the product's panels (the norm's output never written out in f32);
+/// elsewhere [`crate::norm_rows`] runs first. Both give the same bits.
+pub fn matmul_new_normed(x: &[f32], m: usize, norm: &Norm, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f32> {
+    assert_eq!(norm.width(), w.k, "a norm of {} values for {} inputs", norm.width(), w.k);
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Amx, Storage::Bf16Tiles(tiles), true) = (Isa::active(), &w.storage, m > 0 && w.n > 0) {
+        assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
+        assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
+        let mut out = Vec::with_capacity(m * w.n);
+        // SAFETY: AMX is active (detected, with the permission); the capacity holds the m x n
+        // values written through the pointer...
+        unsafe {
+            let out_at = SharedOut(out.as_mut_ptr());
+            crate::gemm_amx::gemm_bf16(x, m, Some(norm), w, tiles.tiles(), Epilogue::bias(bias), out_at)
+        };
+        // ...every one of them.
+        unsafe { out.set_len(m * w.n) };
+        return out;
+    }
+    matmul_new(&crate::norm_rows_new(x, norm), m, w, bias)
+}
+
 /// What an MLP's hidden activations go through between its two products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MlpActivation {
@@ -120,12 +144,13 @@ pub struct Mlp<'a> {
     pub down_bias: Option<&'a [f32]>,
 }
 
-/// `residual + mlp(x)` for `x` of `[m, mlp.up.k]`, as a new `[m, mlp.down.n]` vector. On AMX
-/// tiles, for as many rows as prefill and the vision tower run, the hidden activations go from
-/// the first product to the second as bf16 panels ([`crate::mlp_amx`]); elsewhere the two
-/// products run apart ([`matmul_new_then`], [`crate::silu_mul_halves`], [`matmul_new_adding`]).
-/// Both give the same bits.
-pub fn mlp_new_adding(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32]) -> Vec<f32> {
+/// `residual + mlp(norm(x))` for `x` of `[m, mlp.up.k]` (`norm` where there is one), as a new
+/// `[m, mlp.down.n]` vector. On AMX tiles, for as many rows as prefill and the vision tower run,
+/// the norm is applied as the input is rounded into the first product's panels and the hidden
+/// activations go from the first product to the second as bf16 panels ([`crate::mlp_amx`]);
+/// elsewhere each step runs apart ([`crate::norm_rows`], [`matmul_new_then`],
+/// [`crate::silu_mul_halves`], [`matmul_new_adding`]). Both give the same bits.
+pub fn mlp_new_adding(x: &[f32], m: usize, norm: Option<&Norm>, mlp: &Mlp, residual: &[f32]) -> Vec<f32> {
     let Mlp { up, up_bias, activation, down, down_bias } = *mlp;
     let hidden = match activation {
         MlpActivation::GeluTanh => up.n,
@@ -141,12 +166,14 @@ pub fn mlp_new_adding(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32]) -> Vec<f
         let mut out = Vec::with_capacity(m * down.n);
         // SAFETY: AMX is active (detected, with the permission); the capacity holds the m x n
         // values written through the pointer when it returns true...
-        if unsafe { crate::mlp_amx::mlp_bf16(x, m, mlp, residual, SharedOut(out.as_mut_ptr())) } {
+        if unsafe { crate::mlp_amx::mlp_bf16(x, m, norm, mlp, residual, SharedOut(out.as_mut_ptr())) } {
             // ...all of them (the second product writes every output once).
             unsafe { out.set_len(m * down.n) };
             return out;
         }
     }
+    let normed = norm.map(|norm| crate::norm_rows_new(x, norm));
+    let x = normed.as_deref().unwrap_or(x);
     let hidden = match activation {
         MlpActivation::GeluTanh => matmul_new_then(x, m, up, up_bias, Activation::GeluTanh),
         MlpActivation::SiluGated => crate::silu_mul_halves(&matmul_new(x, m, up, up_bias), hidden),
@@ -200,7 +227,7 @@ unsafe fn product(isa: Isa, kernel: Kernel, x: &[f32], m: usize, w: &PackedWeigh
     if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
         // Every row count: the tiles are this layout's only loop nest (the module says why).
         // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, w, tiles.tiles(), epilogue, out) };
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, None, w, tiles.tiles(), epilogue, out) };
         return;
     }
     // SAFETY: as the caller promises.

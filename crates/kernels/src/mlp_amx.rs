@@ -6,6 +6,7 @@
 //! more to be rounded. The values are those of the two products run apart, bit for bit: the same
 //! sums, the same activation code, the same rounding.
 
+use crate::activations::Norm;
 use crate::amx::{self, Start};
 use crate::gemm_amx::{
     on_panels, on_tiles, pack_activations, reused_aligned, row_block_rows, row_calls, BiasRow, Order, RowCall,
@@ -17,15 +18,22 @@ use crate::shared::SharedOut;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// `out = residual + down(activation(x up^T + up bias)) + down bias` as [`crate::mlp_new_adding`]
-/// says, with the hidden activations as panels; `false` (nothing written) where this does not
+/// `out = residual + down(activation(norm(x) up^T + up bias)) + down bias` as
+/// [`crate::mlp_new_adding`] says, with the hidden activations as panels; `false` (nothing written) where this does not
 /// apply: weights not in AMX tiles, a first product the row order does not suit (few rows, or
 /// weights too large to read once per row block), or gated halves not whole groups of 32.
 ///
 /// # Safety
 /// As [`crate::gemm_amx::gemm_bf16`]; `out` points to `m * mlp.down.n` writable values nothing
 /// else accesses during the call.
-pub(crate) unsafe fn mlp_bf16(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32], out: SharedOut) -> bool {
+pub(crate) unsafe fn mlp_bf16(
+    x: &[f32],
+    m: usize,
+    norm: Option<&Norm>,
+    mlp: &Mlp,
+    residual: &[f32],
+    out: SharedOut,
+) -> bool {
     let Mlp { up, up_bias, activation, down, down_bias } = *mlp;
     let (Storage::Bf16Tiles(up_tiles), Storage::Bf16Tiles(down_tiles)) = (&up.storage, &down.storage) else {
         return false;
@@ -40,7 +48,7 @@ pub(crate) unsafe fn mlp_bf16(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32], 
     let mut input_storage = PANELS.with_borrow_mut(std::mem::take);
     let mut hidden_storage = HIDDEN.with_borrow_mut(std::mem::take);
     // SAFETY: the caller vouches for the CPU.
-    let input = unsafe { pack_activations(x, m, up.k, up.kp, &mut input_storage) };
+    let input = unsafe { pack_activations(x, m, up.k, up.kp, norm, &mut input_storage) };
     let hidden = reused_aligned(&mut hidden_storage, m.div_ceil(amx::ROWS) * group_len(down.kp));
     let first = First { m, kp: up.kp, hidden_kp: down.kp, tiles: up_tiles.tiles(), bias: up_bias, gated };
     // SAFETY (both closures): the caller vouches for the CPU and the permission; the tiles are
@@ -196,14 +204,14 @@ mod tests {
         let mut out = vec![f32::NAN; m * down.n];
         // SAFETY: the test runs on AVX-512 BF16; outputs of m x n.
         unsafe {
-            let panels = pack_activations(x, m, up.k, up.kp, &mut storage);
+            let panels = pack_activations(x, m, up.k, up.kp, None, &mut storage);
             let order = Order::for_product(m, up.n, up.kp);
             by_tiles(order, m, up.n, up.kp, panels, &tiles(up), finish, SharedOut(first.as_mut_ptr()), || (), tile);
             let hidden = match mlp.activation {
                 MlpActivation::GeluTanh => first,
                 MlpActivation::SiluGated => crate::silu_mul_halves(&first, up.n / 2),
             };
-            let panels = pack_activations(&hidden, m, down.k, down.kp, &mut storage);
+            let panels = pack_activations(&hidden, m, down.k, down.kp, None, &mut storage);
             let finish = Finish { bias: mlp.down_bias, activation: Activation::Identity, residual: Some(residual) };
             let order = Order::for_product(m, down.n, down.kp);
             by_tiles(order, m, down.n, down.kp, panels, &tiles(down), finish, SharedOut(out.as_mut_ptr()), || (), tile);
@@ -212,7 +220,8 @@ mod tests {
     }
 
     /// The MLP with its hidden activations as panels gives the bits of its two products run
-    /// apart, GELU and gated, with and without biases, over row counts that end halfway through
+    /// apart, GELU and gated, with and without biases, its input normalised on the way into
+    /// the panels or before, over row counts that end halfway through
     /// panels and hidden widths that end halfway through a group: on the model of the tile, and
     /// on the tile where the CPU has AMX.
     #[test]
@@ -226,7 +235,8 @@ mod tests {
         let shapes: [(usize, usize, usize); 6] =
             [(40, 64, 80), (70, 96, 112), (250, 128, 200), (33, 32, 64), (300, 1024, 528), (300, 1024, 512)];
         for (m, k, hidden) in shapes {
-            for (gated, biases) in [(false, false), (false, true), (true, false), (true, true)] {
+            let cases = (0..8).map(|c| (c & 1 == 1, c & 2 == 2, c & 4 == 4));
+            for (gated, biases, normed) in cases {
                 let up_n = if gated { 2 * hidden.div_ceil(32) * 32 } else { hidden };
                 let hidden = if gated { up_n / 2 } else { hidden };
                 let up = PackedWeight::from_f32_for(Isa::Amx, &values(up_n * k, 53, 97), up_n, k, WeightFormat::Bf16);
@@ -240,28 +250,45 @@ mod tests {
                     false => (None, None),
                 };
                 let mlp = Mlp { up: &up, up_bias, activation, down: &down, down_bias };
-                let case = format!("{m}x{k}, hidden {hidden}, gated {gated}, biases {biases}");
+                let case = format!("{m}x{k}, hidden {hidden}, gated {gated}, biases {biases}, normed {normed}");
+                let (weight, bias) = (values(k, 13, 31), values(k, 17, 37));
+                let norm = match (normed, gated) {
+                    (false, _) => None,
+                    (true, false) => Some(Norm::Layer { weight: &weight, bias: &bias, eps: 1e-6 }),
+                    (true, true) => Some(Norm::Rms { weight: &weight, eps: 1e-6 }),
+                };
+                let norm = norm.as_ref();
+                // The input as the products apart see it.
+                let normed_x = norm.map_or_else(|| x.clone(), |norm| crate::norm_rows_new(&x, norm));
                 let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
                 if k < 1024 {
-                    let want = apart(&x, m, &mlp, &residual, &model_tile);
+                    let want = apart(&normed_x, m, &mlp, &residual, &model_tile);
                     assert!(want.iter().all(|v| v.is_finite()), "{case}");
                     for blocks in [1, 2, 3] {
-                        let got = through_panels(&x, m, &mlp, &residual, blocks);
+                        let got = through_panels(&x, m, norm, &mlp, &residual, blocks);
                         assert!(same(&got, &want), "model tile {case}, {blocks} row blocks");
                     }
                 } else if Isa::detected() == Isa::Amx {
-                    let want = apart_on_amx(&x, m, &mlp, &residual);
+                    let want = apart_on_amx(&normed_x, m, &mlp, &residual);
                     let mut got = vec![f32::NAN; m * k];
                     // SAFETY: AMX was detected; outputs of m x k.
-                    assert!(unsafe { mlp_bf16(&x, m, &mlp, &residual, SharedOut(got.as_mut_ptr())) }, "{case}");
+                    assert!(unsafe { mlp_bf16(&x, m, norm, &mlp, &residual, SharedOut(got.as_mut_ptr())) }, "{case}");
                     assert!(same(&got, &want), "AMX {case}");
                 }
             }
         }
     }
 
-    /// [`mlp_bf16`]'s two steps on the model of the tile, the first in `blocks` row blocks.
-    fn through_panels(x: &[f32], m: usize, mlp: &Mlp, residual: &[f32], blocks: usize) -> Vec<f32> {
+    /// [`mlp_bf16`]'s two steps on the model of the tile (the norm in the first one's packing),
+    /// the first in `blocks` row blocks.
+    fn through_panels(
+        x: &[f32],
+        m: usize,
+        norm: Option<&Norm>,
+        mlp: &Mlp,
+        residual: &[f32],
+        blocks: usize,
+    ) -> Vec<f32> {
         let (up, down) = (mlp.up, mlp.down);
         let mut got = vec![f32::NAN; m * down.n];
         let (mut input_storage, mut hidden_storage) = (Vec::new(), Vec::new());
@@ -271,7 +298,7 @@ mod tests {
         let gated = mlp.activation == MlpActivation::SiluGated;
         // SAFETY: the test runs on AVX-512 BF16; outputs of m x n.
         unsafe {
-            let input = pack_activations(x, m, up.k, up.kp, &mut input_storage);
+            let input = pack_activations(x, m, up.k, up.kp, norm, &mut input_storage);
             let panels = reused_aligned(&mut hidden_storage, m.div_ceil(32) * group_len(down.kp));
             let first = First { m, kp: up.kp, hidden_kp: down.kp, tiles: up_tiles.tiles(), bias: mlp.up_bias, gated };
             first.write_panels(blocks, input, SharedPanels(panels.as_mut_ptr()), || (), model_tile);

@@ -159,11 +159,12 @@ impl Bf16Tiles {
         })
     }
 
-    /// As [`Bf16Tiles::from_rows`], on the calling thread: for attention's keys, packed a head
-    /// at a time by threads that each take whole heads.
+    /// As [`Bf16Tiles::from_rows`], on the calling thread and in `storage` (see
+    /// [`Bf16Tiles::written_in`]): for attention's keys, packed a head at a time by threads that
+    /// each take whole heads.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn from_rows_here(rows: &[u16], n: usize, kp: usize) -> Bf16Tiles {
-        Bf16Tiles::written(n.div_ceil(COLS) * group_len(kp), |tiles| {
+    pub(crate) fn from_rows_here(rows: &[u16], n: usize, kp: usize, storage: Vec<u16>) -> Bf16Tiles {
+        Bf16Tiles::written_in(storage, n.div_ceil(COLS) * group_len(kp), |tiles| {
             for (g, group) in tiles.chunks_exact_mut(group_len(kp)).enumerate() {
                 // SAFETY: as above.
                 unsafe { pack_group(rows, n, kp, g, group) }
@@ -171,15 +172,30 @@ impl Bf16Tiles {
         })
     }
 
-    /// `len` units starting on a cache line, zeroed, then laid out by `write` (for layouts
-    /// packed another way than from rows: attention's values).
+    /// `len` units starting on a cache line, zeroed, then laid out by `write`.
     pub(crate) fn written(len: usize, write: impl FnOnce(&mut [u16])) -> Bf16Tiles {
-        let mut storage = Vec::new();
-        let tiles = crate::shared::aligned(&mut storage, len);
+        Bf16Tiles::written_in(Vec::new(), len, |tiles| {
+            tiles.fill(0);
+            write(tiles)
+        })
+    }
+
+    /// `len` units starting on a cache line in `storage` (grown when too short, otherwise as a
+    /// last user left them), laid out by `write`, which writes every unit: attention packs
+    /// each head's keys and values into the buffers of the last head the thread packed
+    /// (zeroing fresh ones for every head had been 1.4% of a one-image first token).
+    pub(crate) fn written_in(mut storage: Vec<u16>, len: usize, write: impl FnOnce(&mut [u16])) -> Bf16Tiles {
+        let tiles = crate::shared::reused_aligned(&mut storage, len);
         write(tiles);
         let start = tiles.as_ptr() as usize;
         let skip = (start - storage.as_ptr() as usize) / 2;
         Bf16Tiles { storage, skip, len }
+    }
+
+    /// The buffer the tiles lie in, for [`Bf16Tiles::written_in`] to reuse (no tiles left).
+    pub(crate) fn take_storage(&mut self) -> Vec<u16> {
+        self.len = 0;
+        std::mem::take(&mut self.storage)
     }
 
     pub(crate) fn tiles(&self) -> &[u16] {

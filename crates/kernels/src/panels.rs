@@ -2,8 +2,10 @@
 //! [`crate::attention_amx`]): rounded to bf16 once, laid out in panels of 32 rows, each
 //! `kp / 32` steps of two 1 KiB tiles (rows 0-15, 16-31) whose rows hold 32 inputs in order.
 
+use crate::activations::Norm;
 use crate::amx;
 use crate::packed::{group_len, STEP_UNITS};
+use crate::shared::reused_aligned;
 use rayon::prelude::*;
 
 thread_local! {
@@ -12,7 +14,7 @@ thread_local! {
     pub(crate) static PANELS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `x` rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
+/// `x`, through `norm` where there is one, rounded to bf16 as panels of 32 rows: `kp / 32` steps of two tiles (rows 0-15, 16-31),
 /// each tile row 32 inputs in order; zero-padded to `kp` inputs and whole panels. `storage` is
 /// reused as it is: every value of the panels is written.
 ///
@@ -23,6 +25,7 @@ pub(crate) unsafe fn pack_activations<'a>(
     m: usize,
     k: usize,
     kp: usize,
+    norm: Option<&Norm>,
     storage: &'a mut Vec<u16>,
 ) -> &'a [u16] {
     let panel_len = group_len(kp);
@@ -33,11 +36,21 @@ pub(crate) unsafe fn pack_activations<'a>(
     }
     panels.par_chunks_mut(panel_len).zip(x.par_chunks(k * amx::ROWS)).for_each(|(panel, rows)| {
         let count = rows.len() / k;
+        // A normalised row goes from L1 to the panel: the norm's f32 output is never written
+        // out and read back (3.4 MB each way per vision-tower norm at 729 rows).
+        let mut normed = vec![0.0f32; if norm.is_some() { k } else { 0 }];
         for r in 0..amx::ROWS {
             let at = (r / 16) * amx::TILE + (r % 16) * amx::STEP;
             if r < count {
+                let row = match norm {
+                    Some(norm) => {
+                        norm.row(&rows[r * k..][..k], &mut normed);
+                        &normed
+                    }
+                    None => &rows[r * k..][..k],
+                };
                 // SAFETY: the caller vouches for the CPU; the panel holds kp / 32 steps from `at`.
-                unsafe { x86::round_into_steps(&rows[r * k..][..k], 1.0, panel[at..].as_mut_ptr()) };
+                unsafe { x86::round_into_steps(row, 1.0, panel[at..].as_mut_ptr()) };
             } else {
                 // Rows past the last: zeros (their sums are never stored, but stay finite).
                 panel[at..].chunks_mut(STEP_UNITS).for_each(|step| step[..amx::STEP].fill(0));
@@ -45,17 +58,6 @@ pub(crate) unsafe fn pack_activations<'a>(
         }
     });
     panels
-}
-
-/// `len` units of `storage` from a cache line on, grown (zeroed) when too short and otherwise
-/// holding whatever the last user left: for buffers written before they are read.
-pub(crate) fn reused_aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
-    let line = 64 / std::mem::size_of::<T>();
-    if storage.len() < len + line {
-        *storage = vec![T::default(); len + line];
-    }
-    let skip = storage.as_ptr().align_offset(64).min(line);
-    &mut storage[skip..skip + len]
 }
 
 pub(crate) use x86::round_into_steps;

@@ -61,6 +61,17 @@ pub(crate) fn aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &m
     &mut storage[skip..skip + len]
 }
 
+/// `len` units of `storage` from a cache line on, grown (zeroed) when too short and otherwise
+/// holding whatever the last user left: for buffers written before they are read.
+pub(crate) fn reused_aligned<T: Copy + Default>(storage: &mut Vec<T>, len: usize) -> &mut [T] {
+    let line = 64 / std::mem::size_of::<T>();
+    if storage.len() < len + line {
+        *storage = vec![T::default(); len + line];
+    }
+    let skip = storage.as_ptr().align_offset(64).min(line);
+    &mut storage[skip..skip + len]
+}
+
 /// `src` rounded to bf16 bits (to nearest, ties to even) in `dst`, 32 values at a time.
 ///
 /// # Safety

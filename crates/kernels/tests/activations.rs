@@ -3,8 +3,8 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use weft_kernels::{
-    gelu_tanh, layer_norm_rows, narrow_into, rms_norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows,
-    weighted_sums, weighted_sums_add, widen_into, CachedValue,
+    gelu_tanh, narrow_into, norm_rows, scaled_dots, silu_mul, silu_mul_halves, softmax_rows, weighted_sums,
+    weighted_sums_add, widen_into, CachedValue, Norm,
 };
 
 fn values(n: usize, spread: f32, rng: &mut StdRng) -> Vec<f32> {
@@ -200,7 +200,7 @@ fn rms_norm_rows_match_f64() {
         let x: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-40.0..40.0)).collect();
         let weight: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
         let mut out = vec![f32::NAN; rows * d];
-        rms_norm_rows(&x, &weight, 1e-6, &mut out);
+        norm_rows(&x, &Norm::Rms { weight: &weight, eps: 1e-6 }, &mut out);
         for (o, row) in out.chunks(d).zip(x.chunks(d)) {
             let mean: f64 = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
             let inverse = 1.0 / (mean + 1e-6).sqrt();
@@ -219,7 +219,7 @@ fn layer_norm_rows_match_f64() {
         let weight: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
         let bias: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut out = vec![f32::NAN; rows * d];
-        layer_norm_rows(&x, &weight, &bias, 1e-6, &mut out);
+        norm_rows(&x, &Norm::Layer { weight: &weight, bias: &bias, eps: 1e-6 }, &mut out);
         for (o, row) in out.chunks(d).zip(x.chunks(d)) {
             let mean: f64 = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
             let variance: f64 = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;

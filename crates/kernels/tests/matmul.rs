@@ -4,8 +4,8 @@
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use weft_kernels::{
-    gelu_tanh, matmul, matmul_new, matmul_new_adding, matmul_new_then, matmul_using, Activation, Isa, Kernel,
-    PackedWeight, WeightFormat,
+    gelu_tanh, matmul, matmul_new, matmul_new_adding, matmul_new_normed, matmul_new_then, matmul_using, norm_rows_new,
+    Activation, Isa, Kernel, Norm, PackedWeight, WeightFormat,
 };
 
 const SHAPES: &[(usize, usize, usize)] = &[
@@ -125,6 +125,27 @@ fn the_residual_in_the_product_is_the_product_plus_the_residual() {
                 let tol = 1e-6 * (scale[idx] + 1.0) + 1e-7 * k as f64 * scale[idx];
                 let err = (got[idx] - want[idx]).abs() as f64;
                 assert!(err <= tol, "{m}x{k}x{n} {format:?}: [{idx}] {} vs {} (tol {tol})", got[idx], want[idx]);
+            }
+        }
+    }
+}
+
+/// A norm on the way into the product (on AMX tiles, as the rows are rounded into its panels)
+/// gives the bits of the norm's rows multiplied, for every weight format.
+#[test]
+fn a_norm_on_the_way_in_is_the_normalised_rows_multiplied() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for &(m, k, n) in SHAPES.iter().chain(&[(300, 1152, 200), (745, 256, 96)]) {
+        let (x, w, b) = (random(m * k, &mut rng), random(n * k, &mut rng), random(n, &mut rng));
+        let (weight, bias) = (random(k, &mut rng), random(k, &mut rng));
+        let norms = [Norm::Layer { weight: &weight, bias: &bias, eps: 1e-6 }, Norm::Rms { weight: &weight, eps: 1e-6 }];
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8] {
+            let packed = PackedWeight::from_f32(&w, n, k, format);
+            for norm in &norms {
+                let want = matmul_new(&norm_rows_new(&x, norm), m, &packed, Some(&b));
+                let got = matmul_new_normed(&x, m, norm, &packed, Some(&b));
+                let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{m}x{k}x{n} {format:?} {norm:?}");
             }
         }
     }

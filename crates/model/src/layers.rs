@@ -6,30 +6,47 @@ use crate::error::Result;
 use crate::weights::Scope;
 use candle_core::{DType, Tensor, D};
 
+/// A normalisation of each row of its input, which a linear layer reading its output may apply
+/// on the way into its product ([`crate::linear::Linear::forward_normed`]).
+pub trait RowNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The norm as Weft's kernels take it, where they compute it (f32 weights on the CPU).
+    fn kernel(&self) -> Option<weft_kernels::Norm<'_>>;
+}
+
 /// LayerNorm with weight and bias (SigLIP).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f32,
+    /// The weight and the bias as the kernels take them, when the run is f32 on the CPU.
+    kernel_values: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl LayerNorm {
     pub fn load(scope: &Scope, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: scope.get("weight", &[dim])?, bias: scope.get("bias", &[dim])?, eps: eps as f32 })
+        let (weight, bias) = (scope.get("weight", &[dim])?, scope.get("bias", &[dim])?);
+        let kernel_values = match on_cpu_in_f32(&weight) && on_cpu_in_f32(&bias) {
+            true => Some((weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?)),
+            false => None,
+        };
+        Ok(LayerNorm { weight, bias, eps: eps as f32, kernel_values })
+    }
+}
+
+impl RowNorm for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kernel() {
+            Some(norm) if on_cpu_in_f32(x) => norm_on_kernels(x, &norm),
+            _ => Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?),
+        }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if on_cpu_in_f32(x) && self.weight.dtype() == DType::F32 && self.bias.dtype() == DType::F32 {
-            let mut out = vec![0.0f32; x.elem_count()];
-            with_f32_values(&self.weight, |weight| {
-                with_f32_values(&self.bias, |bias| {
-                    with_f32_values(x, |values| weft_kernels::layer_norm_rows(values, weight, bias, self.eps, &mut out))
-                })
-            })???;
-            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
-        }
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    fn kernel(&self) -> Option<weft_kernels::Norm<'_>> {
+        let (weight, bias) = self.kernel_values.as_ref()?;
+        Some(weft_kernels::Norm::Layer { weight, bias, eps: self.eps })
     }
 }
 
@@ -38,22 +55,23 @@ impl LayerNorm {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// The weight as the kernels take it, when the run is f32 on the CPU.
+    kernel_weight: Option<Vec<f32>>,
 }
 
 impl RmsNorm {
     pub fn load(scope: &Scope, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: scope.get("weight", &[dim])?, eps })
+        let weight = scope.get("weight", &[dim])?;
+        let kernel_weight = if on_cpu_in_f32(&weight) { Some(weight.to_vec1::<f32>()?) } else { None };
+        Ok(RmsNorm { weight, eps, kernel_weight })
     }
+}
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if on_cpu_in_f32(x) && self.weight.dtype() == DType::F32 {
+impl RowNorm for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(norm) = self.kernel().filter(|_| on_cpu_in_f32(x)) {
             // One pass per row on the kernels; candle took seven, each allocating.
-            let mut out = vec![0.0f32; x.elem_count()];
-            let eps = self.eps as f32;
-            with_f32_values(&self.weight, |weight| {
-                with_f32_values(x, |values| weft_kernels::rms_norm_rows(values, weight, eps, &mut out))
-            })??;
-            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+            return norm_on_kernels(x, &norm);
         }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
@@ -61,6 +79,16 @@ impl RmsNorm {
         let normed = xf.broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?;
         Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
     }
+
+    fn kernel(&self) -> Option<weft_kernels::Norm<'_>> {
+        Some(weft_kernels::Norm::Rms { weight: self.kernel_weight.as_ref()?, eps: self.eps as f32 })
+    }
+}
+
+/// `norm` of every row of the f32 CPU tensor `x`, on the kernels.
+fn norm_on_kernels(x: &Tensor, norm: &weft_kernels::Norm) -> Result<Tensor> {
+    let out = with_f32_values(x, |values| weft_kernels::norm_rows_new(values, norm))?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
 }
 
 /// Softmax over the last dimension, computed in f32 whatever the run dtype.

@@ -4,7 +4,7 @@
 //! and candle's matmul for f16 or on a GPU.
 
 use crate::error::{ModelError, Result};
-use crate::layers::with_f32_values;
+use crate::layers::{with_f32_values, RowNorm};
 use crate::weights::Scope;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -174,7 +174,20 @@ impl Linear {
         Ok(Tensor::from_vec(out, out_dims, x.device())?)
     }
 
-    /// `residual + down(activation(self(x)))`: an MLP whose first layer is `self` (for
+    /// `self(norm(x))`: on Weft's kernels the norm is applied as the rows go into the product
+    /// (on AMX tiles as they are rounded into its panels, the norm's output never written out),
+    /// with the same values as `norm` then [`Linear::forward`].
+    pub fn forward_normed(&self, x: &Tensor, norm: &impl RowNorm) -> Result<Tensor> {
+        let (Backend::Packed(w), Some(kernel_norm)) = (&self.backend, norm.kernel()) else {
+            return self.forward(&norm.forward(x)?);
+        };
+        let (flat, rows, out_dims) = self.as_rows(x)?;
+        let bias = self.bias_f32.as_deref().map(Vec::as_slice);
+        let out = with_f32_values(&flat, |input| weft_kernels::matmul_new_normed(input, rows, &kernel_norm, w, bias))?;
+        Ok(Tensor::from_vec(out, out_dims, x.device())?)
+    }
+
+    /// `residual + down(activation(self(norm(x))))`: an MLP whose first layer is `self` (for
     /// [`MlpActivation::SiluGated`] the gate's and the up projection's outputs side by side,
     /// [`Linear::load_fused`]). On Weft's kernels in one call, which on AMX tiles hands the
     /// hidden activations to `down` as bf16 panels rather than f32 rows
@@ -182,14 +195,18 @@ impl Linear {
     pub fn mlp_adding(
         &self,
         x: &Tensor,
+        norm: &impl RowNorm,
         activation: MlpActivation,
         down: &Linear,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        let (Backend::Packed(up_weight), Backend::Packed(down_weight)) = (&self.backend, &down.backend) else {
+        let (Backend::Packed(up_weight), Backend::Packed(down_weight), Some(kernel_norm)) =
+            (&self.backend, &down.backend, norm.kernel())
+        else {
+            let normed = norm.forward(x)?;
             let hidden = match activation {
-                MlpActivation::GeluTanh => self.forward_then(x, Activation::GeluTanh)?,
-                MlpActivation::SiluGated => crate::layers::silu_mul_halves(&self.forward(x)?)?,
+                MlpActivation::GeluTanh => self.forward_then(&normed, Activation::GeluTanh)?,
+                MlpActivation::SiluGated => crate::layers::silu_mul_halves(&self.forward(&normed)?)?,
             };
             return down.forward_adding(&hidden, residual);
         };
@@ -206,7 +223,9 @@ impl Linear {
             down_bias: down.bias_f32.as_deref().map(Vec::as_slice),
         };
         let out = with_f32_values(&flat, |input| {
-            with_f32_values(residual, |residual| weft_kernels::mlp_new_adding(input, rows, &mlp, residual))
+            with_f32_values(residual, |residual| {
+                weft_kernels::mlp_new_adding(input, rows, Some(&kernel_norm), &mlp, residual)
+            })
         })??;
         Ok(Tensor::from_vec(out, out_dims, x.device())?)
     }

@@ -4,7 +4,7 @@
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_pool::{BlockTable, DisjointRows, KvPool};
-use crate::layers::{softmax_f32, with_f32_values, RmsNorm};
+use crate::layers::{softmax_f32, with_f32_values, RmsNorm, RowNorm};
 use crate::linear::{Linear, LinearFormat, MlpActivation};
 use crate::paged::HostKv;
 use crate::weights::Scope;
@@ -164,18 +164,20 @@ impl Attention {
         rows >= BF16_ATTENTION_MIN_ROWS && crate::attention::bf16_available(&self.qkv, device)
     }
 
-    /// `residual` plus attention over `x`: `[T, hidden]` for all sequences; `batch` says where
+    /// `x` plus attention over `norm(x)`: `[T, hidden]` for all sequences; `batch` says where
     /// each sequence's rows, blocks and mask are.
     fn forward_adding(
         &self,
         layer: usize,
         x: &Tensor,
-        residual: &Tensor,
+        norm: &RmsNorm,
         batch: &Batch,
         rotary: &Rotary,
         pool: &KvPool,
     ) -> Result<Tensor> {
-        let [q, k, v] = rotary.split_heads(&self.qkv.forward(x)?, self.heads, self.kv_heads, &batch.positions)?;
+        let residual = x;
+        let qkv = self.qkv.forward_normed(x, norm)?;
+        let [q, k, v] = rotary.split_heads(&qkv, self.heads, self.kv_heads, &batch.positions)?;
         for (seq, &(start, len)) in batch.seqs.iter().zip(&batch.spans) {
             let table = BlockTable { blocks: seq.blocks, len: seq.past };
             pool.write(layer, table, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)?;
@@ -338,9 +340,9 @@ impl Mlp {
         })
     }
 
-    /// `residual` plus the MLP of `x`.
-    fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.gate_up.mlp_adding(x, MlpActivation::SiluGated, &self.down, residual)
+    /// `x` plus the MLP of `norm(x)`.
+    fn forward_adding(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        self.gate_up.mlp_adding(x, norm, MlpActivation::SiluGated, &self.down, x)
     }
 }
 
@@ -510,9 +512,8 @@ impl Qwen2 {
         let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.clone()).collect();
         let mut x = Tensor::cat(&embeds, 0)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_norm.forward(&x)?;
-            let h = layer.attn.forward_adding(i, &normed, &x, &batch, &self.rotary, pool)?;
-            x = layer.mlp.forward_adding(&layer.post_norm.forward(&h)?, &h)?;
+            let h = layer.attn.forward_adding(i, &x, &layer.input_norm, &batch, &self.rotary, pool)?;
+            x = layer.mlp.forward_adding(&h, &layer.post_norm)?;
         }
         let last_rows: Vec<u32> = seqs
             .iter()

@@ -31,14 +31,15 @@ impl Attention {
         })
     }
 
-    /// `residual` plus attention over `x`: `[images, patches, hidden]`; full (non-causal)
+    /// `x` plus attention over `norm(x)`: `[images, patches, hidden]`; full (non-causal)
     /// attention within each image.
-    fn forward_adding(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    fn forward_adding(&self, x: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
+        let residual = x;
         let (n, p, d) = x.dims3()?;
         let hd = d / self.heads;
         let split =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, p, self.heads, hd))?.transpose(1, 2)?.contiguous()?) };
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward_normed(x, norm)?;
         if crate::attention::bf16_available(&self.qkv, x.device()) {
             let ctx = crate::attention::full_bf16(&qkv, self.heads, self.scale as f32)?;
             return self.out.forward_adding(&ctx, residual);
@@ -75,8 +76,8 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.attn.forward_adding(&self.norm1.forward(x)?, x)?;
-        self.fc1.mlp_adding(&self.norm2.forward(&h)?, MlpActivation::GeluTanh, &self.fc2, &h)
+        let h = self.attn.forward_adding(x, &self.norm1)?;
+        self.fc1.mlp_adding(&h, &self.norm2, MlpActivation::GeluTanh, &self.fc2, &h)
     }
 }
 
