@@ -124,6 +124,12 @@ impl Norm<'_> {
 
     /// One row into `out`, the sums in f64 (exact enough to match any summation order in f32).
     pub(crate) fn row(&self, row: &[f32], out: &mut [f32]) {
+        assert!(out.len() >= row.len() && self.width() >= row.len(), "a row of {} for {}", row.len(), self.width());
+        #[cfg(target_arch = "x86_64")]
+        if Isa::active() >= Isa::Avx512Bf16 {
+            // SAFETY: AVX-512F was detected; `out`, the weight and the bias hold the row's length.
+            return unsafe { x86::norm_row16(self, row, out) };
+        }
         let d = row.len() as f64;
         match *self {
             Norm::Layer { weight, bias, eps } => {
@@ -258,7 +264,7 @@ fn exp_shifted_scalar(row: &mut [f32], max: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{exp_shifted_scalar, silu_mul_scalar, GELU_CUBIC, GELU_SCALE};
+    use super::{exp_shifted_scalar, silu_mul_scalar, Norm, GELU_CUBIC, GELU_SCALE};
     use std::arch::x86_64::*;
 
     /// Below this `e^x` is 0 (f32 would go subnormal); above the other bound it would overflow.
@@ -384,6 +390,59 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn gelu_tanh16(x: &mut [f32]) {
         gelu_tanh16_rows(x.as_mut_ptr(), 1, x.len(), x.len());
+    }
+
+    /// [`Norm::row`] sixteen values at a time: the sums in f64 over eight lanes, then the same
+    /// f32 operations per value as the scalar path (a multiply, a multiply and an add: no fused
+    /// multiply-add, so the same values from the same mean and scale). On this compiler's
+    /// baseline target the scalar sums ran two f64 lanes at a time, 2.5% of a first token.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `out`, the norm's weight and bias hold at least `row.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn norm_row16(norm: &Norm, row: &[f32], out: &mut [f32]) {
+        let d = row.len();
+        let lanes = |p: usize| ((1u32 << (d - p).min(16)) - 1) as __mmask16;
+        let load = |at: *const f32, p: usize| _mm512_maskz_loadu_ps(lanes(p), at.add(p));
+        // Sums of `f(v)` in f64, two sets of eight lanes (the same as sixteen in any order,
+        // exactly enough).
+        let sum = |f: &dyn Fn(__m512d) -> __m512d| {
+            let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+            for p in (0..d).step_by(16) {
+                let (v, mask) = (load(row.as_ptr(), p), lanes(p));
+                // (Lanes past the row's end add nothing: f(0) is not zero for the variance.)
+                let (lo_mask, hi_mask) = (mask as __mmask8, (mask >> 8) as __mmask8);
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                lo = _mm512_mask_add_pd(lo, lo_mask, lo, f(_mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+                hi = _mm512_mask_add_pd(hi, hi_mask, hi, f(_mm512_cvtps_pd(high)));
+            }
+            _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
+        };
+        match *norm {
+            Norm::Layer { weight, bias, eps } => {
+                let mean = sum(&|v| v) / d as f64;
+                let centre = _mm512_set1_pd(mean);
+                let variance = sum(&|v| {
+                    let c = _mm512_sub_pd(v, centre);
+                    _mm512_mul_pd(c, c)
+                }) / d as f64;
+                let (inverse, mean) =
+                    (_mm512_set1_ps(1.0 / (variance as f32 + eps).sqrt()), _mm512_set1_ps(mean as f32));
+                for p in (0..d).step_by(16) {
+                    let scaled = _mm512_mul_ps(_mm512_sub_ps(load(row.as_ptr(), p), mean), inverse);
+                    let o = _mm512_add_ps(_mm512_mul_ps(scaled, load(weight.as_ptr(), p)), load(bias.as_ptr(), p));
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(p), lanes(p), o);
+                }
+            }
+            Norm::Rms { weight, eps } => {
+                let squares = sum(&|v| _mm512_mul_pd(v, v));
+                let inverse = _mm512_set1_ps(1.0 / ((squares / d as f64) as f32 + eps).sqrt());
+                for p in (0..d).step_by(16) {
+                    let o = _mm512_mul_ps(_mm512_mul_ps(load(row.as_ptr(), p), inverse), load(weight.as_ptr(), p));
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(p), lanes(p), o);
+                }
+            }
+        }
     }
 
     /// [`gelu_tanh16`] on `rows` rows of `width` values `stride` apart from `at`, in one call.
