@@ -132,6 +132,21 @@ impl AmxHead {
         out: &mut [f32],
         out_stride: usize,
     ) {
+        let mut out_rows: Vec<&mut [f32]> = out.chunks_mut(out_stride).take(rows).collect();
+        self.attend_into(queries, rows, scale, causal_first, |r| std::mem::take(&mut out_rows[r]))
+    }
+
+    /// As [`AmxHead::attend`], output row `r` (at least `hd` values) being `out_row(r)`: for
+    /// outputs laid out other than at one stride (a head's rows of the vision tower's `[patches,
+    /// heads * hd]` context, written by the threads of other heads too).
+    pub fn attend_into<'o>(
+        &self,
+        queries: StridedRows,
+        rows: usize,
+        scale: f32,
+        causal_first: Option<usize>,
+        mut out_row: impl FnMut(usize) -> &'o mut [f32],
+    ) {
         let (hd, len, len_padded, inputs) = (self.hd, self.len, self.len_padded, self.score_inputs);
         let hd_padded = hd.div_ceil(COLS) * COLS;
         // The thread's buffers from its last head: each is written before it is read (rows of
@@ -186,7 +201,7 @@ impl AmxHead {
                 unsafe { tile(x, w, seen_padded, sums[g * COLS..].as_mut_ptr(), hd_padded, block) };
             }
             for (r, &inverse) in inverses.iter().enumerate().take(block) {
-                let out = &mut out[(start + r) * out_stride..][..hd];
+                let out = &mut out_row(start + r)[..hd];
                 out.iter_mut().zip(&sums[r * hd_padded..]).for_each(|(o, &s)| *o = s * inverse);
             }
         }

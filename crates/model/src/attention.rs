@@ -10,6 +10,7 @@
 //! about 1e-5 of f32).
 
 use crate::error::Result;
+use crate::kv_pool::DisjointRows;
 use crate::layers::with_f32_values;
 use crate::linear::Linear;
 use crate::paged::HostKv;
@@ -102,43 +103,40 @@ pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor
     // keys, + 2d for its values) and in the output.
     let at_in = |img: usize, h: usize, t: usize| (img * p + t) * fused + h * hd;
     let at_out = |img: usize, h: usize, t: usize| (img * p + t) * d + h * hd;
-    // Images and heads in parallel, each product on one thread (see `causal_bf16`).
-    let outputs: Vec<Vec<f32>> = with_f32_values(qkv, |values| {
-        (0..n * heads)
-            .into_par_iter()
-            .map(|job| {
-                let (img, h) = (job / heads, job % heads);
-                #[cfg(target_arch = "x86_64")]
-                {
-                    use weft_kernels::{AmxHead, ScorePrecision, StridedRows};
-                    let rows = |first: usize| StridedRows { data: &values[first..], stride: fused };
-                    let (q, k, v) = (at_in(img, h, 0), at_in(img, h, 0) + d, at_in(img, h, 0) + 2 * d);
-                    if let Some(head) = AmxHead::new(rows(k), rows(v), p, hd, ScorePrecision::Bf16) {
-                        let mut out = vec![0.0f32; p * hd];
-                        head.attend(rows(q), p, scale, None, &mut out, hd);
-                        return out;
-                    }
-                }
-                let kv = HeadRows::gather(&values[d..], &values[2 * d..], p, hd, |t| at_in(img, h, t))
-                    .pack(p, WeightFormat::Bf16);
-                let mut qh = vec![0.0; p * hd];
-                for t in 0..p {
-                    let row = &values[at_in(img, h, t)..at_in(img, h, t) + hd];
-                    qh[t * hd..(t + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o = x * scale);
-                }
-                let (mut scores, mut out) = (Vec::new(), vec![0.0f32; p * hd]);
-                kv.attend(&qh, p, None, &mut scores, &mut out);
-                out
-            })
-            .collect()
-    })?;
+    // Images and heads in parallel, each product on one thread (see `causal_bf16`), each
+    // writing its rows of the context where they belong (a copy of every head's rows, and a
+    // zeroed vector for each, had been 1% of a one-image first token).
     let mut ctx = vec![0.0f32; n * p * d];
-    for (job, out) in outputs.iter().enumerate() {
-        let (img, h) = (job / heads, job % heads);
-        for t in 0..p {
-            ctx[at_out(img, h, t)..at_out(img, h, t) + hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
-        }
-    }
+    let ctx_rows = DisjointRows(ctx.as_mut_ptr());
+    with_f32_values(qkv, |values| {
+        (0..n * heads).into_par_iter().for_each(|job| {
+            let (img, h) = (job / heads, job % heads);
+            // SAFETY: row t of this image and head lies inside ctx and belongs to this job alone.
+            let out_row = |t: usize| unsafe { ctx_rows.row(at_out(img, h, t), hd) };
+            #[cfg(target_arch = "x86_64")]
+            {
+                use weft_kernels::{AmxHead, ScorePrecision, StridedRows};
+                let rows = |first: usize| StridedRows { data: &values[first..], stride: fused };
+                let (q, k, v) = (at_in(img, h, 0), at_in(img, h, 0) + d, at_in(img, h, 0) + 2 * d);
+                if let Some(head) = AmxHead::new(rows(k), rows(v), p, hd, ScorePrecision::Bf16) {
+                    head.attend_into(rows(q), p, scale, None, out_row);
+                    return;
+                }
+            }
+            let kv = HeadRows::gather(&values[d..], &values[2 * d..], p, hd, |t| at_in(img, h, t))
+                .pack(p, WeightFormat::Bf16);
+            let mut qh = vec![0.0; p * hd];
+            for t in 0..p {
+                let row = &values[at_in(img, h, t)..at_in(img, h, t) + hd];
+                qh[t * hd..(t + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o = x * scale);
+            }
+            let (mut scores, mut out) = (Vec::new(), vec![0.0f32; p * hd]);
+            kv.attend(&qh, p, None, &mut scores, &mut out);
+            for t in 0..p {
+                out_row(t).copy_from_slice(&out[t * hd..(t + 1) * hd]);
+            }
+        })
+    })?;
     Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
 }
 
