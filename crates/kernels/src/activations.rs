@@ -124,7 +124,11 @@ impl Norm<'_> {
 
     /// One row into `out`, the sums in f64 (exact enough to match any summation order in f32).
     pub(crate) fn row(&self, row: &[f32], out: &mut [f32]) {
-        assert!(out.len() >= row.len() && self.width() >= row.len(), "a row of {} for {}", row.len(), self.width());
+        let bias_covers = match self {
+            Norm::Layer { bias, .. } => bias.len() >= row.len(),
+            Norm::Rms { .. } => true,
+        };
+        assert!(out.len() >= row.len() && self.width() >= row.len() && bias_covers, "a row of {}", row.len());
         #[cfg(target_arch = "x86_64")]
         if Isa::active() >= Isa::Avx512Bf16 {
             // SAFETY: AVX-512F was detected; `out`, the weight and the bias hold the row's length.

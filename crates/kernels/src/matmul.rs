@@ -159,6 +159,7 @@ pub fn mlp_new_adding(x: &[f32], m: usize, norm: Option<&Norm>, mlp: &Mlp, resid
     assert!(activation == MlpActivation::GeluTanh || up.n.is_multiple_of(2), "gated halves of {}", up.n);
     assert_eq!(down.k, hidden, "the down projection takes {} inputs, not {hidden}", down.k);
     assert_eq!(x.len(), m * up.k, "x must be {m}x{}", up.k);
+    assert!(norm.is_none_or(|norm| norm.width() == up.k), "a norm for {} inputs", up.k);
     assert_eq!(residual.len(), m * down.n, "the residual must be {m}x{}", down.n);
     assert!(up_bias.is_none_or(|b| b.len() == up.n) && down_bias.is_none_or(|b| b.len() == down.n), "biases");
     #[cfg(target_arch = "x86_64")]
