@@ -19,8 +19,9 @@
 //! (bf16 queries and keys moved its logprobs by 0.08 on the tiny random fixture), so it splits.
 
 use crate::amx;
-use crate::gemm_amx::{round_into_steps, TilesBorrowed};
+use crate::gemm_amx::TilesBorrowed;
 use crate::packed::{group_len, Bf16Tiles, COLS, STEP_UNITS};
+use crate::panels::round_into_steps;
 use crate::shared::{reused_aligned, round_to_bf16};
 use std::cell::RefCell;
 

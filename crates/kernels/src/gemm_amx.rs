@@ -14,9 +14,8 @@ use crate::activations::Norm;
 use crate::amx::{self, Start};
 use crate::matmul::{Activation, Epilogue as Finish};
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
-pub(crate) use crate::panels::{pack_activations, round_into_steps, PANELS};
-pub(crate) use crate::shared::reused_aligned;
-use crate::shared::SharedOut;
+use crate::panels::{pack_activations, PANELS};
+use crate::shared::{reused_aligned, SharedOut};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -217,29 +216,8 @@ pub(crate) fn by_tiles<T>(
     tile: impl Fn(TileCall) + Sync,
 ) {
     if let Order::Rows(blocks) = order {
-        let block = |b: usize| {
-            let (first, end) = row_block_rows(b, blocks, m);
-            RowBlock { n, kp, first, end, finish, out }
-        };
-        // Each block's next group of columns, claimed by whoever works on the block: a thread
-        // starts on its own block and then helps with the others' groups left, so one woken
-        // late (prefill products come far apart) does not leave the other waiting for it.
-        let next_group: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
-        let groups = n.div_ceil(COLS);
-        (0..blocks).into_par_iter().for_each(|own| {
-            BLOCK_SUMS.with_borrow_mut(|storage| {
-                let _entered = enter();
-                for b in (own..blocks).chain(0..own) {
-                    let rows = block(b);
-                    loop {
-                        let g = next_group[b].fetch_add(1, Ordering::Relaxed);
-                        if g >= groups {
-                            break;
-                        }
-                        rows.group(g, panels, tiles, storage, &tile);
-                    }
-                }
-            })
+        by_row_blocks(blocks, m, n.div_ceil(COLS), enter, |first, end, g, storage| {
+            RowBlock { n, kp, first, end, finish, out }.group(g, panels, tiles, storage, &tile)
         });
         return;
     }
@@ -273,9 +251,40 @@ pub(crate) fn by_tiles<T>(
     });
 }
 
+/// The row order's schedule: `work(first, end, g, storage)` for group `g` (of `groups`, 32
+/// columns each) over rows `first..end` of each of `blocks` row blocks over `m` rows, `storage`
+/// the thread's block buffer, with `enter()`'s result held meanwhile. Each block's next group is
+/// claimed by whoever works on the block: a thread starts on its own block and then helps with
+/// the others' groups left, so one woken late (prefill products come far apart) does not leave
+/// the other waiting for it.
+pub(crate) fn by_row_blocks<T>(
+    blocks: usize,
+    m: usize,
+    groups: usize,
+    enter: impl Fn() -> T + Sync,
+    work: impl Fn(usize, usize, usize, &mut Vec<f32>) + Sync,
+) {
+    let next_group: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
+    (0..blocks).into_par_iter().for_each(|own| {
+        BLOCK_SUMS.with_borrow_mut(|storage| {
+            let _entered = enter();
+            for b in (own..blocks).chain(0..own) {
+                let (first, end) = row_block_rows(b, blocks, m);
+                loop {
+                    let g = next_group[b].fetch_add(1, Ordering::Relaxed);
+                    if g >= groups {
+                        break;
+                    }
+                    work(first, end, g, storage);
+                }
+            }
+        })
+    });
+}
+
 /// Rows `first..end` of row block `b` of `blocks` over `m` rows: runs of whole tiles (16 rows),
 /// the blocks' sizes differing by one tile at most.
-pub(crate) fn row_block_rows(b: usize, blocks: usize, m: usize) -> (usize, usize) {
+fn row_block_rows(b: usize, blocks: usize, m: usize) -> (usize, usize) {
     let tiles_in_all = m.div_ceil(HALF);
     (b * tiles_in_all / blocks * HALF, ((b + 1) * tiles_in_all / blocks * HALF).min(m))
 }
@@ -501,7 +510,7 @@ impl Block<'_> {
 thread_local! {
     /// A block's sums, kept by each thread from block to block rather than allocated and zeroed
     /// for each (for long inputs, all panels' sums: 4.5 MB at 11,700 rows).
-    pub(crate) static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BLOCK_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The AMX tiles configured for Weft on this thread for as long as it lives (one parallel

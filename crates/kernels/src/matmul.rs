@@ -62,7 +62,7 @@ pub fn matmul_using(
 ) {
     assert_eq!(out.len(), m * w.n, "out must be {m}x{}", w.n);
     // SAFETY: `out` holds the m x n values `product` writes.
-    unsafe { product(isa, kernel, x, m, w, Epilogue::bias(bias), SharedOut(out.as_mut_ptr())) }
+    unsafe { product(isa, kernel, x, m, None, w, Epilogue::bias(bias), SharedOut(out.as_mut_ptr())) }
 }
 
 /// `x[m, k] W^T + bias` as a new `[m, n]` vector, on [`Isa::active`]. Its memory is never
@@ -90,7 +90,7 @@ pub fn matmul_new_then(
     bias: Option<&[f32]>,
     activation: Activation,
 ) -> Vec<f32> {
-    product_new(x, m, w, Epilogue { activation, ..Epilogue::bias(bias) })
+    product_new(x, m, None, w, Epilogue { activation, ..Epilogue::bias(bias) })
 }
 
 /// `x[m, k] W^T + bias + residual` (`[m, n]`) as a new vector: a residual connection in the
@@ -98,30 +98,14 @@ pub fn matmul_new_then(
 /// addition read both `[m, n]` arrays and wrote a third); elsewhere it is added after.
 pub fn matmul_new_adding(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, residual: &[f32]) -> Vec<f32> {
     assert_eq!(residual.len(), m * w.n, "the residual must be {m}x{}", w.n);
-    product_new(x, m, w, Epilogue { residual: Some(residual), ..Epilogue::bias(bias) })
+    product_new(x, m, None, w, Epilogue { residual: Some(residual), ..Epilogue::bias(bias) })
 }
 
 /// `norm(x)[m, k] W^T + bias` as a new `[m, n]` vector: on AMX tiles each row is normalised as
 /// it is rounded into the product's panels (the norm's output never written out in f32);
 /// elsewhere [`crate::norm_rows`] runs first. Both give the same bits.
 pub fn matmul_new_normed(x: &[f32], m: usize, norm: &Norm, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<f32> {
-    assert_eq!(norm.width(), w.k, "a norm of {} values for {} inputs", norm.width(), w.k);
-    #[cfg(target_arch = "x86_64")]
-    if let (Isa::Amx, Storage::Bf16Tiles(tiles), true) = (Isa::active(), &w.storage, m > 0 && w.n > 0) {
-        assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
-        assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
-        let mut out = Vec::with_capacity(m * w.n);
-        // SAFETY: AMX is active (detected, with the permission); the capacity holds the m x n
-        // values written through the pointer...
-        unsafe {
-            let out_at = SharedOut(out.as_mut_ptr());
-            crate::gemm_amx::gemm_bf16(x, m, Some(norm), w, tiles.tiles(), Epilogue::bias(bias), out_at)
-        };
-        // ...every one of them.
-        unsafe { out.set_len(m * w.n) };
-        return out;
-    }
-    matmul_new(&crate::norm_rows_new(x, norm), m, w, bias)
+    product_new(x, m, Some(norm), w, Epilogue::bias(bias))
 }
 
 /// What an MLP's hidden activations go through between its two products.
@@ -148,7 +132,7 @@ pub struct Mlp<'a> {
 /// `[m, mlp.down.n]` vector. On AMX tiles, for as many rows as prefill and the vision tower run,
 /// the norm is applied as the input is rounded into the first product's panels and the hidden
 /// activations go from the first product to the second as bf16 panels ([`crate::mlp_amx`]);
-/// elsewhere each step runs apart ([`crate::norm_rows`], [`matmul_new_then`],
+/// elsewhere each step runs apart (as [`matmul_new_normed`], [`matmul_new_then`],
 /// [`crate::silu_mul_halves`], [`matmul_new_adding`]). Both give the same bits.
 pub fn mlp_new_adding(x: &[f32], m: usize, norm: Option<&Norm>, mlp: &Mlp, residual: &[f32]) -> Vec<f32> {
     let Mlp { up, up_bias, activation, down, down_bias } = *mlp;
@@ -173,11 +157,13 @@ pub fn mlp_new_adding(x: &[f32], m: usize, norm: Option<&Norm>, mlp: &Mlp, resid
             return out;
         }
     }
-    let normed = norm.map(|norm| crate::norm_rows_new(x, norm));
-    let x = normed.as_deref().unwrap_or(x);
     let hidden = match activation {
-        MlpActivation::GeluTanh => matmul_new_then(x, m, up, up_bias, Activation::GeluTanh),
-        MlpActivation::SiluGated => crate::silu_mul_halves(&matmul_new(x, m, up, up_bias), hidden),
+        MlpActivation::GeluTanh => {
+            product_new(x, m, norm, up, Epilogue { activation: Activation::GeluTanh, ..Epilogue::bias(up_bias) })
+        }
+        MlpActivation::SiluGated => {
+            crate::silu_mul_halves(&product_new(x, m, norm, up, Epilogue::bias(up_bias)), hidden)
+        }
     };
     matmul_new_adding(&hidden, m, down, down_bias, residual)
 }
@@ -199,25 +185,37 @@ impl<'a> Epilogue<'a> {
 }
 
 /// [`product`] into a new `[m, n]` vector, on [`Isa::active`].
-fn product_new(x: &[f32], m: usize, w: &PackedWeight, epilogue: Epilogue) -> Vec<f32> {
+fn product_new(x: &[f32], m: usize, norm: Option<&Norm>, w: &PackedWeight, epilogue: Epilogue) -> Vec<f32> {
     let len = m * w.n;
     let mut out = Vec::with_capacity(len);
     // SAFETY: the capacity holds the m x n values `product` writes, through the pointer (no
     // reference to the uninitialised memory is made)...
-    unsafe { product(Isa::active(), Kernel::Auto, x, m, w, epilogue, SharedOut(out.as_mut_ptr())) };
+    unsafe { product(Isa::active(), Kernel::Auto, x, m, norm, w, epilogue, SharedOut(out.as_mut_ptr())) };
     // ...and all of them are written (`every_path_matches_the_naive_product` checks each
     // path on an output filled with NaN).
     unsafe { out.set_len(len) };
     out
 }
 
-/// Writes all of `out[m, n] = activation(x W^T + bias) + residual`, as `epilogue` says.
+/// Writes all of `out[m, n] = activation(norm(x) W^T + bias) + residual`, as `norm` (where
+/// there is one) and `epilogue` say.
 ///
 /// # Safety
 /// `out` points to `m * n` writable `f32` that nothing else accesses during the call.
-unsafe fn product(isa: Isa, kernel: Kernel, x: &[f32], m: usize, w: &PackedWeight, epilogue: Epilogue, out: SharedOut) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    isa: Isa,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    norm: Option<&Norm>,
+    w: &PackedWeight,
+    epilogue: Epilogue,
+    out: SharedOut,
+) {
     let Epilogue { bias, activation, residual } = epilogue;
     assert_eq!(x.len(), m * w.k, "x must be {m}x{}", w.k);
+    assert!(norm.is_none_or(|norm| norm.width() == w.k), "a norm for {} inputs", w.k);
     assert!(bias.is_none_or(|b| b.len() == w.n), "bias must have {} values", w.n);
     assert!(residual.is_none() || activation == Activation::Identity, "an activation and a residual");
     assert!(isa <= Isa::detected(), "{} is not supported by this CPU", isa.name());
@@ -228,9 +226,12 @@ unsafe fn product(isa: Isa, kernel: Kernel, x: &[f32], m: usize, w: &PackedWeigh
     if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
         // Every row count: the tiles are this layout's only loop nest (the module says why).
         // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, None, w, tiles.tiles(), epilogue, out) };
+        // A norm is applied as each row is rounded into the panels.
+        unsafe { crate::gemm_amx::gemm_bf16(x, m, norm, w, tiles.tiles(), epilogue, out) };
         return;
     }
+    let normed = norm.map(|norm| crate::norm_rows_new(x, norm));
+    let x = normed.as_deref().unwrap_or(x);
     // SAFETY: as the caller promises.
     unsafe { product_then_identity(isa, kernel, x, m, w, bias, out) };
     // SAFETY: every value was written; the caller gives this call the output alone.

@@ -9,14 +9,12 @@
 use crate::activations::Norm;
 use crate::amx::{self, Start};
 use crate::gemm_amx::{
-    on_panels, on_tiles, pack_activations, reused_aligned, row_block_rows, row_calls, BiasRow, Order, RowCall,
-    TileCall, TilesBorrowed, BLOCK_SUMS, HALF, PANELS,
+    by_row_blocks, on_panels, on_tiles, row_calls, BiasRow, Order, RowCall, TileCall, TilesBorrowed, HALF,
 };
 use crate::matmul::{Activation, Epilogue as Finish, Mlp, MlpActivation};
 use crate::packed::{group_len, Storage, COLS, STEP_UNITS};
-use crate::shared::SharedOut;
-use rayon::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::panels::{pack_activations, round_into_steps, PANELS};
+use crate::shared::{reused_aligned, SharedOut};
 
 /// `out = residual + down(activation(norm(x) up^T + up bias)) + down bias` as
 /// [`crate::mlp_new_adding`] says, with the hidden activations as panels; `false` (nothing written) where this does not
@@ -103,24 +101,10 @@ impl First<'_> {
         enter: impl Fn() -> T + Sync,
         tile: impl Fn(TileCall) + Sync,
     ) {
-        let groups = self.hidden_kp / COLS;
-        let next_group: Vec<AtomicUsize> = (0..blocks).map(|_| AtomicUsize::new(0)).collect();
-        (0..blocks).into_par_iter().for_each(|own| {
-            BLOCK_SUMS.with_borrow_mut(|storage| {
-                let _entered = enter();
-                // Every tile call writes its sums before they are read.
-                let sums = reused_aligned(storage, 2 * amx::ROWS * COLS);
-                for b in (own..blocks).chain(0..own) {
-                    let (first, end) = row_block_rows(b, blocks, self.m);
-                    loop {
-                        let g = next_group[b].fetch_add(1, Ordering::Relaxed);
-                        if g >= groups {
-                            break;
-                        }
-                        self.group(g, first, end, input, hidden, sums, &tile);
-                    }
-                }
-            })
+        by_row_blocks(blocks, self.m, self.hidden_kp / COLS, enter, |first, end, g, storage| {
+            // Every tile call writes its sums before they are read.
+            let sums = reused_aligned(storage, 2 * amx::ROWS * COLS);
+            self.group(g, first, end, input, hidden, sums, &tile)
         });
     }
 
@@ -138,12 +122,12 @@ impl First<'_> {
         tile: &impl Fn(TileCall),
     ) {
         let (panel_len, hidden_len) = (group_len(self.kp), group_len(self.hidden_kp));
-        let n = self.tiles.len() / panel_len * COLS;
         let bias_of = |group: usize| {
             let j0 = group * COLS;
             self.bias.map(|b| BiasRow::new(&b[j0.min(b.len())..(j0 + COLS).min(b.len())]))
         };
-        let half = n / COLS / 2;
+        // Gating: the up projection's groups follow the gate's.
+        let half = self.tiles.len() / panel_len / 2;
         let (bias, up_bias) = (bias_of(g), if self.gated { bias_of(g + half) } else { None });
         let (acts, ups) = sums.split_at_mut(amx::ROWS * COLS);
         for RowCall { row, rows, panel, second_half } in row_calls(first, end) {
@@ -170,7 +154,7 @@ impl First<'_> {
             for (r, values) in acts.chunks_exact(COLS).enumerate() {
                 // SAFETY: the caller vouches for AVX-512 BF16; one step's row of 32 inside the
                 // hidden panels, written by this thread alone (it claimed group g).
-                unsafe { crate::gemm_amx::round_into_steps(values, 1.0, hidden.0.add(at + r * amx::STEP)) };
+                unsafe { round_into_steps(values, 1.0, hidden.0.add(at + r * amx::STEP)) };
             }
         }
     }

@@ -164,9 +164,7 @@ impl Linear {
             return Ok((residual + self.forward(x)?)?);
         };
         let (flat, rows, out_dims) = self.as_rows(x)?;
-        if residual.dims() != out_dims.as_slice() {
-            return Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims())));
-        }
+        same_dims(residual, &out_dims)?;
         let bias = self.bias_f32.as_deref().map(Vec::as_slice);
         let out = with_f32_values(&flat, |input| {
             with_f32_values(residual, |residual| weft_kernels::matmul_new_adding(input, rows, w, bias, residual))
@@ -212,9 +210,7 @@ impl Linear {
         };
         let (flat, rows, mut out_dims) = self.as_rows(x)?;
         *out_dims.last_mut().expect("x has at least one dimension") = down.out_dim;
-        if residual.dims() != out_dims.as_slice() {
-            return Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims())));
-        }
+        same_dims(residual, &out_dims)?;
         let mlp = weft_kernels::Mlp {
             up: up_weight,
             up_bias: self.bias_f32.as_deref().map(Vec::as_slice),
@@ -237,6 +233,14 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         *dims.last_mut().expect("x has at least one dimension") = self.out_dim;
         Ok((x.reshape((rows, in_dim))?, rows, dims))
+    }
+}
+
+/// An error unless `residual` is shaped as the outputs it is added to.
+fn same_dims(residual: &Tensor, out_dims: &[usize]) -> Result<()> {
+    match residual.dims() == out_dims {
+        true => Ok(()),
+        false => Err(ModelError::Input(format!("residual {:?} for outputs {out_dims:?}", residual.dims()))),
     }
 }
 
