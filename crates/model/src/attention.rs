@@ -14,7 +14,7 @@ use crate::kv_pool::DisjointRows;
 use crate::layers::with_f32_values;
 use crate::linear::Linear;
 use crate::paged::HostKv;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use weft_kernels::{Isa, PackedWeight, WeightFormat};
 
@@ -140,24 +140,61 @@ pub(crate) fn full_bf16(qkv: &Tensor, heads: usize, scale: f32) -> Result<Tensor
     Ok(Tensor::from_vec(ctx, (n, p, d), &Device::Cpu)?)
 }
 
-/// Causal attention of `q` (`[heads, t, hd]`, at positions `past..past + t`) over the keys and
-/// values of `kv` (`past + t` of them, gathered from the sequence's blocks), in blocks of
-/// `block` query rows; query heads that share a KV head share its packed keys and values.
-/// Scores in f32, `p v` in bf16.
-pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) -> Result<Tensor> {
-    let (heads, t, hd) = q.dims3()?;
+/// One chunk's queries inside a forward pass's `[heads, total, hd]` f32 queries: query head
+/// `h`'s row `r` of the chunk at `((h * total) + first + r) * hd`.
+#[derive(Clone, Copy)]
+pub(crate) struct ChunkQueries<'a> {
+    pub values: &'a [f32],
+    pub total: usize,
+    pub first: usize,
+    pub rows: usize,
+    pub hd: usize,
+}
+
+impl<'a> ChunkQueries<'a> {
+    /// Query head `h`'s rows of the chunk, from the first.
+    fn head(&self, h: usize) -> &'a [f32] {
+        &self.values[(h * self.total + self.first) * self.hd..][..self.rows * self.hd]
+    }
+}
+
+/// Where attention writes a chunk's context: query head `h`'s row `r` to the `hd` values from
+/// `h * hd` of row `first + r` of a `[total, width]` buffer (the output projection's input),
+/// whose other rows other threads write at the same time.
+#[derive(Clone, Copy)]
+pub(crate) struct ContextRows {
+    pub rows: DisjointRows<f32>,
+    pub first: usize,
+    pub width: usize,
+}
+
+impl ContextRows {
+    /// # Safety
+    /// The buffer holds row `first + r`; no other thread uses these values while they live.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn head_row(&self, r: usize, h: usize, hd: usize) -> &mut [f32] {
+        self.rows.row((self.first + r) * self.width + h * hd, hd)
+    }
+}
+
+/// Causal attention of a chunk's queries `q` (at positions `past..past + q.rows`) over the keys
+/// and values of `kv` (`past + q.rows` of them), in blocks of `block` query rows, into `out`;
+/// query heads that share a KV head share its packed keys and values. Scores in f32, `p v` in
+/// bf16.
+pub(crate) fn causal_bf16(q: ChunkQueries, kv: &HostKv, past: usize, block: usize, out: ContextRows) {
+    let (t, hd) = (q.rows, q.hd);
     let (kv_heads, kv_len, head_stride) = (kv.kv_heads, kv.len, kv.head_stride);
-    let group = heads / kv_heads;
+    let group = out.width / hd / kv_heads;
     let scale = (hd as f32).powf(-0.5);
-    let q = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let (k, v) = (&kv.keys, &kv.values);
-    let mut ctx = vec![0.0f32; heads * t * hd];
     // Blocks of at most CAUSAL_BLOCK_ROWS queries, each over only the keys its last query can
     // see: the masked half of the square is never computed.
     let block = block.clamp(1, CAUSAL_BLOCK_ROWS);
     // KV heads in parallel (each with its query heads): the products of one block are too
     // small to split between threads without the hand-offs costing more than they share.
-    ctx.par_chunks_mut(group * t * hd).enumerate().for_each(|(kvh, ctx)| {
+    (0..kv_heads).into_par_iter().for_each(|kvh| {
+        // SAFETY (every `head_row`): this KV head's query heads' values of the chunk's rows are
+        // written by this iteration alone.
         #[cfg(target_arch = "x86_64")]
         {
             use weft_kernels::{AmxHead, ScorePrecision, StridedRows};
@@ -172,30 +209,29 @@ pub(crate) fn causal_bf16(q: &Tensor, kv: &HostKv, past: usize, block: usize) ->
                 ScorePrecision::Split,
             );
             if let Some(head) = head {
-                for g in 0..group {
-                    let queries = rows(&q, (kvh * group + g) * t, hd);
-                    head.attend(queries, t, scale, Some(past), &mut ctx[g * t * hd..(g + 1) * t * hd], hd);
+                for h in kvh * group..(kvh + 1) * group {
+                    let queries = StridedRows { data: q.head(h), stride: hd };
+                    head.attend_into(queries, t, scale, Some(past), |r| unsafe { out.head_row(r, h, hd) });
                 }
                 return;
             }
         }
-        let (mut qh, mut scores, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut qh, mut scores, mut ctx) = (Vec::new(), Vec::new(), Vec::new());
         let head = HeadRows::gather(k, v, kv_len, hd, |s| (kvh * head_stride + s) * hd);
         for start in (0..t).step_by(block) {
             let rows = block.min(t - start);
             let kv = head.pack((past + start + rows).min(kv_len), WeightFormat::F32);
-            for g in 0..group {
-                let base = ((kvh * group + g) * t + start) * hd;
+            for h in kvh * group..(kvh + 1) * group {
                 qh.clear();
-                qh.extend(q[base..base + rows * hd].iter().map(|&x| x * scale));
-                out.resize(rows * hd, 0.0);
-                kv.attend(&qh, rows, Some(past + start), &mut scores, &mut out);
-                let local = (g * t + start) * hd;
-                ctx[local..local + rows * hd].copy_from_slice(&out);
+                qh.extend(q.head(h)[start * hd..(start + rows) * hd].iter().map(|&x| x * scale));
+                ctx.resize(rows * hd, 0.0);
+                kv.attend(&qh, rows, Some(past + start), &mut scores, &mut ctx);
+                for (r, row) in ctx.chunks_exact(hd).enumerate() {
+                    unsafe { out.head_row(start + r, h, hd) }.copy_from_slice(row);
+                }
             }
         }
     });
-    Ok(Tensor::from_vec(ctx, (heads, t, hd), &Device::Cpu)?)
 }
 
 #[cfg(test)]
@@ -237,16 +273,26 @@ pub(crate) mod tests {
     }
 
     /// Causal, grouped (4 query heads on 2 KV heads), after 5 cached positions, in blocks of 7
-    /// rows: the same as a plain masked softmax, within bf16 rounding.
+    /// rows, for a chunk in the middle of a forward pass's rows (3 before it, 4 after): the
+    /// same as a plain masked softmax, within bf16 rounding, and no other row written.
     #[test]
     fn causal_attention_matches_f32_within_rounding() {
         let (heads, kv_heads, t, past, hd) = (4, 2, 19, 5, 16);
-        let q = pseudo_random(&[heads, t, hd], 4);
+        let (first, total, width) = (3, 3 + 19 + 4, heads * hd);
+        let all_queries = pseudo_random(&[heads, total, hd], 4);
+        let q = all_queries.narrow(1, first, t).unwrap();
         let (k, v) = (pseudo_random(&[kv_heads, past + t, hd], 5), pseudo_random(&[kv_heads, past + t, hd], 6));
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let kv =
             HostKv { keys: flat(&k).into(), values: flat(&v).into(), kv_heads, len: past + t, head_stride: past + t };
-        let fast = causal_bf16(&q, &kv, past, 7).unwrap();
+        let mut ctx = vec![f32::NAN; total * width];
+        let values = flat(&all_queries);
+        let queries = ChunkQueries { values: &values, total, first, rows: t, hd };
+        causal_bf16(queries, &kv, past, 7, ContextRows { rows: DisjointRows(ctx.as_mut_ptr()), first, width });
+        let (before, chunk) = ctx.split_at(first * width);
+        let (chunk, after) = chunk.split_at(t * width);
+        assert!(before.iter().chain(after).all(|x| x.is_nan()), "rows of other sequences are left alone");
+        let fast = Tensor::from_vec(chunk.to_vec(), (t, heads, hd), &Device::Cpu).unwrap().transpose(0, 1).unwrap();
         let scale = (hd as f64).powf(-0.5);
         let expand = |x: &Tensor| {
             Tensor::cat(&(0..heads).map(|h| x.narrow(0, h / 2, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap()
