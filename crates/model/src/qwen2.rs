@@ -104,10 +104,14 @@ impl Rotary {
                                 out.iter_mut().zip(x).for_each(|(o, &x)| _ = o.write(x));
                                 continue;
                             }
-                            for i in 0..half {
-                                let (x1, x2) = (x[i], x[i + half]);
-                                out[i].write(x1 * cos[i] - x2 * sin[i]);
-                                out[i + half].write(x1 * sin[i] + x2 * cos[i]);
+                            // As zipped halves (no index to check), so that the loop runs
+                            // sixteen lanes at a time: indexed, it ran a value at a time (2.4%
+                            // of a 16-prompt prefill).
+                            let ((x1, x2), (out1, out2)) = (x.split_at(half), out.split_at_mut(half));
+                            let pairs = out1.iter_mut().zip(out2).zip(x1.iter().zip(x2));
+                            for (((o1, o2), (&x1, &x2)), (&cos, &sin)) in pairs.zip(cos.iter().zip(sin)) {
+                                o1.write(x1 * cos - x2 * sin);
+                                o2.write(x1 * sin + x2 * cos);
                             }
                         }
                     })
