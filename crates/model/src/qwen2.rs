@@ -216,6 +216,7 @@ impl Attention {
         let (total, hd, width) = (x.dim(0)?, self.head_dim, self.heads * self.head_dim);
         if !(x.device().is_cpu() && q.dtype() == DType::F32) {
             let outputs = (0..batch.seqs.len())
+                .into_par_iter()
                 .map(|i| {
                     self.attend_as_tensor(layer, &q.narrow(1, batch.spans[i].0, batch.spans[i].1)?, i, batch, pool)
                 })
