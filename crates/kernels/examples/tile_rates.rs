@@ -67,20 +67,19 @@ mod amx {
                 options(nostack, nomem)
             )
         }) / 4.0;
-        let loads = per_call(calls, || unsafe {
-            asm!(
-                "tileloadd tmm4, [{x} + {s}*1]", "tileloadd tmm5, [{x} + {s}*1 + 1024]",
-                "tileloadd tmm6, [{x} + {s}*1 + 2048]", "tileloadd tmm7, [{x} + {s}*1 + 3072]",
-                x = in(reg) x, s = in(reg) 64usize, options(nostack, readonly)
-            )
-        }) / 4.0;
-        let loads_t1 = per_call(calls, || unsafe {
-            asm!(
-                "tileloaddt1 tmm4, [{x} + {s}*1]", "tileloaddt1 tmm5, [{x} + {s}*1 + 1024]",
-                "tileloaddt1 tmm6, [{x} + {s}*1 + 2048]", "tileloaddt1 tmm7, [{x} + {s}*1 + 3072]",
-                x = in(reg) x, s = in(reg) 64usize, options(nostack, readonly)
-            )
-        }) / 4.0;
+        // Four loads of `$load` (`tileloadd` or `tileloaddt1`) into tmm4-7, from consecutive KiBs.
+        macro_rules! four_loads {
+            ($load:literal) => {
+                per_call(calls, || unsafe {
+                    asm!(
+                        concat!($load, " tmm4, [{x} + {s}*1]"), concat!($load, " tmm5, [{x} + {s}*1 + 1024]"),
+                        concat!($load, " tmm6, [{x} + {s}*1 + 2048]"), concat!($load, " tmm7, [{x} + {s}*1 + 3072]"),
+                        x = in(reg) x, s = in(reg) 64usize, options(nostack, readonly)
+                    )
+                }) / 4.0
+            };
+        }
+        let (loads, loads_t1) = (four_loads!("tileloadd"), four_loads!("tileloaddt1"));
         let stores = per_call(calls, || unsafe {
             asm!("tilestored [{o} + {s}*1], tmm0", o = in(reg) to, s = in(reg) 64usize, options(nostack))
         });

@@ -31,31 +31,14 @@ const LONG_INPUTS: usize = 8192;
 const CHUNK_INPUTS: usize = 2048;
 
 /// `out[m, n] = x[m, k] W^T` for the bf16 weights of `w`, packed as `tiles`, then `finish`;
-/// each row of `x` through `norm` first where there is one.
+/// each row of `x` through `norm` first where there is one; the work split in `order`
+/// ([`Order::for_product`]'s, or any other: every order gives the same bits).
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX-512 BF16, AMX-TILE and AMX-BF16, and this process may use the
 /// tiles (what [`crate::Isa::Amx`] means).
-pub(crate) unsafe fn gemm_bf16(
-    x: &[f32],
-    m: usize,
-    norm: Option<&Norm>,
-    w: &PackedWeight,
-    tiles: &[u16],
-    finish: Finish,
-    out: SharedOut,
-) {
-    let order = Order::for_product(m, w.n, w.kp);
-    // SAFETY: as the caller promises.
-    unsafe { gemm_bf16_in(order, x, m, norm, w, tiles, finish, out) }
-}
-
-/// [`gemm_bf16`] with the work split in `order` (every order gives the same bits).
-///
-/// # Safety
-/// As [`gemm_bf16`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_bf16_in(
+pub(crate) unsafe fn gemm_bf16(
     order: Order,
     x: &[f32],
     m: usize,
@@ -77,7 +60,7 @@ unsafe fn gemm_bf16_in(
     PANELS.with_borrow_mut(|kept| *kept = storage);
 }
 
-/// [`gemm_bf16_in`] from activations already rounded and laid out as panels ([`pack_activations`]'s
+/// [`gemm_bf16`] from activations already rounded and laid out as panels ([`pack_activations`]'s
 /// layout, `m` rows of `w.kp` inputs).
 ///
 /// # Safety

@@ -85,7 +85,7 @@ fn the_amx_gemm_matches_the_register_tile() {
                 if Isa::detected() == Isa::Amx {
                     got.fill(f32::NAN);
                     // SAFETY: AMX was detected.
-                    unsafe { gemm_bf16_in(order, &x, m, None, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
+                    unsafe { gemm_bf16(order, &x, m, None, &w, tiles, finish, SharedOut(got.as_mut_ptr())) };
                     for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
                         assert!(close(g, e), "AMX tile {case} [{i}]: {g} vs {e}");
                     }

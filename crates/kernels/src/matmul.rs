@@ -225,9 +225,10 @@ unsafe fn product(
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Amx, Storage::Bf16Tiles(tiles)) = (isa, &w.storage) {
         // Every row count: the tiles are this layout's only loop nest (the module says why).
-        // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
         // A norm is applied as each row is rounded into the panels.
-        unsafe { crate::gemm_amx::gemm_bf16(x, m, norm, w, tiles.tiles(), epilogue, out) };
+        let order = crate::gemm_amx::Order::for_product(m, w.n, w.kp);
+        // SAFETY: AVX-512F, AVX-512 BF16 and the AMX tiles are available (isa <= detected).
+        unsafe { crate::gemm_amx::gemm_bf16(order, x, m, norm, w, tiles.tiles(), epilogue, out) };
         return;
     }
     let normed = norm.map(|norm| crate::norm_rows_new(x, norm));
