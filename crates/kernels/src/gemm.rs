@@ -10,7 +10,7 @@
 //! there are few panels.
 
 use crate::packed::{PackedWeight, Storage, Q8_BLOCK};
-use crate::shared::{aligned, SharedOut};
+use crate::shared::{aligned, SharedOut, WeightBlocks};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -35,9 +35,9 @@ pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Opti
     let mut storage = Vec::new();
     let panels = pack_transposed(x, m, w.k, kp, IR, &mut storage);
     let n_panels = m.div_ceil(IR);
-    let block = block_rows(n);
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+    let blocks = WeightBlocks::new(n, JR, MAX_BLOCK_ROWS);
+    (0..blocks.count).into_par_iter().for_each(|b| {
+        let std::ops::Range { start: j0, end: j1 } = blocks.rows(b);
         let rows = j1 - j0;
         // Sums so far, transposed: `[panel][row of the block][16]`.
         let mut sums = vec![0.0f32; n_panels * rows * IR];
@@ -73,14 +73,6 @@ pub(crate) unsafe fn gemm_avx2(x: &[f32], m: usize, w: &PackedWeight, bias: Opti
             }
         }
     });
-}
-
-/// Weight rows per parallel block: at most [`MAX_BLOCK_ROWS`], a multiple of [`JR`], in a
-/// number of blocks that the threads share evenly (at least two each, for balance).
-fn block_rows(n: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    let blocks = n.div_ceil(MAX_BLOCK_ROWS).max(2 * threads).div_ceil(threads) * threads;
-    (n.div_ceil(blocks).div_ceil(JR) * JR).clamp(JR, MAX_BLOCK_ROWS)
 }
 
 /// `x` (`[m, k]`) as panels of `ir` rows, each `[kp][ir]` (row `r` of the panel, input `p` at

@@ -11,7 +11,7 @@
 
 use crate::gemm::pack_transposed;
 use crate::packed::PackedWeight;
-use crate::shared::{aligned, SharedOut};
+use crate::shared::{aligned, SharedOut, WeightBlocks};
 use rayon::prelude::*;
 
 /// Weight rows per register tile.
@@ -82,9 +82,9 @@ fn drive<const G: usize, P: Sync>(
     out: SharedOut,
     tile: impl Fn(&[P], usize, usize, &mut [[f32; IR]; G]) + Sync,
 ) {
-    let block = block_rows(n, G);
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+    let blocks = WeightBlocks::new(n, G, MAX_BLOCK_ROWS);
+    (0..blocks.count).into_par_iter().for_each(|b| {
+        let std::ops::Range { start: j0, end: j1 } = blocks.rows(b);
         let width = j1 - j0;
         // One panel's outputs for this block, gathered here and then stored row by row: storing
         // each tile's columns straight into `out` touched 32 rows n floats apart, and where n
@@ -110,15 +110,6 @@ fn drive<const G: usize, P: Sync>(
             }
         }
     });
-}
-
-/// Weight rows per parallel block: at most [`MAX_BLOCK_ROWS`], a multiple of the `group` of
-/// rows a tile takes, in a number of blocks that the threads share evenly (at least two each,
-/// for balance).
-fn block_rows(n: usize, group: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    let blocks = n.div_ceil(MAX_BLOCK_ROWS).max(2 * threads).div_ceil(threads) * threads;
-    (n.div_ceil(blocks).div_ceil(group) * group).clamp(group, MAX_BLOCK_ROWS)
 }
 
 /// `x` rounded to bf16 as panels of 32 rows, `[kp / 2][32]` pairs of inputs each (row `r`,
