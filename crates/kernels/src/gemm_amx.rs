@@ -15,7 +15,7 @@ use crate::amx::{self, Start};
 use crate::matmul::{Activation, Epilogue as Finish};
 use crate::packed::{group_len, PackedWeight, COLS, STEP_UNITS};
 use crate::panels::{pack_activations, PANELS};
-use crate::shared::{reused_aligned, SharedOut};
+use crate::shared::{reused_aligned, SharedOut, WeightBlocks};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -158,7 +158,7 @@ impl Order {
     pub(crate) fn for_product(m: usize, n: usize, kp: usize) -> Order {
         let threads = rayon::current_num_threads();
         let row_blocks = row_block_count(m, kp, threads);
-        let column_blocks = if m * kp * 2 <= ROW_BLOCK_BYTES / 2 { 1 } else { block_count(n) };
+        let column_blocks = if m * kp * 2 <= ROW_BLOCK_BYTES / 2 { 1 } else { column_blocks(n).count };
         let rereads_large_weights = row_blocks > threads && n * kp * 2 > REREAD_WEIGHT_BYTES;
         match m + n * row_blocks < n + m * column_blocks && !rereads_large_weights {
             true => Order::Rows(row_blocks),
@@ -205,12 +205,9 @@ pub(crate) fn by_tiles<T>(
         return;
     }
     let panel_len = group_len(kp);
-    let (groups_in_all, blocks) = (n.div_ceil(COLS), block_count(n));
-    // Block b starts at group b * groups / blocks: sizes differ by one group at most and are
-    // spread evenly, so equal runs of blocks (what each thread starts on) hold equal columns.
-    let first_group = |b: usize| b * groups_in_all / blocks;
-    (0..blocks).into_par_iter().for_each(|b| {
-        let (j0, j1) = (first_group(b) * COLS, (first_group(b + 1) * COLS).min(n));
+    let blocks = column_blocks(n);
+    (0..blocks.count).into_par_iter().for_each(|b| {
+        let std::ops::Range { start: j0, end: j1 } = blocks.rows(b);
         let groups = (j1 - j0).div_ceil(COLS);
         let columns = Block {
             m,
@@ -516,14 +513,9 @@ impl Drop for TilesBorrowed {
     }
 }
 
-/// Parallel blocks for `n` columns: enough that none is wider than [`MAX_BLOCK_COLS`], at least
-/// two a thread and a multiple of the threads where there are enough groups of 32 columns (never
-/// more blocks than groups). Blocks all 96 columns wide left 1,024 columns in 11 blocks, 6 for
-/// one core and 5 for the other.
-fn block_count(n: usize) -> usize {
-    let threads = rayon::current_num_threads();
-    let blocks = n.div_ceil(MAX_BLOCK_COLS).max(2 * threads).div_ceil(threads) * threads;
-    blocks.min(n.div_ceil(COLS))
+/// Parallel blocks of whole groups of 32 columns, none wider than [`MAX_BLOCK_COLS`].
+fn column_blocks(n: usize) -> WeightBlocks {
+    WeightBlocks::new(n, COLS, MAX_BLOCK_COLS)
 }
 
 mod x86 {

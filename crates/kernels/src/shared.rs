@@ -28,12 +28,13 @@ macro_rules! dispatch_tile {
 }
 pub(crate) use dispatch_tile;
 
-/// A GEMM's weight rows in parallel blocks of whole groups (a register tile's rows): enough
-/// blocks that none is wider than `max_rows`, at least two a thread, and a multiple of the
-/// threads where there are enough groups. Block `b` starts at group `b * groups / count`, so
-/// sizes differ by one group at most and each thread's half holds as many rows as the other's.
-/// Rounding every block up to whole groups instead left 1,024 rows in 11 blocks of 96: six for
-/// one core and five for the other, a tenth of the time lost on the language model's `o_proj`.
+/// A GEMM's weight rows (the AMX GEMM's columns) in parallel blocks of whole groups (a register
+/// tile's rows, or 32 tile columns): enough blocks that none is wider than `max_rows`, at least
+/// two a thread, and a multiple of the threads where there are enough groups. Block `b` starts
+/// at group `b * groups / count`, so sizes differ by one group at most and each thread's half
+/// holds as many rows as the other's. Rounding every block up to whole groups instead left
+/// 1,024 rows in 11 blocks of 96: six for one core and five for the other (43 groups of 12 a
+/// core against 48 on the language model's `o_proj` and `down_proj`).
 pub(crate) struct WeightBlocks {
     n: usize,
     group: usize,
@@ -143,7 +144,7 @@ mod tests {
     /// and they differ by one group at most (the balance between threads that 1,024 rows lacked).
     #[test]
     fn weight_blocks_cover_every_row_once_in_even_blocks() {
-        for (group, max_rows) in [(12, 96), (6, 96), (32, 128)] {
+        for (group, max_rows) in [(12, 96), (6, 96), (32, 96), (32, 128)] {
             for n in (0..700).chain([1000, 1024, 1152, 3072, 4304, 5632, 152000]) {
                 let blocks = WeightBlocks::new(n, group, max_rows);
                 let sizes: Vec<usize> = (0..blocks.count).map(|b| blocks.rows(b).len()).collect();
