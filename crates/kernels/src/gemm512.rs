@@ -8,6 +8,10 @@
 //! f32), and packed into panels of 32 rows, pair-interleaved (`[kp / 2][32]` pairs), so one load
 //! brings 16 rows' values of two inputs. Weights are read where they lie: bf16 rows store each
 //! pair of inputs side by side already, so no widening pass is needed.
+//!
+//! Where at most 16 rows are left over (a decode step of 16 sequences, a prefill's last rows),
+//! they form a narrow panel of 16 (`[kp / 2][16]` pairs) and a tile of one register per weight
+//! row: a 32-row tile spent half its products on zero rows there.
 
 use crate::gemm::pack_transposed;
 use crate::packed::PackedWeight;
@@ -18,6 +22,8 @@ use rayon::prelude::*;
 const JR: usize = 12;
 /// Activation rows per register tile (two 16-lane registers).
 const IR: usize = 32;
+/// Activation rows of a narrow panel and its tile (one register).
+const IR_NARROW: usize = 16;
 /// Weight rows per parallel block at most: 12 rows of 4,864 bf16 inputs are 114 KiB, so a block
 /// of 96 stays within a 1 MiB L2 next to one panel.
 const MAX_BLOCK_ROWS: usize = 96;
@@ -37,12 +43,19 @@ pub(crate) unsafe fn gemm_bf16(
     let (n, k, kp) = (w.n, w.k, w.kp);
     debug_assert!(kp.is_multiple_of(32) && bits.len() >= n * kp && x.len() >= m * k);
     let mut storage = Vec::new();
+    let layout = PanelLayout::new(m, kp / 2 * IR, true);
     // SAFETY: the caller vouches for the CPU.
-    let panels = unsafe { pack_panels(x, m, k, kp, &mut storage) };
-    drive::<JR, _>(m, n, panels, kp / 2 * IR, bias, out, |xs, g, jr, sums| {
-        // SAFETY: the caller vouches for the CPU; `xs` is one panel, `bits` holds rows
-        // g..g + jr of kp values.
-        unsafe { x86::tile(xs.as_ptr() as *const u16, bits[g * kp..].as_ptr(), kp, jr, sums) }
+    let panels = unsafe { pack_panels(x, layout, k, kp, &mut storage) };
+    drive::<JR, _>(n, panels, layout, bias, out, |xs, width, g, jr, sums| {
+        let (xs, w) = (xs.as_ptr() as *const u16, bits[g * kp..].as_ptr());
+        // SAFETY: the caller vouches for the CPU; `xs` is one panel of `width` rows, `bits`
+        // holds rows g..g + jr of kp values.
+        unsafe {
+            match width {
+                IR => x86::tile(xs, w, kp, jr, sums),
+                _ => x86::tile_narrow(xs, w, kp, jr, sums),
+            }
+        }
     });
 }
 
@@ -64,23 +77,54 @@ pub(crate) unsafe fn gemm_f32(
     debug_assert!(values.len() >= n * kp && x.len() >= m * k);
     let mut storage = Vec::new();
     let panels = pack_transposed(x, m, k, kp, IR, &mut storage);
-    drive::<JR, _>(m, n, panels, kp * IR, bias, out, |xs, g, jr, sums| {
+    // Full panels only: f32 runs are for exactness, not speed, and have no narrow tile.
+    drive::<JR, _>(n, panels, PanelLayout::new(m, kp * IR, false), bias, out, |xs, _, g, jr, sums| {
         // SAFETY: the caller vouches for the CPU; `xs` is one panel, `values` holds rows
         // g..g + jr of kp values.
         unsafe { x86::tile_f32(xs.as_ptr(), values[g * kp..].as_ptr(), kp, jr, sums) }
     });
 }
 
-/// Splits the weight rows into parallel blocks and runs `tile(panel, first_row, rows, sums)`
-/// over every panel of `panel_len` units and group of `G` rows, adding the bias.
-fn drive<const G: usize, P: Sync>(
+/// How a product's activation rows lie in panels: full ones of [`IR`] rows, then, where at
+/// most [`IR_NARROW`] rows are left and the tile has a narrow form, one narrow panel.
+#[derive(Clone, Copy)]
+struct PanelLayout {
     m: usize,
+    /// Units (pairs of bf16, or f32) of a full panel.
+    full_len: usize,
+    full: usize,
+    narrow: bool,
+}
+
+impl PanelLayout {
+    fn new(m: usize, full_len: usize, narrow_tiles: bool) -> Self {
+        let narrow = narrow_tiles && (1..=IR_NARROW).contains(&(m % IR));
+        PanelLayout { m, full_len, full: if narrow { m / IR } else { m.div_ceil(IR) }, narrow }
+    }
+
+    /// Units of all the panels together.
+    fn len(&self) -> usize {
+        self.full * self.full_len + if self.narrow { self.full_len / IR * IR_NARROW } else { 0 }
+    }
+
+    /// Each panel's first row, rows held (the last full panel's rows past `m` are zero) and
+    /// units, in order.
+    fn panels(&self) -> impl Iterator<Item = (usize, usize, std::ops::Range<usize>)> + '_ {
+        let full = (0..self.full).map(|p| (p * IR, IR, p * self.full_len..(p + 1) * self.full_len));
+        let narrow = self.narrow.then(|| (self.full * IR, IR_NARROW, self.full * self.full_len..self.len()));
+        full.chain(narrow)
+    }
+}
+
+/// Splits the weight rows into parallel blocks and runs `tile(panel, width, first_row, rows,
+/// sums)` over every panel (of `width` rows) and group of `G` rows, adding the bias.
+fn drive<const G: usize, P: Sync>(
     n: usize,
     panels: &[P],
-    panel_len: usize,
+    layout: PanelLayout,
     bias: Option<&[f32]>,
     out: SharedOut,
-    tile: impl Fn(&[P], usize, usize, &mut [[f32; IR]; G]) + Sync,
+    tile: impl Fn(&[P], usize, usize, usize, &mut [[f32; IR]; G]) + Sync,
 ) {
     let blocks = WeightBlocks::new(n, G, MAX_BLOCK_ROWS);
     (0..blocks.count).into_par_iter().for_each(|b| {
@@ -91,12 +135,13 @@ fn drive<const G: usize, P: Sync>(
         // is a power of two (1024) those lines share cache sets and evicted each other before
         // the next tile filled them (745 x 1024 x 1024 ran at 377 GFLOP/s, 2816 wide at 818).
         let mut block_out = vec![0.0f32; IR * width];
-        for (panel, xs) in panels.chunks_exact(panel_len).enumerate() {
-            let rows = IR.min(m - panel * IR);
+        for (first, panel_rows, units) in layout.panels() {
+            let xs = &panels[units];
+            let rows = panel_rows.min(layout.m - first);
             for g in (j0..j1).step_by(G) {
                 let jr = G.min(j1 - g);
                 let mut sums = [[0.0f32; IR]; G];
-                tile(xs, g, jr, &mut sums);
+                tile(xs, panel_rows, g, jr, &mut sums);
                 for (c, column) in sums.iter().enumerate().take(jr) {
                     let b = bias.map_or(0.0, |b| b[g + c]);
                     for (r, &v) in column.iter().enumerate().take(rows) {
@@ -106,40 +151,48 @@ fn drive<const G: usize, P: Sync>(
             }
             for (r, values) in block_out.chunks_exact(width).take(rows).enumerate() {
                 // SAFETY: inside `out`, and only this block writes columns j0..j1.
-                unsafe { out.write_row((panel * IR + r) * n + j0, values) };
+                unsafe { out.write_row((first + r) * n + j0, values) };
             }
         }
     });
 }
 
-/// `x` rounded to bf16 as panels of 32 rows, `[kp / 2][32]` pairs of inputs each (row `r`,
-/// inputs `2q, 2q + 1` in the 32-bit unit `q * 32 + r`), zero-padded to `kp` inputs and to
-/// whole panels; packed in parallel, panel by panel. Each row is rounded 32 values at a time,
-/// then its pairs are spread to their places as 32-bit units (a scalar loop rounding and
-/// storing 16-bit values one by one took a sixth of the GEMM).
+/// `x` rounded to bf16 as the panels of `layout` (a narrow last panel where it has one),
+/// `[kp / 2][width]` pairs of inputs each (row `r`, inputs `2q, 2q + 1` in the 32-bit unit
+/// `q * width + r`), zero-padded to `kp` inputs and to whole panels; packed in parallel, panel
+/// by panel. Each row is rounded 32 values at a time, then its pairs are spread to their places
+/// as 32-bit units (a scalar loop rounding and storing 16-bit values one by one took a sixth of
+/// the GEMM).
 ///
 /// # Safety
 /// The CPU has AVX-512F and AVX-512 BF16.
-unsafe fn pack_panels<'a>(x: &[f32], m: usize, k: usize, kp: usize, storage: &'a mut Vec<u32>) -> &'a [u32] {
-    let panels = aligned(storage, m.div_ceil(IR) * kp / 2 * IR);
+unsafe fn pack_panels<'a>(x: &[f32], layout: PanelLayout, k: usize, kp: usize, storage: &'a mut Vec<u32>) -> &'a [u32] {
+    let m = layout.m;
+    let panels = aligned(storage, layout.len());
     if k == 0 {
         return panels;
     }
-    panels.par_chunks_mut(kp / 2 * IR).zip(x.par_chunks(k * IR)).for_each(|(panel, rows)| {
+    let (full, narrow) = panels.split_at_mut(layout.full * layout.full_len);
+    let pack = |panel: &mut [u32], rows: &[f32], width: usize| {
         let mut row_bits = vec![0u16; kp];
         for (r, row) in rows.chunks_exact(k).enumerate() {
             // SAFETY: the caller vouches for the CPU.
             unsafe { crate::shared::round_to_bf16(row, &mut row_bits) };
             for (q, pair) in row_bits.chunks_exact(2).enumerate() {
-                panel[q * IR + r] = pair[0] as u32 | (pair[1] as u32) << 16;
+                panel[q * width + r] = pair[0] as u32 | (pair[1] as u32) << 16;
             }
         }
-    });
+    };
+    let (x_full, x_narrow) = x[..m * k].split_at((layout.full * IR).min(m) * k);
+    full.par_chunks_mut(layout.full_len).zip(x_full.par_chunks(k * IR)).for_each(|(panel, rows)| pack(panel, rows, IR));
+    if layout.narrow {
+        pack(narrow, x_narrow, IR_NARROW);
+    }
     panels
 }
 
 mod x86 {
-    use super::{IR, JR};
+    use super::{IR, IR_NARROW, JR};
     use std::arch::x86_64::*;
 
     /// `$kernel::<jr>(args)` for a tile of 1 to [`JR`] weight rows.
@@ -163,6 +216,15 @@ mod x86 {
     #[inline]
     pub(super) unsafe fn tile(xs: *const u16, w: *const u16, kp: usize, jr: usize, sums: &mut [[f32; IR]; JR]) {
         by_rows!(tile_const, jr, (xs, w, kp, sums))
+    }
+
+    /// As [`tile`], for a narrow panel (`xs` holds `kp * 16` values): `sums[c][..16]`.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[inline]
+    pub(super) unsafe fn tile_narrow(xs: *const u16, w: *const u16, kp: usize, jr: usize, sums: &mut [[f32; IR]; JR]) {
+        by_rows!(tile_narrow_const, jr, (xs, w, kp, sums))
     }
 
     /// As [`tile`], for f32 weights and a `[kp][32]` f32 panel.
@@ -212,6 +274,23 @@ mod x86 {
         for c in 0..R {
             _mm512_storeu_ps(sums[c].as_mut_ptr(), lo[c]);
             _mm512_storeu_ps(sums[c].as_mut_ptr().add(16), hi[c]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_narrow_const<const R: usize>(xs: *const u16, w: *const u16, kp: usize, sums: &mut [[f32; IR]; JR]) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+        for q in 0..kp / 2 {
+            let x = bh(_mm512_loadu_si512(xs.add(q * 2 * IR_NARROW) as *const __m512i));
+            for (c, acc) in acc.iter_mut().enumerate() {
+                // Inputs 2q and 2q + 1 of weight row c, side by side: one 32-bit broadcast.
+                let pair = (w.add(c * kp + 2 * q) as *const i32).read_unaligned();
+                *acc = _mm512_dpbf16_ps(*acc, x, bh(_mm512_set1_epi32(pair)));
+            }
+        }
+        for (sums, acc) in sums.iter_mut().zip(acc) {
+            _mm512_storeu_ps(sums.as_mut_ptr(), acc);
         }
     }
 }

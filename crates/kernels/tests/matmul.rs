@@ -1,5 +1,6 @@
 //! Every kernel path against a naive f64 product, on awkward shapes: one row, odd inner sizes,
-//! sizes that are not multiples of the vector width or the tile.
+//! sizes that are not multiples of the vector width or the tile, row counts that end in a
+//! narrow panel of the AVX-512 BF16 GEMM (1-16 rows past whole panels of 32) and that do not.
 
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -16,11 +17,13 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (4, 64, 12),
     (5, 100, 29),
     (1, 896, 1000),
+    (16, 96, 40),
     (17, 896, 37),
     (1, 4864, 50),
     (9, 65, 127),
     (33, 1152, 70),
     (40, 600, 13),
+    (48, 64, 25),
     (64, 520, 97),
 ];
 
