@@ -183,6 +183,29 @@ fn bf16_rows_on_amx_do_not_depend_on_the_batch() {
     rows_do_not_depend_on_the_batch(Isa::Amx, WeightFormat::Bf16, 8300);
 }
 
+/// bf16 weights on the AVX-512 BF16 GEMM: a row gets the same bits in a full panel of 32 rows
+/// and in a narrow one of 16 (each lane sums the same pairs in the same order in both tiles).
+#[test]
+fn bf16_gemm_rows_are_the_same_bits_in_full_and_narrow_panels() {
+    if !Isa::available().contains(&Isa::Avx512Bf16) {
+        eprintln!("no AVX-512 BF16 here: skipped");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(19);
+    let (k, n) = (1100, 83);
+    let packed = PackedWeight::from_f32_for(Isa::Avx512Bf16, &random(n * k, &mut rng), n, k, WeightFormat::Bf16);
+    let b = random(n, &mut rng);
+    let x = random(48 * k, &mut rng);
+    let product = |m: usize| {
+        let mut y = vec![0.0; m * n];
+        matmul_using(Isa::Avx512Bf16, Kernel::Gemm, &x[..m * k], m, &packed, Some(&b), &mut y);
+        y
+    };
+    // 48 rows: rows 0-31 in a full panel, 32-47 in a narrow one; 16 rows: one narrow panel.
+    let (narrow, full) = (product(16), product(48));
+    assert!(narrow.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()), "rows 0-15 differ");
+}
+
 fn rows_do_not_depend_on_the_batch(isa: Isa, format: WeightFormat, k: usize) {
     let mut rng = StdRng::seed_from_u64(11);
     let n = 83;
