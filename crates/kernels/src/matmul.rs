@@ -18,9 +18,9 @@ use rayon::prelude::*;
 /// (f32), 1.2-1.8x (bf16) and 1.1-1.35x (8-bit). On AVX-512 BF16 the bf16 GEMM
 /// ([`crate::gemm512`]) reads its weights in place and wins from 32 rows (1.44x at 32; 1.1-1.6x
 /// at 512 rows: 650-840 GFLOP/s on two Zen 5 cores), and with its 16-row panels from 9 (Zen 4,
-/// 896 and 4,864 inputs: 1.04-1.27x at 9 rows, 1.2-1.4x at 10-16, 0.78-1.12x at 8). (bf16 weights packed
-/// as AMX tiles and 8-bit weights on AVX-512 take neither: see [`crate::gemm_amx`] and
-/// [`crate::vnni`].)
+/// 896 and 4,864 inputs: 1.04-1.27x at 9 rows, 1.2-1.4x at 10-16, 0.78-1.12x at 8). (bf16
+/// weights packed as AMX tiles and 8-bit weights on AVX-512 take neither: see
+/// [`crate::gemm_amx`] and [`crate::vnni`].)
 fn gemm_min_rows(format: WeightFormat, isa: Isa) -> usize {
     match (format, isa) {
         (WeightFormat::F32, _) => 16,
